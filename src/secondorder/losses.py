@@ -1,0 +1,185 @@
+"""Per-sample losses and their derivatives with respect to the model output.
+
+Each loss ℓ(z, y) acts on one sample's model output z (logits for classification). The objective
+averages them (with the sampler's weights); second-order backpropagation starts from the
+per-sample output gradient ∂ℓ/∂z and Hessian H_z = ∂²ℓ/∂z² (eqs. 23 and 83).
+
+- ``"cross_entropy"`` — softmax cross-entropy (eqs. 21-22): ℓ = logsumexp(z) − z_y;
+  ∂ℓ/∂z = p − e_y; H_z = diag(p) − p pᵀ with p = softmax(z), PSD by eqs. 84-85.
+- ``"logistic"`` — logistic loss (eq. 15) on one logit: ℓ = −y log σ(z) − (1−y) log(1−σ(z));
+  ∂ℓ/∂z = σ(z) − y; H_z = σ(z)(1 − σ(z)).
+- ``"mse"`` — squared error ½‖y − z‖²; ∂ℓ/∂z = z − y; H_z = I.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from secondorder._validation import check_choice
+
+__all__ = ["LOSSES", "Loss", "get_loss"]
+
+
+class Loss:
+    """A per-sample loss ℓ(z, y) with closed-form output derivatives."""
+
+    name: str = ""
+    #: whether targets are integer class labels (else float targets with the output's shape)
+    classification: bool = True
+
+    def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
+        """ℓ_i for every sample, shape (m,)."""
+        raise NotImplementedError
+
+    def grad_output(self, out: Tensor, y: Tensor) -> Tensor:
+        """∂ℓ_i/∂z_i, shape (m, k)."""
+        raise NotImplementedError
+
+    def hessian_output(self, out: Tensor, y: Tensor) -> Tensor:
+        """H_z for every sample, shape (m, k, k)."""
+        raise NotImplementedError
+
+    def hessian_output_matvec(self, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """H_z v for every sample (v of shape (m, k)), without forming H_z."""
+        return torch.einsum("mij,mj->mi", self.hessian_output(out, y), v)
+
+    def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
+        """Validate targets against the model's output width; return them in canonical form."""
+        raise NotImplementedError
+
+    def predict(self, out: Tensor) -> Tensor:
+        """Predicted labels (classification) or values (regression) from model outputs."""
+        raise NotImplementedError
+
+
+class CrossEntropy(Loss):
+    name = "cross_entropy"
+
+    def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
+        return torch.logsumexp(out, dim=1) - out.gather(1, y[:, None]).squeeze(1)
+
+    def grad_output(self, out: Tensor, y: Tensor) -> Tensor:
+        g = torch.softmax(out, dim=1)
+        g[torch.arange(len(y), device=y.device), y] -= 1
+        return g
+
+    def hessian_output(self, out: Tensor, y: Tensor) -> Tensor:
+        p = torch.softmax(out, dim=1)
+        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+    def hessian_output_matvec(self, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        p = torch.softmax(out, dim=1)
+        return p * v - p * (p * v).sum(1, keepdim=True)
+
+    def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
+        _check_labels(y, out_dim, arg)
+        if out_dim < 2:
+            raise ValueError(
+                f"loss='cross_entropy' needs a model with at least 2 outputs, got {out_dim}; "
+                "use loss='logistic' for a single logit"
+            )
+        return y.long()
+
+    def predict(self, out: Tensor) -> Tensor:
+        return out.argmax(1)
+
+
+class Logistic(Loss):
+    name = "logistic"
+
+    def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
+        z = out[:, 0]
+        return F.softplus(z) - y * z
+
+    def grad_output(self, out: Tensor, y: Tensor) -> Tensor:
+        return (torch.sigmoid(out[:, 0]) - y)[:, None]
+
+    def hessian_output(self, out: Tensor, y: Tensor) -> Tensor:
+        s = torch.sigmoid(out[:, :1])
+        return (s * (1 - s))[:, :, None]
+
+    def hessian_output_matvec(self, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        s = torch.sigmoid(out[:, :1])
+        return s * (1 - s) * v
+
+    def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
+        if out_dim != 1:
+            raise ValueError(f"loss='logistic' needs a model with exactly 1 output, got {out_dim}")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise ValueError(
+                f"{arg} must have shape (m,) for loss='logistic', got {tuple(y.shape)}"
+            )
+        bad = ~((y == 0) | (y == 1))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{arg} must hold labels 0 or 1 for loss='logistic'; {arg}[{i}] = {y[i].item()}"
+            )
+        return y
+
+    def predict(self, out: Tensor) -> Tensor:
+        return (out[:, 0] > 0).long()
+
+
+class SquaredError(Loss):
+    name = "mse"
+    classification = False
+
+    def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * ((out - y) ** 2).sum(1)
+
+    def grad_output(self, out: Tensor, y: Tensor) -> Tensor:
+        return out - y
+
+    def hessian_output(self, out: Tensor, y: Tensor) -> Tensor:
+        m, k = out.shape
+        return torch.eye(k, dtype=out.dtype, device=out.device).expand(m, k, k).clone()
+
+    def hessian_output_matvec(self, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return v
+
+    def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
+        if y.ndim == 1:
+            y = y[:, None]
+        if y.ndim != 2 or y.shape[1] != out_dim:
+            raise ValueError(
+                f"{arg} must have shape (m, {out_dim}) to match the model output for loss='mse', "
+                f"got {tuple(y.shape)}"
+            )
+        if not torch.is_floating_point(y):
+            y = y.to(torch.get_default_dtype())
+        return y
+
+    def predict(self, out: Tensor) -> Tensor:
+        return out
+
+
+def _check_labels(y: Tensor, n_classes: int, arg: str) -> None:
+    if y.ndim != 1:
+        raise ValueError(f"{arg} must be a 1-D tensor of class labels, got shape {tuple(y.shape)}")
+    if torch.is_floating_point(y) and bool((y != y.round()).any()):
+        raise ValueError(f"{arg} must hold integer class labels 0..{n_classes - 1}")
+    bad = (y < 0) | (y >= n_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{arg} must hold class labels in 0..{n_classes - 1} (the model has {n_classes} "
+            f"outputs); {arg}[{i}] = {y[i].item()}"
+        )
+
+
+LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (CrossEntropy, Logistic, SquaredError)}
+_ALIASES = {"ce": "cross_entropy", "cross-entropy": "cross_entropy", "squared_error": "mse"}
+
+
+def get_loss(loss: str | Loss) -> Loss:
+    """The loss by name (``"cross_entropy"``, ``"logistic"``, ``"mse"``) or as given."""
+    if isinstance(loss, Loss):
+        return loss
+    loss = _ALIASES.get(loss, loss) if isinstance(loss, str) else loss
+    check_choice("loss", loss, LOSSES)
+    return LOSSES[loss]()

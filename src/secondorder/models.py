@@ -1,0 +1,277 @@
+"""Models of the study: logistic regression (eqs. 15-16) and multilayer perceptrons (eqs. 19-22).
+
+Every model is an ordinary ``torch.nn.Sequential`` of ``nn.Linear`` layers and elementwise
+activation modules, so users can bring their own modules as well. The activations defined here
+(and the matching ``torch.nn`` ones) can also give their first and second derivatives σ′ and σ″,
+which second-order backpropagation (Appendix B, eq. 82) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from secondorder._validation import check_choice, check_positive_int
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "Identity",
+    "ReLU",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
+    "activation",
+    "activation_derivatives",
+    "logistic_regression",
+    "mlp",
+]
+
+
+class Activation(nn.Module):
+    """An elementwise activation σ that also knows σ′ and σ″."""
+
+    name: str = ""
+
+    def forward(self, z: Tensor) -> Tensor:  # noqa: D102
+        raise NotImplementedError
+
+    def derivative(self, z: Tensor) -> Tensor:
+        """σ′(z), elementwise."""
+        raise NotImplementedError
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        """σ″(z), elementwise."""
+        raise NotImplementedError
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(σ(z), σ′(z), σ″(z)) computed together, sharing intermediate results."""
+        return self.forward(z), self.derivative(z), self.second_derivative(z)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Sigmoid(Activation):
+    """σ(z) = 1/(1+e^{−z}); σ′ = σ(1−σ); σ″ = σ(1−σ)(1−2σ)."""
+
+    name = "sigmoid"
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(z)
+
+    def derivative(self, z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (1 - 2 * s)
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = torch.sigmoid(z)
+        d1 = s * (1 - s)
+        return s, d1, d1 * (1 - 2 * s)
+
+
+class Tanh(Activation):
+    """σ(z) = tanh z; σ′ = 1−σ²; σ″ = −2σ(1−σ²)."""
+
+    name = "tanh"
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.tanh(z)
+
+    def derivative(self, z: Tensor) -> Tensor:
+        return 1 - torch.tanh(z) ** 2
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        return t, d1, -2 * t * d1
+
+
+class ReLU(Activation):
+    """σ(z) = max(z, 0); σ′ = [z > 0]; σ″ = 0 (almost everywhere)."""
+
+    name = "relu"
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.relu(z)
+
+    def derivative(self, z: Tensor) -> Tensor:
+        return (z > 0).to(z.dtype)
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
+
+
+class Softplus(Activation):
+    """σ(z) = log(1+e^z); σ′ = sigmoid(z); σ″ = sigmoid(z)(1−sigmoid(z))."""
+
+    name = "softplus"
+
+    def forward(self, z: Tensor) -> Tensor:
+        return nn.functional.softplus(z)
+
+    def derivative(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(z)
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = torch.sigmoid(z)
+        return nn.functional.softplus(z), s, s * (1 - s)
+
+
+class Identity(Activation):
+    """σ(z) = z; σ′ = 1; σ″ = 0."""
+
+    name = "identity"
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z
+
+    def derivative(self, z: Tensor) -> Tensor:
+        return torch.ones_like(z)
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
+
+
+ACTIVATIONS: dict[str, type[Activation]] = {
+    cls.name: cls for cls in (Sigmoid, Tanh, ReLU, Softplus, Identity)
+}
+
+
+def activation(name: str) -> Activation:
+    """A new activation module by name: one of ``ACTIVATIONS``."""
+    check_choice("activation", name, ACTIVATIONS)
+    return ACTIVATIONS[name]()
+
+
+_TORCH_EQUIVALENTS: dict[type[nn.Module], type[Activation]] = {
+    nn.Sigmoid: Sigmoid,
+    nn.Tanh: Tanh,
+    nn.ReLU: ReLU,
+    nn.Identity: Identity,
+}
+
+
+def activation_derivatives(module: nn.Module) -> Activation | None:
+    """The :class:`Activation` equivalent to ``module`` (ours or a ``torch.nn`` one), else None.
+
+    ``nn.Softplus`` qualifies only with ``beta=1`` and an infinite threshold-free regime is not
+    assumed: its linear branch above ``threshold`` is ignored, which is exact to float precision.
+    """
+    if isinstance(module, Activation):
+        return module
+    if isinstance(module, nn.Softplus):
+        return Softplus() if module.beta == 1 else None
+    for torch_cls, ours in _TORCH_EQUIVALENTS.items():
+        if type(module) is torch_cls:
+            return ours()
+    return None
+
+
+def _init_linear(layer: nn.Linear, generator: torch.Generator | None, scheme: str) -> None:
+    fan_in = layer.in_features
+    with torch.no_grad():
+        if scheme == "torch":
+            bound = 1.0 / fan_in**0.5
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.uniform_(-bound, bound, generator=generator)
+        elif scheme == "xavier":
+            bound = (6.0 / (fan_in + layer.out_features)) ** 0.5
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.zero_()
+        elif scheme == "zeros":
+            layer.weight.zero_()
+            layer.bias.zero_()
+
+
+INITIALISATIONS = ("torch", "xavier", "zeros")
+
+
+def mlp(
+    widths: Sequence[int],
+    activation: str | Activation = "sigmoid",
+    *,
+    output_activation: str | Activation | None = None,
+    init: str = "torch",
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """A multilayer perceptron ``widths[0] → … → widths[-1]`` (eqs. 19-20).
+
+    ``Z^{[l]} = W^{[l]} X^{[l-1]} + b^{[l]}``, ``X^{[l]} = σ(Z^{[l]})`` on every hidden layer. The
+    last layer is linear unless ``output_activation`` is given (as in a net ŷ = f(z⁽³⁾) fitted by
+    squared error); the softmax of eq. 22 belongs to the cross-entropy loss, not to the model.
+
+    ``init`` is ``"torch"`` (PyTorch's default uniform ±1/√fan_in), ``"xavier"`` (Glorot uniform,
+    zero biases) or ``"zeros"``; ``seed`` makes it reproducible.
+    """
+    widths = list(widths)
+    if len(widths) < 2:
+        raise ValueError(f"widths must list at least an input and an output width, got {widths}")
+    for i, w in enumerate(widths):
+        check_positive_int(f"widths[{i}]", w)
+    check_choice("init", init, INITIALISATIONS)
+    if isinstance(activation, str):
+        check_choice("activation", activation, ACTIVATIONS)
+    if isinstance(output_activation, str):
+        check_choice("output_activation", output_activation, ACTIVATIONS)
+
+    def make(act: str | Activation) -> nn.Module:
+        return ACTIVATIONS[act]() if isinstance(act, str) else act
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        linear = nn.Linear(n_in, n_out, dtype=torch.float64)
+        _init_linear(linear, generator, init)
+        layers.append(linear)
+        if i < len(widths) - 2:
+            layers.append(make(activation))
+    if output_activation is not None:
+        layers.append(make(output_activation))
+    model = nn.Sequential(*layers)
+    return model.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def logistic_regression(
+    n_features: int,
+    *,
+    bias: bool = True,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Sequential:
+    """Logistic regression (eqs. 15-16): one linear unit, h_θ(x) = sigmoid(θᵀx + b).
+
+    The model outputs the logit θᵀx + b; the ``"logistic"`` loss applies the sigmoid. With
+    ``bias=False`` it is exactly the seed's h_θ(X) = 1/(1+exp(−Xθ)). Initialised at zero (the
+    problem is convex) unless ``seed`` is given, which draws small Gaussian weights.
+    """
+    check_positive_int("n_features", n_features)
+    linear = nn.Linear(n_features, 1, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        if seed is None:
+            linear.weight.zero_()
+        else:
+            g = torch.Generator().manual_seed(int(seed))
+            linear.weight.normal_(0.0, 0.1, generator=g)
+        if bias:
+            linear.bias.zero_()
+    return nn.Sequential(linear).to(dtype=dtype or torch.get_default_dtype(), device=device)

@@ -1,0 +1,574 @@
+"""The problem a solver sees: a scalar function of one flat parameter vector θ.
+
+An :class:`Objective` answers ``value``, ``grad``, ``value_and_grad``, ``hvp``, ``ggnvp`` and a
+small dense ``hessian``, and counts its evaluations. Two kinds exist:
+
+- :class:`FunctionObjective` wraps a plain callable θ ↦ scalar tensor (Rosenbrock, eq. 6; a
+  quadratic; anything autograd can differentiate twice).
+- :class:`ModelObjective` is the training objective of a network: the sampler's weighted mean of
+  per-sample losses (eq. 28) plus an L2 term,
+
+      J(θ) = Σ_i w_i ℓ(f(x_i; θ), y_i) + (c/2)·‖W‖²,
+
+  with weights w_i from the sampler (uniform 1/m for the full batch) and c = λ under the
+  ``"plain"`` convention (λ/2·‖W‖² added to the mean loss) or c = λ/m_reg under the
+  ``"per-sample"`` convention (λ/(2m)·‖W‖², m_reg = ``l2_m``, by default the number of training
+  samples). ‖W‖² covers weight matrices only (tensors with two or more dimensions) unless
+  ``regularize_bias=True``.
+
+The only sum over samples lives in :meth:`ModelObjective._weighted_loss`; a data-parallel
+objective would all-reduce there. The function changes only when the sampler says so (see
+:mod:`secondorder.sampling`): ask ``begin_iteration(k)`` at the top of each iteration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from secondorder._validation import check_choice, check_positive
+from secondorder.losses import Loss, get_loss
+from secondorder.sampling import FullBatch, Sampler
+
+__all__ = [
+    "EvalCounts",
+    "FunctionObjective",
+    "MemoryError_",
+    "ModelObjective",
+    "Objective",
+    "check_dense_fits",
+    "quadratic",
+    "rosenbrock",
+]
+
+
+class MemoryError_(MemoryError):
+    """A dense request that would not fit; the message names the bytes and an alternative."""
+
+
+def _available_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * 2**30
+
+
+def check_dense_fits(
+    shape: tuple[int, ...], dtype: torch.dtype, what: str, *, max_bytes: int | None = None
+) -> int:
+    """Refuse, before allocating, a dense tensor that would exceed ``max_bytes``.
+
+    The default limit is half the memory available now. Returns the number of bytes.
+    """
+    n = 1
+    for s in shape:
+        n *= int(s)
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    limit = _available_bytes() // 2 if max_bytes is None else int(max_bytes)
+    if nbytes > limit:
+        raise MemoryError_(
+            f"{what} of shape {tuple(shape)} in {dtype} needs {nbytes:,} bytes "
+            f"({nbytes / 2**30:.2f} GiB), above the limit of {limit:,} bytes; use matrix-free "
+            "products instead (Objective.hvp / Objective.ggnvp, or the linear operators of "
+            "secondorder.curvature), or raise max_bytes"
+        )
+    return nbytes
+
+
+@dataclass
+class EvalCounts:
+    """How many times each quantity was evaluated. ``value_and_grad`` counts one f and one g."""
+
+    f: int = 0
+    g: int = 0
+    hv: int = 0
+    ggnv: int = 0
+    hessian: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def copy(self) -> EvalCounts:
+        return EvalCounts(**asdict(self))
+
+    def reset(self) -> None:
+        for k in asdict(self):
+            setattr(self, k, 0)
+
+
+class Objective:
+    """Base class of every objective: a scalar function of a flat θ of ``n_params`` entries."""
+
+    n_params: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self) -> None:
+        self.counts = EvalCounts()
+        self._iteration = 0
+        self._evaluations = 0
+
+    # -- the function's identity under sampling -----------------------------------------------
+    @property
+    def version(self) -> int:
+        """Identifier of the current function: while it stays equal, so does the function."""
+        return 0
+
+    @property
+    def stochastic(self) -> str:
+        """When the function may change: ``"never"``, ``"iteration"`` or ``"evaluation"``."""
+        return "never"
+
+    def begin_iteration(self, k: int) -> bool:
+        """Tell the objective that iteration ``k`` starts; return whether the function changed."""
+        before = self.version
+        self._iteration = int(k)
+        return self.version != before
+
+    # -- evaluations ----------------------------------------------------------------------------
+    def value(self, theta: Tensor) -> Tensor:
+        """J(θ) as a 0-d tensor."""
+        raise NotImplementedError
+
+    def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """(J(θ), ∇J(θ)) from one forward and one backward pass."""
+        raise NotImplementedError
+
+    def grad(self, theta: Tensor) -> Tensor:
+        """∇J(θ), a vector like θ."""
+        return self.value_and_grad(theta)[1]
+
+    def hvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """v ↦ ∇²J(θ) v, with the gradient's graph built once for many products."""
+        raise NotImplementedError
+
+    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """∇²J(θ) v (Hessian-vector product; one double-backward pass)."""
+        return self.hvp_at(theta)(v)
+
+    def ggnvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """v ↦ G(θ) v with the Gauss–Newton matrix G = Jᵀ H_loss J (+ the L2 term)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no Gauss-Newton matrix: it needs a model and a loss "
+            "(use ModelObjective), or use hvp"
+        )
+
+    def ggnvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """G(θ) v (Gauss–Newton-vector product)."""
+        return self.ggnvp_at(theta)(v)
+
+    def hessian(self, theta: Tensor, *, max_bytes: int | None = None) -> Tensor:
+        """The dense P×P Hessian, refused before allocation when it would not fit."""
+        P = self.n_params
+        check_dense_fits((P, P), self.dtype, "the dense Hessian", max_bytes=max_bytes)
+        self.counts.hessian += 1
+        product = self.hvp_at(theta)
+        before = self.counts.hv
+        eye = torch.eye(P, dtype=self.dtype, device=self.device)
+        H = torch.stack([product(eye[i]) for i in range(P)], dim=1)
+        self.counts.hv = before
+        return 0.5 * (H + H.T)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def check_theta(self, theta: Tensor, arg: str = "theta") -> Tensor:
+        """Validate θ's type and shape; return it in the objective's dtype and device."""
+        if not isinstance(theta, Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(theta).__name__}")
+        if theta.ndim != 1 or theta.numel() != self.n_params:
+            raise ValueError(
+                f"{arg} must be a flat vector of {self.n_params} entries, got shape "
+                f"{tuple(theta.shape)}"
+            )
+        return theta.to(dtype=self.dtype, device=self.device)
+
+    def _count_evaluation(self) -> None:
+        self._evaluations += 1
+
+
+class FunctionObjective(Objective):
+    """An objective from a plain callable θ ↦ scalar tensor, differentiated by autograd.
+
+    ``grad_fn`` and ``hvp_fn`` (optional) supply closed forms instead of autograd.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        n_params: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        grad_fn: Callable[[Tensor], Tensor] | None = None,
+        hvp_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 1:
+            raise ValueError(f"n_params must be a positive integer, got {n_params!r}")
+        self.fn = fn
+        self.n_params = n_params
+        self.dtype = dtype or torch.get_default_dtype()
+        self.device = torch.device(device or "cpu")
+        self.grad_fn = grad_fn
+        self.hvp_fn = hvp_fn
+        self.name = name or getattr(fn, "__name__", "function")
+
+    def _call(self, theta: Tensor) -> Tensor:
+        out = self.fn(theta)
+        if not isinstance(out, Tensor) or out.numel() != 1:
+            raise TypeError(
+                f"the objective function must return a scalar tensor, got "
+                f"{type(out).__name__}{'' if not isinstance(out, Tensor) else tuple(out.shape)}"
+            )
+        return out.reshape(())
+
+    def value(self, theta: Tensor) -> Tensor:
+        theta = self.check_theta(theta)
+        self.counts.f += 1
+        with torch.no_grad():
+            return self._call(theta).detach()
+
+    def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        theta = self.check_theta(theta)
+        self.counts.f += 1
+        self.counts.g += 1
+        if self.grad_fn is not None:
+            with torch.no_grad():
+                return self._call(theta).detach(), self.grad_fn(theta).detach()
+        t = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = self._call(t)
+            (g,) = torch.autograd.grad(f, t, allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(t)
+        return f.detach(), g.detach()
+
+    def hvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        theta = self.check_theta(theta)
+        if self.hvp_fn is not None:
+
+            def closed_form(v: Tensor) -> Tensor:
+                self.counts.hv += 1
+                return self.hvp_fn(theta, v).detach()
+
+            return closed_form
+        t = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = self._call(t)
+            (g,) = torch.autograd.grad(f, t, create_graph=True)
+
+        def product(v: Tensor) -> Tensor:
+            self.counts.hv += 1
+            if not g.requires_grad:  # g does not depend on θ: a linear function
+                return torch.zeros_like(v)
+            (hv,) = torch.autograd.grad(g, t, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if hv is None else hv.detach()
+
+        return product
+
+
+def rosenbrock(a: float = 1.0, b: float = 100.0) -> Callable[[Tensor], Tensor]:
+    """Rosenbrock's function (eq. 6), chained over consecutive pairs for n > 2:
+    Σ_i (a − x_i)² + b (x_{i+1} − x_i²)²; minimum 0 at (a, a², …) — (1, 1) for a = 1."""
+
+    def f(x: Tensor) -> Tensor:
+        return ((a - x[:-1]) ** 2 + b * (x[1:] - x[:-1] ** 2) ** 2).sum()
+
+    f.__name__ = f"rosenbrock(a={a:g}, b={b:g})"
+    return f
+
+
+def quadratic(A: Tensor, b: Tensor | None = None, c: float = 0.0) -> Callable[[Tensor], Tensor]:
+    """q(x) = ½ xᵀA x − bᵀx + c (A symmetrised); minimiser A⁻¹b when A is positive definite."""
+    A = 0.5 * (A + A.T)
+    b = torch.zeros(A.shape[0], dtype=A.dtype) if b is None else b
+
+    def f(x: Tensor) -> Tensor:
+        return 0.5 * x @ (A.to(x) @ x) - b.to(x) @ x + c
+
+    f.__name__ = "quadratic"
+    return f
+
+
+L2_CONVENTIONS = ("plain", "per-sample")
+
+
+class ModelObjective(Objective):
+    """The training objective of a network over a dataset, with a sampler (see module doc).
+
+    ``data`` is a :class:`secondorder.data.Dataset` or a pair ``(X, y)``. The model's parameters
+    are read once as the flat θ₀ (``initial_theta()``) in the order of
+    ``torch.nn.utils.parameters_to_vector(model.parameters())``; evaluations never modify the
+    model (they call it functionally). ``curvature_sampler`` (optional) chooses a separate
+    subsample for Hessian and Gauss–Newton products.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | Loss,
+        data,
+        *,
+        l2: float = 0.0,
+        l2_convention: str = "plain",
+        l2_m: int | None = None,
+        regularize_bias: bool = False,
+        sampler: Sampler | None = None,
+        curvature_sampler: Sampler | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.loss = get_loss(loss)
+        self.l2 = check_positive("l2", l2, allow_zero=True)
+        check_choice("l2_convention", l2_convention, L2_CONVENTIONS)
+        X, y = _unpack_data(data)
+        params = dict(model.named_parameters())
+        if not params:
+            raise ValueError("model has no parameters to optimise")
+        first = next(iter(params.values()))
+        self.dtype = dtype or (X.dtype if torch.is_floating_point(X) else first.dtype)
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
+        self.device = torch.device(device) if device is not None else first.device
+        X = X.to(dtype=self.dtype, device=self.device)
+        if X.ndim < 2 or X.shape[0] == 0:
+            raise ValueError(
+                f"X must have shape (m, n_features, ...) with m >= 1, got {tuple(X.shape)}"
+            )
+        finite = torch.isfinite(X)
+        if not bool(finite.all()):
+            bad = int((~finite).reshape(len(X), -1).any(1).nonzero()[0, 0])
+            raise ValueError(f"X contains NaN or inf values (first in sample {bad})")
+        if y.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"X and y must have the same number of samples, got {X.shape[0]} and {y.shape[0]}"
+            )
+        self.model = model
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        self.n_params = sum(self.numels)
+        self.buffers = {k: v.to(self.device) for k, v in model.named_buffers()}
+        self._theta0 = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(
+            dtype=self.dtype, device=self.device
+        )
+        with torch.no_grad():
+            out = self._forward(self._theta0, X[:1])
+        if out.ndim != 2:
+            raise ValueError(
+                f"the model must map (m, ...) inputs to (m, k) outputs, got {tuple(out.shape)}"
+            )
+        y = y.to(self.device)
+        if torch.is_floating_point(y) and not bool(torch.isfinite(y).all()):
+            raise ValueError("y contains NaN or inf values")
+        self.y = self.loss.check_targets(y, out.shape[1])
+        if torch.is_floating_point(self.y):
+            self.y = self.y.to(self.dtype)
+        self.X = X
+        self.m = X.shape[0]
+        self.sampler = sampler or FullBatch(self.m)
+        self.curvature_sampler = curvature_sampler
+        for arg, s in (("sampler", self.sampler), ("curvature_sampler", curvature_sampler)):
+            if s is not None and s.m != self.m:
+                raise ValueError(f"{arg} was built for m={s.m} samples but the data has {self.m}")
+        self.l2_convention = l2_convention
+        self.l2_m = self.m if l2_m is None else int(l2_m)
+        if self.l2_m < 1:
+            raise ValueError(f"l2_m must be a positive integer, got {l2_m}")
+        self.regularize_bias = bool(regularize_bias)
+        self.l2_mask = torch.cat(
+            [
+                torch.full((n,), float(len(s) >= 2 or self.regularize_bias), dtype=self.dtype)
+                for n, s in zip(self.numels, self.shapes)
+            ]
+        ).to(self.device)
+        self._cache: dict[tuple[str, int], tuple] = {}
+
+    # -- parameters -------------------------------------------------------------------------------
+    def initial_theta(self) -> Tensor:
+        """The model's parameters as one flat vector (a copy)."""
+        return self._theta0.clone()
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Views of θ shaped like the model's parameters, by name."""
+        return {
+            n: t.view(s)
+            for n, t, s in zip(self.names, torch.split(theta, self.numels), self.shapes)
+        }
+
+    def load_into_model(self, theta: Tensor) -> nn.Module:
+        """Copy θ into the model's parameters (e.g. after training) and return the model."""
+        theta = self.check_theta(theta)
+        with torch.no_grad():
+            for p, t in zip(self.model.parameters(), torch.split(theta, self.numels)):
+                p.copy_(t.view_as(p))
+        return self.model
+
+    def _forward(self, theta: Tensor, X: Tensor) -> Tensor:
+        return functional_call(self.model, {**self.unflatten(theta), **self.buffers}, (X,))
+
+    @property
+    def l2_coefficient(self) -> float:
+        """c in (c/2)·‖W‖²: λ ("plain") or λ/m_reg ("per-sample")."""
+        return self.l2 if self.l2_convention == "plain" else self.l2 / self.l2_m
+
+    # -- sampling ---------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.sampler.version(self._iteration, self._evaluations)
+
+    @property
+    def stochastic(self) -> str:
+        return self.sampler.changes
+
+    def _samples(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(X, y, w) of the current function: the sampler's samples and eq.-28 weights."""
+        if which == "curvature" and self.curvature_sampler is None:
+            which = "value"
+        sampler = self.curvature_sampler if which == "curvature" else self.sampler
+        version = sampler.version(self._iteration, self._evaluations)
+        key = (which, version)
+        if key not in self._cache:
+            idx, w = sampler.weights(version).to_torch(self.dtype, self.device)
+            X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != which}
+            self._cache[key] = (X, y, w)
+        return self._cache[key]
+
+    # -- the one sum over samples ---------------------------------------------------------------
+    def _weighted_loss(self, theta: Tensor, X: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """Σ_i w_i ℓ(f(x_i; θ), y_i): every sum over samples goes through here."""
+        return w @ self.loss.per_sample(self._forward(theta, X), y)
+
+    def _regulariser(self, theta: Tensor) -> Tensor:
+        c = self.l2_coefficient
+        if c == 0.0:
+            return theta.new_zeros(())
+        return 0.5 * c * (self.l2_mask * theta * theta).sum()
+
+    # -- evaluations -------------------------------------------------------------------------------
+    def value(self, theta: Tensor) -> Tensor:
+        theta = self.check_theta(theta)
+        X, y, w = self._samples("value")
+        self.counts.f += 1
+        self._count_evaluation()
+        with torch.no_grad():
+            return self._weighted_loss(theta, X, y, w) + self._regulariser(theta)
+
+    def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        theta = self.check_theta(theta)
+        X, y, w = self._samples("value")
+        self.counts.f += 1
+        self.counts.g += 1
+        self._count_evaluation()
+        t = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = self._weighted_loss(t, X, y, w)
+            (g,) = torch.autograd.grad(f, t)
+        c = self.l2_coefficient
+        if c:
+            f = f + self._regulariser(theta)
+            g = g + c * self.l2_mask * theta
+        return f.detach(), g.detach()
+
+    def hvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        theta = self.check_theta(theta)
+        X, y, w = self._samples("curvature")
+        t = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = self._weighted_loss(t, X, y, w)
+            (g,) = torch.autograd.grad(f, t, create_graph=True)
+        c = self.l2_coefficient
+        mask = self.l2_mask
+
+        def product(v: Tensor) -> Tensor:
+            self.counts.hv += 1
+            if g.requires_grad:
+                (hv,) = torch.autograd.grad(g, t, v, retain_graph=True, allow_unused=True)
+                hv = torch.zeros_like(v) if hv is None else hv.detach()
+            else:
+                hv = torch.zeros_like(v)
+            return hv + c * mask * v if c else hv
+
+        return product
+
+    def ggnvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """v ↦ (Σ_i w_i J_iᵀ H_{z,i} J_i + c·diag(mask)) v, with J_i = ∂f(x_i)/∂θ.
+
+        Jv comes from differentiating the vector-Jacobian product u ↦ Jᵀu with respect to u
+        (the graph is built once), H_z v from the loss's closed form, Jᵀ(·) from one backward.
+        """
+        theta = self.check_theta(theta)
+        X, y, w = self._samples("curvature")
+        t = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self._forward(t, X)
+            u = torch.zeros_like(out, requires_grad=True)
+            (jtu,) = torch.autograd.grad(out, t, u, create_graph=True)
+        out_d = out.detach()
+        c = self.l2_coefficient
+        mask = self.l2_mask
+
+        def product(v: Tensor) -> Tensor:
+            self.counts.ggnv += 1
+            (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)
+            hjv = w[:, None] * self.loss.hessian_output_matvec(out_d, y, jv)
+            (gv,) = torch.autograd.grad(out, t, hjv, retain_graph=True)
+            return gv + c * mask * v if c else gv
+
+        return product
+
+    # -- metrics -------------------------------------------------------------------------------------
+    def predict(self, theta: Tensor, X: Tensor) -> Tensor:
+        """Predicted labels (or values) of the model with parameters θ."""
+        theta = self.check_theta(theta)
+        with torch.no_grad():
+            return self.loss.predict(self._forward(theta, X.to(self.dtype).to(self.device)))
+
+    def accuracy(self, theta: Tensor, X: Tensor | None = None, y: Tensor | None = None) -> float:
+        """Eq. 30: the fraction of samples whose predicted class equals the label
+        (on the training data when X, y are not given)."""
+        if not self.loss.classification:
+            raise ValueError(f"accuracy needs a classification loss, not loss={self.loss.name!r}")
+        X = self.X if X is None else X
+        y = self.y if y is None else y
+        pred = self.predict(theta, X)
+        return float((pred.cpu() == y.cpu().long().reshape(-1)).double().mean())
+
+    def full_loss(self, theta: Tensor, X: Tensor | None = None, y: Tensor | None = None) -> float:
+        """Mean loss over all of (X, y) (training data by default) plus the L2 term,
+        whatever the sampler; counts no evaluation."""
+        theta = self.check_theta(theta)
+        X = self.X if X is None else X.to(self.dtype).to(self.device)
+        y = self.y if y is None else self.loss.check_targets(y.to(self.device), self._out_dim())
+        w = torch.full((len(X),), 1.0 / len(X), dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            return float(self._weighted_loss(theta, X, y, w) + self._regulariser(theta))
+
+    def _out_dim(self) -> int:
+        with torch.no_grad():
+            return self._forward(self._theta0, self.X[:1]).shape[1]
+
+
+def _unpack_data(data) -> tuple[Tensor, Tensor]:
+    if hasattr(data, "X") and hasattr(data, "y"):
+        X, y = data.X, data.y
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        X, y = data
+    else:
+        raise TypeError("data must be a secondorder.data.Dataset or a pair (X, y)")
+    X = torch.as_tensor(X)
+    y = torch.as_tensor(y)
+    if not torch.is_floating_point(X):
+        X = X.to(torch.get_default_dtype())
+    return X, y
