@@ -528,7 +528,7 @@ class ModelObjective(Objective):
 
         return product
 
-    # -- metrics -------------------------------------------------------------------------------------
+    # -- metrics ---------------------------------------------------------------------------
     def predict(self, theta: Tensor, X: Tensor) -> Tensor:
         """Predicted labels (or values) of the model with parameters θ."""
         theta = self.check_theta(theta)
