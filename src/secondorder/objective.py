@@ -23,6 +23,7 @@ objective would all-reduce there. The function changes only when the sampler say
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -527,6 +528,48 @@ class ModelObjective(Objective):
             return gv + c * mask * v if c else gv
 
         return product
+
+    # -- non-smooth points ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def frozen_kinks(self, theta: Tensor):
+        """Within this context, every ReLU (or LeakyReLU) keeps the on/off pattern it has at θ
+        on the current samples: J becomes the smooth extension of the piece that contains θ.
+
+        J and its derivatives agree with this extension at θ (and wherever the pattern is the
+        same), so derivative tests use it to measure Taylor orders without the O(ε) remainders
+        of the kinks a step of size ε may cross.
+        """
+        from secondorder.models import ReLU as _OurReLU
+
+        modules = [
+            m for m in self.model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU, _OurReLU))
+        ]
+        masks: dict[int, Tensor] = {}
+        recording = True
+
+        def hook(module, inputs, output):
+            z = inputs[0]
+            key = id(module)
+            if recording:
+                masks[key] = (z > 0).detach()
+                return None
+            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else 0.0
+            mask = masks[key]
+            if mask.shape != z.shape:
+                raise RuntimeError("frozen_kinks: the samples changed inside the context")
+            return z * torch.where(mask, 1.0, slope).to(z.dtype)
+
+        handles = [m.register_forward_hook(hook) for m in modules]
+        try:
+            if modules:
+                X, _, _ = self._samples("value")
+                with torch.no_grad():
+                    self._forward(self.check_theta(theta), X)
+            recording = False
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
     # -- metrics ---------------------------------------------------------------------------
     def predict(self, theta: Tensor, X: Tensor) -> Tensor:

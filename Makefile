@@ -1,0 +1,50 @@
+# Two commands do everything:  `make run` (set up, fetch the data, run the main job)
+# and `make test` (set up, lint, run the test suite). Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# to get the small CPU build where the default index would serve a CUDA one.
+TORCH_PIP_ARGS ?=
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-all lint format data bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+data: $(STAMP)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "$$SECONDORDER_DATA" ] \
+	    && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "apt-get could not install dataset-fashion-mnist; downloading instead"; \
+	fi
+	$(BIN)/secondorder data
+
+run: data
+	$(BIN)/secondorder demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/curvature.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""Activations' σ′ and σ″ against autograd; model builders and their validation."""
+
+import pytest
+import torch
+from torch import nn
+
+from secondorder.models import (
+    ACTIVATIONS,
+    activation,
+    activation_derivatives,
+    logistic_regression,
+    mlp,
+)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_derivatives_match_autograd(name):
+    act = activation(name)
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    z = z[z.abs() > 1e-3]  # away from the ReLU kink
+    d1 = torch.func.vmap(torch.func.grad(lambda t: act(t)))(z)
+    d2 = torch.func.vmap(torch.func.grad(torch.func.grad(lambda t: act(t))))(z)
+    s, s1, s2 = act.derivatives(z)
+    torch.testing.assert_close(s, act(z))
+    torch.testing.assert_close(s1, d1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s2, d2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(act.derivative(z), d1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(act.second_derivative(z), d2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        (nn.Sigmoid(), "sigmoid"),
+        (nn.Tanh(), "tanh"),
+        (nn.ReLU(), "relu"),
+        (nn.Softplus(), "softplus"),
+        (nn.Identity(), "identity"),
+    ],
+)
+def test_torch_activations_are_recognised(module, name):
+    act = activation_derivatives(module)
+    assert act is not None and act.name == name
+    z = torch.randn(7, dtype=torch.float64)
+    torch.testing.assert_close(act(z), module(z))
+
+
+def test_unrecognised_activation_returns_none():
+    assert activation_derivatives(nn.GELU()) is None
+    assert activation_derivatives(nn.Softplus(beta=2.0)) is None
+
+
+def test_mlp_structure_and_seed():
+    m = mlp([784, 300, 100, 10], "tanh", seed=3, dtype=torch.float64)
+    kinds = [type(l).__name__ for l in m]
+    assert kinds == ["Linear", "Tanh", "Linear", "Tanh", "Linear"]
+    assert sum(p.numel() for p in m.parameters()) == 784 * 300 + 300 + 300 * 100 + 100 + 1010
+    m2 = mlp([784, 300, 100, 10], "tanh", seed=3, dtype=torch.float64)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    m3 = mlp([784, 300, 100, 10], "tanh", seed=4, dtype=torch.float64)
+    assert not torch.equal(m[0].weight, m3[0].weight)
+
+
+def test_mlp_output_activation_and_dtype():
+    m = mlp([3, 4, 2], "sigmoid", output_activation="sigmoid", dtype=torch.float32)
+    assert isinstance(m[-1], ACTIVATIONS["sigmoid"])
+    assert m[0].weight.dtype == torch.float32
+    out = m(torch.randn(5, 3))
+    assert out.shape == (5, 2) and bool(((out > 0) & (out < 1)).all())
+
+
+def test_logistic_regression_is_eq_16():
+    model = logistic_regression(2, seed=1, dtype=torch.float64)
+    X = torch.randn(10, 2, dtype=torch.float64)
+    w, b = model[0].weight[0], model[0].bias
+    torch.testing.assert_close(torch.sigmoid(model(X)[:, 0]), 1 / (1 + torch.exp(-(X @ w + b))))
+    assert torch.count_nonzero(logistic_regression(3)[0].weight) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"widths": [3, 4, 2], "activation": "sigmod"}, "did you mean 'sigmoid'"),
+        ({"widths": [3]}, "at least an input and an output"),
+        ({"widths": [3, 0, 2]}, r"widths\[1\]"),
+        ({"widths": [3, 2], "init": "he"}, "init"),
+    ],
+)
+def test_mlp_bad_input(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        mlp(**kwargs)
+
+
+def test_activation_bad_name():
+    with pytest.raises(ValueError, match="did you mean 'tanh'"):
+        activation("tahn")
