@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short tour: derivative tests and a logistic-regression fit")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    try:
+        from secondorder.experiments.commands import add_commands
+    except ImportError:  # the experiments package is optional in a partial install
+        pass
+    else:
+        add_commands(sub)
     return parser
 
 
