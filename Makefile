@@ -29,19 +29,19 @@ run: data
 	$(BIN)/secondorder demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks examples)
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests $(wildcard benchmarks examples)
+	$(BIN)/ruff check --fix src tests $(wildcard benchmarks examples)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/curvature.py
