@@ -286,3 +286,12 @@ def test_bad_theta_is_refused():
         obj.value(torch.zeros(4, dtype=f64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         obj.value([0.0, 0.0, 0.0])
+
+
+def test_function_objective_constant_output_has_zero_gradient():
+    obj = FunctionObjective(lambda t: torch.tensor(float("nan"), dtype=f64), 2, dtype=f64)
+    f, g = obj.value_and_grad(torch.zeros(2, dtype=f64))
+    assert math.isnan(float(f)) and torch.equal(g, torch.zeros(2, dtype=f64))
+    assert torch.equal(
+        obj.hvp(torch.zeros(2, dtype=f64), torch.ones(2, dtype=f64)), torch.zeros(2, dtype=f64)
+    )

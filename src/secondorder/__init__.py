@@ -3,6 +3,7 @@
 from secondorder.losses import get_loss
 from secondorder.models import logistic_regression, mlp
 from secondorder.objective import FunctionObjective, ModelObjective, Objective
+from secondorder.solvers import OptionError, Result, Trace, minimize
 
 __version__ = "0.1.0"
 
@@ -10,8 +11,12 @@ __all__ = [
     "FunctionObjective",
     "ModelObjective",
     "Objective",
+    "OptionError",
+    "Result",
+    "Trace",
     "__version__",
     "get_loss",
     "logistic_regression",
+    "minimize",
     "mlp",
 ]

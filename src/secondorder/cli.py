@@ -117,6 +117,38 @@ def _cmd_gradtest(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def _cmd_curvature(args: argparse.Namespace) -> int:
+    """Convexity / saddle report (Appendix C) at the initial or a trained point."""
+    from secondorder.curvature import saddle_report
+
+    if args.samples < 1:
+        raise SystemExit("error: --samples must be a positive integer")
+    objective = _build_problem(args)
+    theta = objective.initial_theta()
+    if args.train_iters:
+        from secondorder.solvers import minimize
+
+        res = minimize(objective, theta, method="lbfgs", max_iter=args.train_iters)
+        theta = res.theta
+        print(
+            f"trained {res.nit} L-BFGS iterations: f = {float(res.f):.6g}, "
+            f"|g| = {float(res.grad_norm):.3g} ({res.message})\n"
+        )
+    report = saddle_report(
+        objective.model,
+        objective.X,
+        objective.y,
+        loss=objective.loss.name,
+        l2=objective.l2_coefficient,
+        theta=theta,
+        seed=args.seed,
+    )
+    print(report.to_text())
+    if args.plot:
+        print(f"\nspectrum plot written to {report.plot_spectrum(args.plot)}")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from secondorder.data import DataError, find_fashion_mnist, load_fashion_mnist
 
@@ -212,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hessian", action="store_true", help="also run the Hessian-vector test")
     p.add_argument("--plot", default=None, help="write a log-log plot to this PNG/SVG path")
     p.set_defaults(func=_cmd_gradtest)
+
+    p = sub.add_parser(
+        "curvature",
+        help="convexity / saddle report: sign of σ″·∂L/∂X per layer, smallest eigenvalues, verdict",
+    )
+    _add_problem_options(p)
+    p.add_argument(
+        "--train-iters",
+        type=int,
+        default=0,
+        help="first train this many L-BFGS iterations, then report at that point",
+    )
+    p.add_argument("--plot", default=None, help="write the spectrum plot to this PNG/SVG path")
+    p.set_defaults(func=_cmd_curvature)
 
     p = sub.add_parser("data", help="find Fashion-MNIST, downloading it when missing")
     p.add_argument("--root", default=None, help="a directory holding the four idx files")

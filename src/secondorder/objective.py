@@ -246,7 +246,9 @@ class FunctionObjective(Objective):
         t = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             f = self._call(t)
-            (g,) = torch.autograd.grad(f, t, allow_unused=True)
+            g = None
+            if f.requires_grad:  # a constant (e.g. a NaN returned early) has no graph
+                (g,) = torch.autograd.grad(f, t, allow_unused=True)
         if g is None:
             g = torch.zeros_like(t)
         return f.detach(), g.detach()
@@ -263,7 +265,12 @@ class FunctionObjective(Objective):
         t = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             f = self._call(t)
-            (g,) = torch.autograd.grad(f, t, create_graph=True)
+            if f.requires_grad:
+                (g,) = torch.autograd.grad(f, t, create_graph=True, allow_unused=True)
+            else:
+                g = None
+        if g is None:
+            g = torch.zeros_like(t)
 
         def product(v: Tensor) -> Tensor:
             self.counts.hv += 1

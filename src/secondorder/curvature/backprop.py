@@ -1,0 +1,809 @@
+r"""Exact second-order backpropagation for sequential MLPs (Appendix B, Algorithm 3).
+
+A supported model is an ``nn.Sequential`` (nested ones are flattened) of ``nn.Linear`` layers
+(with or without bias) and elementwise activations that
+:func:`secondorder.models.activation_derivatives` recognises, in any order: consecutive
+activations are composed, activations before the first Linear (and an ``nn.Flatten`` there) only
+transform the input, and an activation may follow the last Linear (ŷ = f(z⁽ᴸ⁾)). With
+``z⁽ˡ⁾ = W⁽ˡ⁾x⁽ˡ⁻¹⁾ + b⁽ˡ⁾`` and ``x⁽ˡ⁾ = σ_l(z⁽ˡ⁾)`` the objective is
+
+    J(θ) = (1/N) Σ_i ℓ(x_i⁽ᴸ⁾, y_i) + (l2/2)·Σ_l ‖W⁽ˡ⁾‖²_F .
+
+The mathematics
+---------------
+Per sample, the gradient g⁽ˡ⁾ = ∂ℓ/∂z⁽ˡ⁾ and the Hessian H_Z⁽ˡ⁾ = ∂²ℓ/∂z⁽ˡ⁾² go backwards
+(eqs. 66-67, 81-83), both carrying the 1/N of the mean:
+
+    H_X⁽ˡ⁻¹⁾ = W⁽ˡ⁾ᵀ H_Z⁽ˡ⁾ W⁽ˡ⁾,
+    H_Z⁽ˡ⁻¹⁾ = D H_X⁽ˡ⁻¹⁾ D + diag(σ″(z⁽ˡ⁻¹⁾) ⊙ ∂ℓ/∂x⁽ˡ⁻¹⁾),   D = diag σ′(z⁽ˡ⁻¹⁾).
+
+A layer's own block follows from z⁽ˡ⁾ being linear in (W⁽ˡ⁾, b⁽ˡ⁾) (eqs. 68-70):
+H[(j,m),(j′,m′)] = Σ_i x_m H_Z[j,j′] x_m′. A cross-layer block (k < l) has two parts: θ_k moves
+z⁽ˡ⁾ through x⁽ˡ⁻¹⁾, and z⁽ˡ⁾ = W⁽ˡ⁾x⁽ˡ⁻¹⁾ is bilinear, so ∂²z⁽ˡ⁾/∂W⁽ˡ⁾∂x⁽ˡ⁻¹⁾ ≠ 0. With the
+per-sample Jacobian J⁽ˡ←ᵏ⁾ = ∂z⁽ˡ⁾/∂z⁽ᵏ⁾ and E⁽ᵏˡ⁾ = ∂x⁽ˡ⁻¹⁾/∂z⁽ᵏ⁾ = D_{l−1} J⁽ˡ⁻¹←ᵏ⁾,
+
+    ∂²ℓ/∂W⁽ᵏ⁾_{jm} ∂W⁽ˡ⁾_{j′m′} = x⁽ᵏ⁻¹⁾_m · ( [J⁽ˡ←ᵏ⁾ᵀ H_Z⁽ˡ⁾]_{j j′} x⁽ˡ⁻¹⁾_{m′}
+                                             + g⁽ˡ⁾_{j′} E⁽ᵏˡ⁾_{m′ j} ),
+
+and the bias rows and columns are the same with x_m (or x_m′) replaced by 1 (a bias column of
+layer l has no bilinear part). Dropping every σ″ term and the bilinear part leaves the
+Gauss–Newton matrix Jᵀ H_loss J, whose backpropagated G_Z is PSD.
+
+The implementation
+------------------
+No Kronecker product and no (n_l·m)² matrix is formed. For every row j of a layer the factor
+C_j[i, ·] (one row per sample, one column per parameter of the column layer) is built
+elementwise and one GEMM ``X⁽ᵏ⁻¹⁾ᵀ C_j`` adds the n_{k−1} rows (j, ·) of the block; its
+column sums give the bias row. Within a layer only the columns j′ ≥ j are computed and the rest
+mirrored, so the full Hessian costs about ½·N·P_1² + N·P_1·(P − P_1) + … multiply-adds, below
+the N·P² of a dense per-sample product. Samples are processed in chunks that bound memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from secondorder._validation import check_choice, check_positive_int
+from secondorder.losses import Loss
+from secondorder.models import Activation, Identity, ReLU, activation_derivatives
+from secondorder.objective import check_dense_fits
+
+from . import autodiff as _ad
+
+__all__ = [
+    "LayerInfo",
+    "MLPStructure",
+    "analyse_mlp",
+    "ggn",
+    "ggn_diagonal",
+    "hessian",
+    "hessian_blocks",
+    "hessian_diagonal",
+    "layer_hessians",
+    "per_sample_hz",
+    "supports_fast_path",
+]
+
+METHODS = ("auto", "backprop", "autodiff")
+#: bytes for one chunk's temporaries (per-sample factors, H_Z, Jacobians)
+CHUNK_BYTES = 2**28
+
+
+# -- structure --------------------------------------------------------------------------------
+
+
+class _Chain(Activation):
+    """Consecutive elementwise activations, composed.
+
+    (f∘g)′ = f′(g)·g′ and (f∘g)″ = f″(g)·g′² + f′(g)·g″.
+    """
+
+    def __init__(self, acts: Sequence[Activation]) -> None:
+        super().__init__()
+        self._acts = list(acts)
+        self.name = "∘".join(a.name or type(a).__name__ for a in reversed(self._acts))
+
+    def forward(self, z: Tensor) -> Tensor:
+        for a in self._acts:
+            z = a.forward(z)
+        return z
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s, d1, d2 = self._acts[0].derivatives(z)
+        for a in self._acts[1:]:
+            s, e1, e2 = a.derivatives(s)
+            d2 = e2 * d1 * d1 + e1 * d2
+            d1 = e1 * d1
+        return s, d1, d2
+
+    def derivative(self, z: Tensor) -> Tensor:
+        return self.derivatives(z)[1]
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        return self.derivatives(z)[2]
+
+
+def _is_linear_map(act: Activation | None) -> bool:
+    """True when σ is the identity (σ′ ≡ 1, σ″ ≡ 0)."""
+    if act is None or isinstance(act, Identity):
+        return True
+    if isinstance(act, _Chain):
+        return all(_is_linear_map(a) for a in act._acts)
+    return False
+
+
+def _zero_curvature(act: Activation | None) -> bool:
+    """True when σ″ ≡ 0 (identity, ReLU and compositions of them)."""
+    if act is None or isinstance(act, (Identity, ReLU)):
+        return True
+    if isinstance(act, _Chain):
+        return all(_zero_curvature(a) for a in act._acts)
+    return False
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One ``nn.Linear`` of a supported MLP and the elementwise activation after it (if any)."""
+
+    name: str
+    linear: nn.Linear
+    activation: Activation | None
+    n_in: int
+    n_out: int
+    bias: bool
+    offset: int
+
+    @property
+    def n_weight(self) -> int:
+        return self.n_in * self.n_out
+
+    @property
+    def n_params(self) -> int:
+        return self.n_weight + (self.n_out if self.bias else 0)
+
+    @property
+    def params(self) -> slice:
+        """Where this layer's (weight, bias) lie in the flat θ."""
+        return slice(self.offset, self.offset + self.n_params)
+
+    @property
+    def activation_name(self) -> str:
+        if self.activation is None:
+            return "none"
+        return self.activation.name or type(self.activation).__name__
+
+
+@dataclass(frozen=True)
+class MLPStructure:
+    """What second-order backpropagation needs to know about a sequential MLP."""
+
+    layers: tuple[LayerInfo, ...]
+    preprocess: tuple[nn.Module, ...]
+    n_params: int
+
+    def input(self, X: Tensor) -> Tensor:
+        """Apply the parameter-free modules before the first Linear (Flatten, activations)."""
+        with torch.no_grad():
+            for m in self.preprocess:
+                X = m(X)
+        return X
+
+
+def _named_flat(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for name, m in model._modules.items():  # not named_children(): it hides repeated modules
+        if m is None:
+            continue
+        full = f"{prefix}{name}"
+        if isinstance(m, nn.Sequential):
+            out.extend(_named_flat(m, full + "."))
+        else:
+            out.append((full, m))
+    return out
+
+
+def _finish_activation(acts: list[Activation]) -> Activation | None:
+    acts = [a for a in acts if not isinstance(a, Identity)]
+    if not acts:
+        return None
+    return acts[0] if len(acts) == 1 else _Chain(acts)
+
+
+def analyse_mlp(model: nn.Module) -> tuple[MLPStructure | None, str]:
+    """The :class:`MLPStructure` of ``model``, or ``(None, why it is not supported)``."""
+    if not isinstance(model, nn.Sequential):
+        return None, (
+            f"the model is a {type(model).__name__}, not an nn.Sequential of nn.Linear layers "
+            "and elementwise activations"
+        )
+    pre: list[nn.Module] = []
+    layers: list[dict] = []
+    pending: list[Activation] = []
+    for name, m in _named_flat(model):
+        label = f"layer {name} ({type(m).__name__})"
+        if isinstance(m, nn.Linear):
+            if type(m).forward is not nn.Linear.forward:
+                return None, f"{label} overrides nn.Linear.forward"
+            if layers:
+                layers[-1]["activation"] = _finish_activation(pending)
+            pending = []
+            layers.append({"name": name, "linear": m, "activation": None})
+            continue
+        if isinstance(m, nn.Flatten):
+            if layers:
+                return None, f"{label} follows a Linear layer"
+            pre.append(m)
+            continue
+        if any(True for _ in m.parameters()):
+            return None, f"{label} has parameters but is not nn.Linear"
+        act = activation_derivatives(m)
+        if act is None:
+            return None, (
+                f"{label} has no closed-form σ″ (secondorder.models.activation_derivatives "
+                "does not recognise it)"
+            )
+        if layers:
+            pending.append(act)
+        else:
+            pre.append(m)
+    if not layers:
+        return None, "the model has no nn.Linear layer"
+    layers[-1]["activation"] = _finish_activation(pending)
+    expected: list[nn.Parameter] = []
+    infos: list[LayerInfo] = []
+    offset = 0
+    for d in layers:
+        lin: nn.Linear = d["linear"]
+        expected.append(lin.weight)
+        if lin.bias is not None:
+            expected.append(lin.bias)
+        info = LayerInfo(
+            d["name"],
+            lin,
+            d["activation"],
+            lin.in_features,
+            lin.out_features,
+            lin.bias is not None,
+            offset,
+        )
+        offset += info.n_params
+        infos.append(info)
+    actual = list(model.parameters())
+    if len(actual) != len(expected) or any(a is not b for a, b in zip(actual, expected)):
+        return None, "the model's parameters are shared between layers or registered out of order"
+    for prev, nxt in zip(infos[:-1], infos[1:]):
+        if prev.n_out != nxt.n_in:
+            return None, (
+                f"layer {nxt.name} expects {nxt.n_in} inputs but the layer before gives "
+                f"{prev.n_out}"
+            )
+    return MLPStructure(tuple(infos), tuple(pre), offset), ""
+
+
+def supports_fast_path(model: nn.Module) -> tuple[bool, str]:
+    """Whether second-order backpropagation covers ``model``; if not, the reason.
+
+    Supported: ``nn.Sequential`` (nested ones flattened) of ``nn.Linear`` (bias optional) and
+    elementwise activations with closed-form σ′, σ″ (``secondorder.models`` activations and
+    ``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ``nn.Identity``, ``nn.Softplus(beta=1)``), an
+    optional ``nn.Flatten`` or parameter-free activations before the first Linear, and an
+    optional activation after the last one. Everything else uses the autodiff fallback.
+    """
+    struct, reason = analyse_mlp(model)
+    return struct is not None, reason
+
+
+# -- the forward and backward pass --------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    """Per-sample quantities of one chunk (all derivatives include the 1/N of the mean)."""
+
+    xs: list[Tensor]  # x⁽ˡ⁻¹⁾, the input of every Linear: (n, n_in)
+    d1: list[Tensor | None]  # σ′(z⁽ˡ⁾), None when there is no activation
+    gz: list[Tensor]  # ∂J/∂z⁽ˡ⁾: (n, n_out)
+    hz: list[Tensor] | None  # H_Z⁽ˡ⁾ (or G_Z⁽ˡ⁾ for the Gauss–Newton matrix): (n, n_out, n_out)
+    resid: list[Tensor | None]  # σ″(z⁽ˡ⁾) ⊙ ∂J/∂x⁽ˡ⁾ (eq. 87), None when σ″ ≡ 0
+    out: Tensor
+    losses: Tensor
+
+
+def _weights(layer: LayerInfo, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    W = layer.linear.weight.detach().to(dtype)
+    b = layer.linear.bias.detach().to(dtype) if layer.bias else None
+    return W, b
+
+
+def _second_order_pass(
+    struct: MLPStructure,
+    X: Tensor,
+    y: Tensor,
+    loss: Loss,
+    weight: float,
+    curvature: str | None,
+    diag_first: bool = False,
+    lowest: int = 0,
+) -> _Pass:
+    """Forward, then backpropagate g and (for curvature "hessian" or "ggn") H_Z per sample.
+
+    With ``diag_first`` the first layer's H_Z is only its diagonal, shape (n, n_out): all the
+    diagonal of the Hessian needs, without the (n, n_1, n_1) products of the widest layer.
+    The backward pass stops at layer ``lowest`` (the layers below get no g, H_Z).
+    """
+    dtype = X.dtype
+    xs: list[Tensor] = []
+    d1s: list[Tensor | None] = []
+    d2s: list[Tensor | None] = []
+    x = X
+    with torch.no_grad():
+        for layer in struct.layers:
+            W, b = _weights(layer, dtype)
+            xs.append(x)
+            z = F.linear(x, W, b)
+            if _is_linear_map(layer.activation):
+                x, d1, d2 = z, None, None
+            else:
+                x, d1, d2 = layer.activation.derivatives(z)
+                if _zero_curvature(layer.activation):
+                    d2 = None
+            d1s.append(d1)
+            d2s.append(d2)
+        out = x
+        losses = loss.per_sample(out, y)
+        gx = loss.grad_output(out, y) * weight
+        hx = None
+        if curvature is not None:
+            hx = loss.hessian_output(out, y) * weight
+        L = len(struct.layers)
+        gz: list[Tensor] = [None] * L  # type: ignore[list-item]
+        hz: list[Tensor] = [None] * L  # type: ignore[list-item]
+        resid: list[Tensor | None] = [None] * L
+        for l in range(L - 1, lowest - 1, -1):
+            d1, d2 = d1s[l], d2s[l]
+            g = gx if d1 is None else gx * d1
+            if d2 is not None:
+                resid[l] = d2 * gx
+            if hx is not None and hx.ndim == 2:  # the diagonal only (diag_first, l = 0)
+                h = hx if d1 is None else hx * d1 * d1
+                if curvature == "hessian" and resid[l] is not None:
+                    h = h + resid[l]
+                hz[l] = h
+            elif hx is not None:
+                h = hx if d1 is None else hx * d1[:, :, None] * d1[:, None, :]
+                if curvature == "hessian" and resid[l] is not None:
+                    h.diagonal(dim1=1, dim2=2).add_(resid[l])
+                hz[l] = h
+            gz[l] = g
+            if l > lowest:
+                W, _ = _weights(struct.layers[l], dtype)
+                gx = g @ W
+                if hx is not None and diag_first and l == 1:
+                    hx = (torch.matmul(hz[l], W) * W).sum(1)  # diag(Wᵀ H_Z W)
+                elif hx is not None:
+                    hx = torch.matmul(torch.matmul(hz[l], W).transpose(1, 2), W)
+    return _Pass(xs, d1s, gz, hz if curvature else None, resid, out, losses)
+
+
+# -- chunking -----------------------------------------------------------------------------------
+
+
+def _per_sample_bytes(struct: MLPStructure, item: int, buffer_cols: int) -> int:
+    n = buffer_cols
+    widths = [(layer.n_in, layer.n_out) for layer in struct.layers]
+    for a, b in widths:
+        n += a + 4 * b + 3 * b * b + b * a
+    for i, (_, a) in enumerate(widths):
+        for _, b in widths[i + 1 :]:
+            n += 4 * a * b + 2 * b * b
+    return item * max(n, 1)
+
+
+def _chunks(
+    problem: _ad.Problem,
+    struct: MLPStructure,
+    chunk_size: int | None,
+    buffer_cols: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    N = problem.n_samples
+    if chunk_size is None:
+        per = _per_sample_bytes(struct, problem.theta.element_size(), buffer_cols)
+        chunk_size = max(1, min(N, CHUNK_BYTES // per))
+    else:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
+    X0 = struct.input(problem.X)
+    for a in range(0, N, chunk_size):
+        yield X0[a : a + chunk_size], problem.y[a : a + chunk_size]
+
+
+# -- block assembly -----------------------------------------------------------------------------
+
+
+def _diag_pair(out: Tensor, hz: Tensor, x: Tensor, bias: bool, buf: Tensor) -> None:
+    """Add Σ_i (∂z/∂θ_l)ᵀ H_Z (∂z/∂θ_l) to the upper band part of the layer block ``out``."""
+    n, a, _ = hz.shape
+    n_in = x.shape[1]
+    nW = a * n_in
+    xt = x.T
+    for j in range(a):
+        width = (a - j) * n_in
+        ncols = width + (a if bias else 0)
+        C = buf[: n * ncols].view(n, ncols)
+        torch.mul(hz[:, j, j:, None], x[:, None, :], out=C[:, :width].view(n, a - j, n_in))
+        if bias:
+            C[:, width:].copy_(hz[:, j, :])
+        out[j * n_in : (j + 1) * n_in, j * n_in :].addmm_(xt, C)
+        if bias:
+            out[nW + j, nW:].add_(C[:, width:].sum(0))
+
+
+def _copy_transposed(dst: Tensor, src: Tensor, tile: int = 512) -> None:
+    """dst ← srcᵀ, tile by tile (a strided transposed copy of a large view is cache-hostile)."""
+    r, c = dst.shape
+    for i in range(0, r, tile):
+        for j in range(0, c, tile):
+            dst[i : i + tile, j : j + tile].copy_(src[j : j + tile, i : i + tile].T)
+
+
+def _mirror_diag(out: Tensor, a: int, n_in: int, bias: bool) -> None:
+    """Fill the part of a layer block below the computed bands from its transpose, and make
+    the diagonal sub-blocks (computed whole, so equal to their transposes only up to rounding)
+    exactly symmetric."""
+    for j in range(a):
+        band = slice(j * n_in, (j + 1) * n_in)
+        _copy_transposed(out[band, : j * n_in], out[: j * n_in, band])
+        _symmetrize_small(out[band, band])
+    if bias:
+        nW = a * n_in
+        _copy_transposed(out[nW:, :nW], out[:nW, nW:])
+        _symmetrize_small(out[nW:, nW:])
+
+
+def _symmetrize_small(block: Tensor) -> None:
+    block.copy_(0.5 * (block + block.T))
+
+
+def _cross_pair(
+    out: Tensor,
+    M: Tensor,
+    xr: Tensor,
+    xc: Tensor,
+    g: Tensor | None,
+    E: Tensor | None,
+    bias_r: bool,
+    bias_c: bool,
+    buf: Tensor,
+) -> None:
+    """Add the block (row layer k, column layer l > k): Σ_i x_m (M[j,j′] x′_m′ + g_j′ E[m′,j])."""
+    n, a, b = M.shape
+    n_in_r, n_in_c = xr.shape[1], xc.shape[1]
+    nWc = b * n_in_c
+    ncols = nWc + (b if bias_c else 0)
+    nWr = a * n_in_r
+    C = buf[: n * ncols].view(n, ncols)
+    Cw = C[:, :nWc].view(n, b, n_in_c)
+    xt = xr.T
+    for j in range(a):
+        torch.mul(M[:, j, :, None], xc[:, None, :], out=Cw)
+        if E is not None:
+            Cw.addcmul_(g[:, :, None], E[:, None, :, j])
+        if bias_c:
+            C[:, nWc:].copy_(M[:, j, :])
+        out[j * n_in_r : (j + 1) * n_in_r].addmm_(xt, C)
+        if bias_r:
+            out[nWr + j].add_(C.sum(0))
+
+
+def _assemble(
+    problem: _ad.Problem,
+    struct: MLPStructure,
+    targets: dict[tuple[int, int], Tensor],
+    mode: str,
+    chunk_size: int | None,
+) -> None:
+    """Accumulate the blocks ``targets[(k, l)]`` (k ≤ l) of the Hessian or Gauss–Newton matrix.
+
+    Diagonal blocks come out complete (mirrored within the block); no l2 term is added.
+    """
+    layers = struct.layers
+    cols = max(layers[l].n_params for _, l in targets)
+    reach: dict[int, int] = {}
+    for k, l in targets:
+        if l > k:
+            reach[k] = max(reach.get(k, k), l)
+    weight = 1.0 / problem.n_samples
+    lowest = min(k for k, _ in targets)
+    buf = None
+    for X, y in _chunks(problem, struct, chunk_size, cols):
+        n = X.shape[0]
+        if buf is None or buf.numel() < n * cols:
+            buf = torch.empty(n * cols, dtype=problem.dtype, device=problem.device)
+        ps = _second_order_pass(struct, X, y, problem.loss, weight, mode, lowest=lowest)
+        for (k, l), out in targets.items():
+            if k == l:
+                _diag_pair(out, ps.hz[k], ps.xs[k], layers[k].bias, buf)
+        for k, last in reach.items():
+            J = None  # J⁽ˡ←ᵏ⁾ for the current l; None is the identity (l = k)
+            for l in range(k + 1, last + 1):
+                d1 = ps.d1[l - 1]
+                if J is None:
+                    ones = torch.ones(n, layers[k].n_out, dtype=X.dtype, device=X.device)
+                    E = torch.diag_embed(ones if d1 is None else d1)
+                else:
+                    E = J if d1 is None else d1[:, :, None] * J
+                W, _ = _weights(layers[l], X.dtype)
+                J = torch.matmul(W, E)
+                if (k, l) in targets:
+                    M = torch.matmul(J.transpose(1, 2), ps.hz[l])
+                    hess = mode == "hessian"
+                    _cross_pair(
+                        targets[(k, l)],
+                        M,
+                        ps.xs[k],
+                        ps.xs[l],
+                        ps.gz[l] if hess else None,
+                        E if hess else None,
+                        layers[k].bias,
+                        layers[l].bias,
+                        buf,
+                    )
+    for (k, l), out in targets.items():
+        if k == l:
+            _mirror_diag(out, layers[k].n_out, layers[k].n_in, layers[k].bias)
+
+
+def _add_l2(problem: _ad.Problem, out: Tensor, rows: slice) -> None:
+    if problem.l2:
+        out.diagonal().add_(problem.l2 * problem.l2_mask[rows])
+
+
+def _fast_dense(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_size, max_bytes):
+    P = struct.n_params
+    what = "the dense Hessian" if mode == "hessian" else "the dense Gauss-Newton matrix"
+    check_dense_fits((P, P), problem.dtype, what, max_bytes=max_bytes)
+    H = torch.empty(P, P, dtype=problem.dtype, device=problem.device).fill_(0.0)
+    sl = [layer.params for layer in struct.layers]
+    L = len(sl)
+    targets = {(k, l): H[sl[k], sl[l]] for k in range(L) for l in range(k, L)}
+    _assemble(problem, struct, targets, mode, chunk_size)
+    for k in range(L):
+        for l in range(k + 1, L):
+            _copy_transposed(H[sl[l], sl[k]], H[sl[k], sl[l]])
+    _add_l2(problem, H, slice(0, P))
+    return H
+
+
+def _diagonal(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_size) -> Tensor:
+    d = torch.zeros(struct.n_params, dtype=problem.dtype, device=problem.device)
+    weight = 1.0 / problem.n_samples
+    for X, y in _chunks(problem, struct, chunk_size):
+        ps = _second_order_pass(struct, X, y, problem.loss, weight, mode, diag_first=True)
+        for layer, hz, x in zip(struct.layers, ps.hz, ps.xs):
+            dh = hz if hz.ndim == 2 else hz.diagonal(dim1=1, dim2=2)
+            s = layer.offset
+            d[s : s + layer.n_weight] += (dh.T @ (x * x)).reshape(-1)
+            if layer.bias:
+                d[s + layer.n_weight : s + layer.n_params] += dh.sum(0)
+    if problem.l2:
+        d += problem.l2 * problem.l2_mask
+    return d
+
+
+# -- public functions ---------------------------------------------------------------------------
+
+
+def _setup(model, X, y, loss, l2, method: str, what: str):
+    check_choice("method", method, METHODS)
+    problem = _ad.prepare(model, X, y, loss, l2)
+    if method == "autodiff":
+        return problem, None
+    struct, reason = analyse_mlp(model)
+    if struct is None:
+        if method == "backprop":
+            raise ValueError(f"method='backprop' needs a sequential MLP, but {reason}")
+        warnings.warn(
+            f"{what}: second-order backpropagation does not apply because {reason}; using the "
+            "slower autodiff fallback (torch.func)",
+            stacklevel=3,
+        )
+    return problem, struct
+
+
+def hessian(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    max_bytes: int | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Tensor:
+    """The dense P×P Hessian of J(θ) = mean loss + (l2/2)·‖W‖² (weights only).
+
+    Parameters are ordered as ``parameters_to_vector(model.parameters())``. Sequential MLPs use
+    exact second-order backpropagation, every other model the autodiff fallback (with a warning
+    saying why); ``method="backprop"`` or ``"autodiff"`` forces one. ``max_bytes`` bounds the
+    dense result (default: half the free memory); ``chunk_size`` the samples per chunk.
+    """
+    problem, struct = _setup(model, X, y, loss, l2, method, "hessian")
+    if struct is None:
+        return _ad.autodiff_hessian(problem, max_bytes=max_bytes)
+    return _fast_dense(problem, struct, "hessian", chunk_size, max_bytes)
+
+
+def ggn(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    max_bytes: int | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Tensor:
+    """The dense Gauss–Newton matrix (1/N) Σ_i J_iᵀ H_{out,i} J_i + l2·diag(weight mask).
+
+    J_i = ∂f(x_i)/∂θ and H_out the loss's Hessian in the model output (after any output
+    activation, which is then part of f). PSD whenever H_out is (all three losses).
+    """
+    problem, struct = _setup(model, X, y, loss, l2, method, "ggn")
+    if struct is None:
+        return _ad.autodiff_ggn(problem, max_bytes=max_bytes)
+    return _fast_dense(problem, struct, "ggn", chunk_size, max_bytes)
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Tensor:
+    """diag ∇²J(θ), length P: Σ_i H_Z[j,j] x_m² per weight, Σ_i H_Z[j,j] per bias (+ l2)."""
+    problem, struct = _setup(model, X, y, loss, l2, method, "hessian_diagonal")
+    if struct is None:
+        return _ad.autodiff_hessian_diagonal(problem)
+    return _diagonal(problem, struct, "hessian", chunk_size)
+
+
+def ggn_diagonal(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> Tensor:
+    """The diagonal of the Gauss–Newton matrix (see :func:`ggn`), length P."""
+    problem, struct = _setup(model, X, y, loss, l2, method, "ggn_diagonal")
+    if struct is None:
+        return _ad.autodiff_ggn_diagonal(problem)
+    return _diagonal(problem, struct, "ggn", chunk_size)
+
+
+def _groups(problem: _ad.Problem, struct: MLPStructure | None) -> list[tuple[int, int]]:
+    if struct is not None:
+        return [(layer.params.start, layer.params.stop) for layer in struct.layers]
+    return [(a, b) for _, a, b in _ad.parameter_groups(problem.model)]
+
+
+def layer_hessians(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    max_bytes: int | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> list[Tensor]:
+    """The diagonal blocks of the Hessian, one per Linear layer (eqs. 68-70, 78-80).
+
+    Block l covers that layer's weight (row-major, ``weight.reshape(-1)``) then its bias: size
+    (n_out·n_in + n_out)². For the autodiff fallback a block is a module's own parameters.
+    """
+    problem, struct = _setup(model, X, y, loss, l2, method, "layer_hessians")
+    groups = _groups(problem, struct)
+    total = sum((b - a) ** 2 for a, b in groups)
+    check_dense_fits((total,), problem.dtype, "the layer Hessian blocks", max_bytes=max_bytes)
+    if struct is None:
+        blocks = _ad.autodiff_hessian_blocks(problem, groups, [(i, i) for i in range(len(groups))])
+        out = [blocks[(i, i)] for i in range(len(groups))]
+    else:
+        out = [
+            torch.zeros(b - a, b - a, dtype=problem.dtype, device=problem.device) for a, b in groups
+        ]
+        _assemble(problem, struct, {(i, i): t for i, t in enumerate(out)}, "hessian", chunk_size)
+        for (a, b), t in zip(groups, out):
+            _add_l2(problem, t, slice(a, b))
+    return out
+
+
+def hessian_blocks(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    max_bytes: int | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> dict[tuple[int, int], Tensor]:
+    """Hessian blocks ``{(k, l): ∂²J/∂θ_k∂θ_l}`` between layers, cross-layer blocks included.
+
+    θ_k is layer k's (weight, bias) as in :func:`layer_hessians`. ``pairs`` picks the blocks
+    (default: all); only these are computed. When both (k, l) and (l, k) are asked for, the
+    second is a transposed view of the first (no extra memory).
+    """
+    problem, struct = _setup(model, X, y, loss, l2, method, "hessian_blocks")
+    groups = _groups(problem, struct)
+    L = len(groups)
+    if pairs is None:
+        pairs = [(k, l) for k in range(L) for l in range(L)]
+    wanted: list[tuple[int, int]] = []
+    for p in pairs:
+        if (
+            not isinstance(p, (tuple, list))
+            or len(p) != 2
+            or not all(isinstance(i, int) and 0 <= i < L for i in p)
+        ):
+            raise ValueError(f"pairs must hold (k, l) with 0 <= k, l < {L} (the layers), got {p!r}")
+        wanted.append((int(p[0]), int(p[1])))
+    upper = sorted({(min(k, l), max(k, l)) for k, l in wanted})
+    total = sum((groups[k][1] - groups[k][0]) * (groups[l][1] - groups[l][0]) for k, l in upper)
+    check_dense_fits((total,), problem.dtype, "the Hessian blocks", max_bytes=max_bytes)
+    if struct is None:
+        computed = _ad.autodiff_hessian_blocks(problem, groups, upper)
+    else:
+        computed = {
+            (k, l): torch.zeros(
+                groups[k][1] - groups[k][0],
+                groups[l][1] - groups[l][0],
+                dtype=problem.dtype,
+                device=problem.device,
+            )
+            for k, l in upper
+        }
+        _assemble(problem, struct, computed, "hessian", chunk_size)
+        for k in range(L):
+            if (k, k) in computed:
+                _add_l2(problem, computed[(k, k)], slice(*groups[k]))
+    result: dict[tuple[int, int], Tensor] = {}
+    for k, l in wanted:
+        if (k, l) in computed:
+            result[(k, l)] = computed[(k, l)]
+        elif (l, k) in wanted:
+            result[(k, l)] = computed[(l, k)].T
+        else:
+            result[(k, l)] = computed[(l, k)].T.contiguous()
+    return result
+
+
+def per_sample_hz(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    *,
+    ggn: bool = False,
+    max_bytes: int | None = None,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """Per-sample H_Z⁽ˡ⁾ = ∂²J/∂z⁽ˡ⁾² for every Linear layer l, each of shape (N, n_l, n_l).
+
+    They include the 1/N of the mean, as eq. 83 does: Σ_i H_Z,i is the layer's bias block
+    (eq. 70). With ``ggn=True`` the σ″ terms are dropped (G_Z, always PSD). For the output
+    layer with cross-entropy and no output activation this is (1/N)(diag p − p pᵀ).
+    Needs a sequential MLP (see :func:`supports_fast_path`).
+    """
+    problem = _ad.prepare(model, X, y, loss, 0.0)
+    struct, reason = analyse_mlp(model)
+    if struct is None:
+        raise ValueError(f"per_sample_hz needs a sequential MLP, but {reason}")
+    N = problem.n_samples
+    total = sum(N * layer.n_out**2 for layer in struct.layers)
+    check_dense_fits((total,), problem.dtype, "the per-sample H_Z", max_bytes=max_bytes)
+    parts: list[list[Tensor]] = [[] for _ in struct.layers]
+    mode = "ggn" if ggn else "hessian"
+    for Xc, yc in _chunks(problem, struct, chunk_size):
+        ps = _second_order_pass(struct, Xc, yc, problem.loss, 1.0 / N, mode)
+        for p, h in zip(parts, ps.hz):
+            p.append(h)
+    return [torch.cat(p) for p in parts]

@@ -1,0 +1,330 @@
+"""Convexity and saddle-point report (Appendix C, eqs. 86-90).
+
+Appendix C observes that every term of the backpropagated H_Z (eq. 82) is a congruence
+xᵀ H x of a PSD matrix, except σ″(Z)·∂L/∂X on the diagonal, which is non-negative exactly when
+eq. 87 holds (Z and ∂L/∂X of the same sign for σ″ = sigmoid″, eqs. 88-89). The report counts,
+per activation layer, the (sample, unit) pairs where σ″(Z)·∂L/∂X < 0.
+
+That sign condition does not settle convexity on its own: the bilinear dependence of
+z⁽ˡ⁾ = W⁽ˡ⁾x⁽ˡ⁻¹⁾ on both W⁽ˡ⁾ and the earlier layers adds cross-layer terms ∂ℓ/∂z⁽ˡ⁾ ⊗ ∂x⁽ˡ⁻¹⁾/∂θ
+that are indefinite whenever ∂ℓ/∂z⁽ˡ⁾ ≠ 0. At θ = 0 of a tanh network, for instance, every
+σ″ vanishes, the layer blocks are PSD, and yet the Hessian is [[0, B], [Bᵀ, 0]]: a saddle. The
+report therefore also gives the smallest eigenvalue of every layer block and of the whole
+Hessian (dense when small, Lanczos otherwise), the matching unit eigenvector (a
+negative-curvature direction when λ_min < 0), the gradient norm and a verdict:
+
+- ``"locally convex"``: λ_min ≥ −tol;
+- ``"saddle"``: λ_min < −tol and ‖∇J‖ ≤ grad_tol (a stationary point with negative curvature);
+- ``"indefinite"``: λ_min < −tol and the gradient is not small.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from secondorder._validation import check_positive, check_positive_int
+from secondorder.losses import Loss
+
+from . import autodiff as _ad
+from .backprop import _chunks, _second_order_pass, analyse_mlp, hessian, hessian_blocks
+from .operators import HessianOperator, SpectralDensity, lanczos_eigs, spectral_density
+
+__all__ = ["ActivationCurvature", "LayerCurvature", "SaddleReport", "saddle_report"]
+
+VERDICTS = ("locally convex", "saddle", "indefinite")
+
+
+@dataclass
+class ActivationCurvature:
+    """The sign of σ″(Z)·∂J/∂X (eq. 87) over the (sample, unit) pairs of one activation."""
+
+    layer: int  # index of the Linear layer the activation follows
+    name: str
+    n_pairs: int
+    fraction_negative: float
+    most_negative: float  # min over pairs of σ″(Z)·∂J/∂X (with the 1/N of the mean)
+
+
+@dataclass
+class LayerCurvature:
+    """Extreme eigenvalues of one layer's diagonal Hessian block."""
+
+    layer: int
+    name: str
+    n_params: int
+    lambda_min: float
+    lambda_max: float
+    method: str  # "dense" or "lanczos"
+
+
+@dataclass
+class SaddleReport:
+    """What :func:`saddle_report` found; ``to_text()`` prints it, ``plot_spectrum`` draws it."""
+
+    verdict: str
+    lambda_min: float
+    lambda_max: float
+    direction: Tensor  # unit eigenvector of λ_min, length P
+    grad_norm: float
+    loss: float
+    tol: float
+    grad_tol: float
+    method: str
+    n_params: int
+    activations: list[ActivationCurvature]
+    layers: list[LayerCurvature]
+    eigenvalues: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+    _operator: HessianOperator | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def negative_curvature(self) -> bool:
+        return self.lambda_min < -self.tol
+
+    def to_text(self) -> str:
+        """A readable table of the report."""
+        lines = [
+            f"verdict: {self.verdict}",
+            f"  loss J(θ)            {self.loss:.6g}",
+            f"  ‖∇J(θ)‖              {self.grad_norm:.3e}   (small if ≤ {self.grad_tol:.1e})",
+            f"  λ_min(H)             {self.lambda_min:.6e}   (negative if < −{self.tol:.1e})",
+            f"  λ_max(H)             {self.lambda_max:.6e}",
+            f"  parameters           {self.n_params}   (eigenvalues: {self.method})",
+        ]
+        if self.activations:
+            lines += [
+                "",
+                "activation curvature σ″(Z)·∂J/∂X (eq. 87)",
+                f"  {'layer':>5}  {'activation':<14}{'pairs':>10}{'negative':>11}"
+                f"{'most negative':>16}",
+            ]
+            for a in self.activations:
+                lines.append(
+                    f"  {a.layer:>5}  {a.name:<14}{a.n_pairs:>10}{a.fraction_negative:>10.1%}"
+                    f"{a.most_negative:>16.3e}"
+                )
+        if self.layers:
+            lines += [
+                "",
+                "layer blocks",
+                f"  {'layer':>5}  {'name':<14}{'params':>8}{'λ_min':>14}{'λ_max':>14}  method",
+            ]
+            for b in self.layers:
+                lines.append(
+                    f"  {b.layer:>5}  {b.name[:14]:<14}{b.n_params:>8}{b.lambda_min:>14.4e}"
+                    f"{b.lambda_max:>14.4e}  {b.method}"
+                )
+        if self.notes:
+            lines += ["", *[f"note: {n}" for n in self.notes]]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def spectral_density(self, n_probes: int = 8, n_steps: int = 60) -> SpectralDensity:
+        """An SLQ density of the Hessian spectrum (needs the operator kept by the report)."""
+        if self._operator is None:
+            raise ValueError("this report holds no Hessian operator")
+        return spectral_density(self._operator, n_probes=n_probes, n_steps=n_steps)
+
+    def plot_spectrum(self, path: str | Path, *, bins: int = 80, n_probes: int = 8) -> Path:
+        """Save the Hessian spectrum (histogram of the eigenvalues when they were computed
+        densely, else an SLQ density) with a log-scale y axis; returns the path."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        path = Path(path)
+        fig = Figure(figsize=(6.4, 4.0))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        if self.eigenvalues is not None:
+            ax.hist(self.eigenvalues, bins=bins, color="tab:blue", alpha=0.8, log=True)
+            ax.set_ylabel("number of eigenvalues")
+            kind = "eigenvalue histogram"
+        else:
+            sd = self.spectral_density(n_probes=n_probes)
+            floor = max(float(sd.density.max()) * 1e-10, 1e-300)
+            ax.plot(sd.grid, np.maximum(sd.density, floor), color="tab:blue")
+            ax.set_yscale("log")
+            ax.set_ylabel("spectral density")
+            kind = "SLQ spectral density"
+        ax.axvline(
+            self.lambda_min, color="tab:red", ls="--", lw=1, label=f"λ_min = {self.lambda_min:.3g}"
+        )
+        ax.axvline(0.0, color="0.5", lw=0.8)
+        ax.set_xlabel("eigenvalue of the Hessian")
+        ax.set_title(f"{kind}: {self.verdict}")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        return path
+
+
+def _load_theta(model: nn.Module, theta) -> nn.Module:
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    theta = torch.as_tensor(theta)
+    if theta.ndim != 1 or theta.numel() != P:
+        raise ValueError(
+            f"theta must be a flat vector of the model's {P} parameters, got shape "
+            f"{tuple(theta.shape)}"
+        )
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(
+            theta.to(dtype=params[0].dtype, device=params[0].device), model.parameters()
+        )
+    return model
+
+
+def saddle_report(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    theta: Tensor | None = None,
+    *,
+    tol: float | None = None,
+    grad_tol: float | None = None,
+    dense_limit: int = 3000,
+    max_iter: int | None = None,
+    seed: int | None = 0,
+) -> SaddleReport:
+    """Convexity / saddle diagnosis of J(θ) = mean loss + (l2/2)·‖W‖² at θ (see module doc).
+
+    ``theta`` (flat, ordered as ``model.parameters()``) defaults to the model's parameters;
+    the model itself is never modified. Eigenvalues come from the dense Hessian when P ≤
+    ``dense_limit`` (and likewise per layer block), else from Lanczos (``max_iter`` steps at
+    most). ``tol`` defaults to √ε·max(1, |λ|_max) and ``grad_tol`` to 10·√ε, with ε the
+    machine epsilon of the model's dtype.
+    """
+    check_positive_int("dense_limit", dense_limit)
+    if theta is not None:
+        model = _load_theta(model, theta)
+    problem = _ad.prepare(model, X, y, loss, l2)
+    eps = torch.finfo(problem.dtype).eps
+    notes: list[str] = []
+    struct, reason = analyse_mlp(model)
+
+    activations: list[ActivationCurvature] = []
+    if struct is not None:
+        counts = [[0, 0, math.inf] for _ in struct.layers]
+        for Xc, yc in _chunks(problem, struct, None):
+            ps = _second_order_pass(struct, Xc, yc, problem.loss, 1.0 / problem.n_samples, None)
+            for c, r in zip(counts, ps.resid):
+                if r is not None:
+                    c[0] += int((r < 0).sum())
+                    c[1] += r.numel()
+                    c[2] = min(c[2], float(r.min()))
+        for l, (layer, c) in enumerate(zip(struct.layers, counts)):
+            if layer.activation is None:
+                continue
+            n_pairs = problem.n_samples * layer.n_out
+            frac = c[0] / n_pairs if n_pairs else 0.0
+            most = c[2] if c[1] else 0.0
+            activations.append(ActivationCurvature(l, layer.activation_name, n_pairs, frac, most))
+    else:
+        notes.append(f"no σ″ statistics and autodiff curvature: {reason}")
+
+    op = HessianOperator(model, problem.X, problem.y, problem.loss, l2)
+    value, grad = op.objective.value_and_grad(op.theta)
+    n_params = op.shape[0]
+    groups = (
+        [(layer.params.start, layer.params.stop) for layer in struct.layers]
+        if struct is not None
+        else [(a, b) for _, a, b in _ad.parameter_groups(model)]
+    )
+    names = (
+        [f"Linear {layer.name}" for layer in struct.layers]
+        if struct is not None
+        else [n for n, _, _ in _ad.parameter_groups(model)]
+    )
+    H = None
+    eigenvalues = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if n_params <= dense_limit:
+            H = hessian(model, problem.X, problem.y, problem.loss, l2).double()
+            evals, evecs = torch.linalg.eigh(H)
+            lam_min, lam_max = float(evals[0]), float(evals[-1])
+            direction = evecs[:, 0].clone()
+            eigenvalues = evals.cpu().numpy()
+            method = "dense"
+        else:
+            vals, vecs = lanczos_eigs(op, k=1, which="both", max_iter=max_iter, seed=seed)
+            lam_min, lam_max = float(vals[0]), float(vals[-1])
+            direction = vecs[:, 0].clone()
+            method = "lanczos"
+        layers: list[LayerCurvature] = []
+        for i, ((a, b), name) in enumerate(zip(groups, names)):
+            n = b - a
+            if n <= dense_limit:
+                block = (
+                    H[a:b, a:b]
+                    if H is not None
+                    else hessian_blocks(
+                        model, problem.X, problem.y, problem.loss, l2, pairs=[(i, i)]
+                    )[(i, i)].double()
+                )
+                ev = torch.linalg.eigvalsh(block)
+                layers.append(LayerCurvature(i, name, n, float(ev[0]), float(ev[-1]), "dense"))
+            else:
+                sub = _BlockOperator(op, a, b)
+                v, _ = lanczos_eigs(sub, k=1, which="both", max_iter=max_iter, seed=seed)
+                layers.append(LayerCurvature(i, name, n, float(v[0]), float(v[-1]), "lanczos"))
+    scale = max(1.0, abs(lam_min), abs(lam_max))
+    tol = math.sqrt(eps) * scale if tol is None else check_positive("tol", tol)
+    grad_tol = 10 * math.sqrt(eps) if grad_tol is None else check_positive("grad_tol", grad_tol)
+    gnorm = float(grad.double().norm())
+    if lam_min >= -tol:
+        verdict = "locally convex"
+    elif gnorm <= grad_tol:
+        verdict = "saddle"
+    else:
+        verdict = "indefinite"
+    negative_sigma = any(a.fraction_negative > 0 for a in activations)
+    if verdict != "locally convex" and struct is not None and not negative_sigma:
+        notes.append(
+            "every σ″(Z)·∂J/∂X ≥ 0 (eq. 87 holds), yet the Hessian is indefinite: the "
+            "negative curvature comes from the cross-layer bilinear terms"
+        )
+    return SaddleReport(
+        verdict=verdict,
+        lambda_min=lam_min,
+        lambda_max=lam_max,
+        direction=direction.to(problem.dtype),
+        grad_norm=gnorm,
+        loss=float(value),
+        tol=float(tol),
+        grad_tol=float(grad_tol),
+        method=method,
+        n_params=n_params,
+        activations=activations,
+        layers=layers,
+        eigenvalues=eigenvalues,
+        notes=notes,
+        _operator=op,
+    )
+
+
+class _BlockOperator:
+    """The diagonal block H[a:b, a:b] of a Hessian operator, as an operator on R^(b−a)."""
+
+    def __init__(self, op: HessianOperator, a: int, b: int) -> None:
+        self.op, self.a, self.b = op, a, b
+        self.shape = (b - a, b - a)
+
+    def matvec(self, v) -> np.ndarray:
+        full = torch.zeros(self.op.shape[0], dtype=self.op.dtype, device=self.op.device)
+        full[self.a : self.b] = torch.as_tensor(np.asarray(v)).to(full)
+        return self.op.matvec(full)[self.a : self.b].detach().cpu().double().numpy()

@@ -1,0 +1,599 @@
+"""``torch.optim.Optimizer`` faces of the solvers: :class:`LBFGS`, :class:`NLCG`, :class:`NewtonCG`.
+
+All three take an iterable of parameters (any number of tensors, flattened internally into
+one vector in the order given) and a ``step(closure)`` like ``torch.optim.LBFGS``: the
+closure re-evaluates the model and returns the loss. One ``step`` runs up to ``max_iter``
+iterations.
+
+Closure contract
+----------------
+- :class:`LBFGS` and :class:`NLCG`: the closure may call ``loss.backward()`` (as for
+  ``torch.optim.LBFGS``, after ``optimizer.zero_grad()``) or not; when the parameters have no
+  ``.grad`` after the call, the gradient of the returned loss is taken here.
+- :class:`NewtonCG` differentiates the loss twice, so its closure must return the loss
+  **without** calling ``backward()`` (the graph has to stay alive). A closure that calls
+  ``backward()`` is refused with a clear error, unless it used ``create_graph=True``.
+
+Every step starts by calling the closure at the current parameters (the loss it returns is
+what ``step`` returns), so a closure that draws a new mini-batch per call is seen as a new
+function at every ``step``.
+
+:class:`LBFGS` reproduces ``torch.optim.LBFGS`` step for step (same first step
+min(1, 1/‖g‖₁)·lr, curvature test yᵀs > 1e-10, tolerances, and strong-Wolfe search with
+c1 = 1e-4, c2 = 0.9 and the same interpolation), except where torch would stall for good. That
+happens when a step leaves the parameters bit-for-bit unchanged (typically ``max_iter=1``, whose
+default ``max_eval=1`` leaves the line search no trial to backtrack with, so a rejected unit
+step is repeated identically at every later call), or when a direction is not a descent
+direction beyond ``tolerance_change`` while the gradient is not small. Then it warns
+(``RuntimeWarning``) and, with ``on_stall="reset"`` (default), forgets its memory and continues
+from steepest descent with the first-iteration step; ``on_stall="warn"`` only warns, keeping
+torch's behaviour exactly. ``stalls`` counts these events.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from secondorder.objective import Objective
+from secondorder.solvers.directions import two_loop
+from secondorder.solvers.linesearch import LineFunction, _strong_wolfe
+
+__all__ = ["LBFGS", "NLCG", "NewtonCG"]
+
+
+class _FlatParams:
+    """A list of parameters seen as one flat vector."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        if not params:
+            raise ValueError("the optimizer got an empty parameter list")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"all parameters must share one dtype and device, got {sorted(map(str, dtypes))}"
+                f" on {sorted(map(str, devices))}"
+            )
+        for p in params:
+            if torch.is_complex(p) or not p.dtype.is_floating_point:
+                raise ValueError(f"parameters must be real floating tensors, got {p.dtype}")
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        self.n = sum(self.numels)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+
+    def get(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def set(self, x: Tensor) -> None:
+        for p, v in zip(self.params, torch.split(x, self.numels)):
+            p.copy_(v.view_as(p))
+
+    def grad(self) -> Tensor:
+        return torch.cat(
+            [
+                torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                if p.grad is None
+                else (p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1)
+                for p in self.params
+            ]
+        )
+
+    def add(self, x: Tensor, d: Tensor, alpha: float) -> Tensor:
+        """x + αd computed tensor by tensor, exactly as an in-place update of each parameter
+        would round it (vectorised kernels round the tail of a tensor differently)."""
+        return torch.cat(
+            [
+                a.add(b, alpha=alpha)
+                for a, b in zip(torch.split(x, self.numels), torch.split(d, self.numels))
+            ]
+        )
+
+    def zero(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def split(self, v: Tensor) -> list[Tensor]:
+        return [t.view_as(p) for t, p in zip(torch.split(v, self.numels), self.params)]
+
+
+def _single_group(opt: torch.optim.Optimizer, name: str) -> list[Tensor]:
+    if len(opt.param_groups) != 1:
+        raise ValueError(f"{name} does not support parameter groups (per-group options)")
+    return opt.param_groups[0]["params"]
+
+
+def _loss_and_grad(flat: _FlatParams, closure: Callable) -> tuple[Tensor, Tensor]:
+    """Run the closure at the current parameters; the loss and the flat gradient."""
+    flat.zero()
+    with torch.enable_grad():
+        loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+    if all(p.grad is None for p in flat.params) and loss.requires_grad:
+        grads = torch.autograd.grad(loss, flat.params, allow_unused=True)
+        g = torch.cat(
+            [
+                torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                if gi is None
+                else gi.reshape(-1)
+                for gi, p in zip(grads, flat.params)
+            ]
+        )
+        return loss.detach(), g.detach()
+    return loss.detach(), flat.grad().detach()
+
+
+class LBFGS(torch.optim.Optimizer):
+    """L-BFGS with the options of ``torch.optim.LBFGS`` (see module doc).
+
+    Args:
+        params: iterable of parameters (one group).
+        lr: step length scale (first step min(1, 1/‖g‖₁)·lr, then lr).
+        max_iter: iterations per ``step``.
+        max_eval: closure calls per ``step`` (default ``max_iter * 5 // 4``).
+        tolerance_grad: stop when ‖g‖∞ ≤ tolerance_grad.
+        tolerance_change: stop when a step or the change of the loss is below it.
+        history_size: number of curvature pairs kept.
+        line_search_fn: ``None`` (fixed step lr) or ``"strong_wolfe"``.
+        on_stall: ``"reset"`` (forget the memory and continue; default) or ``"warn"`` (warn
+            only, as torch.optim.LBFGS would stall) when no progress is possible (module doc).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1.0,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        history_size: int = 100,
+        line_search_fn: str | None = None,
+        on_stall: str = "reset",
+    ) -> None:
+        from secondorder._validation import check_choice
+
+        check_choice("on_stall", on_stall, ("reset", "warn"))
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if line_search_fn not in (None, "strong_wolfe"):
+            raise ValueError(
+                f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}"
+            )
+        if max_eval is None:
+            max_eval = max_iter * 5 // 4
+        defaults = {
+            "lr": lr,
+            "max_iter": max_iter,
+            "max_eval": max_eval,
+            "tolerance_grad": tolerance_grad,
+            "tolerance_change": tolerance_change,
+            "history_size": history_size,
+            "line_search_fn": line_search_fn,
+        }
+        super().__init__(params, defaults)
+        self._flat = _FlatParams(_single_group(self, "LBFGS"))
+        self.on_stall = on_stall
+        self.stalls = 0
+
+    def _stall(self, state: dict, why: str) -> bool:
+        """Warn about a stall; with on_stall="reset" forget the memory. True when reset."""
+        self.stalls += 1
+        if self.on_stall == "warn":
+            if not state.get("stall_warned"):
+                warnings.warn(
+                    f"L-BFGS made no progress ({why}); torch.optim.LBFGS repeats this step "
+                    "unchanged from now on (on_stall='warn'); use on_stall='reset' to continue",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            state["stall_warned"] = True
+            return False
+        state["old_dirs"], state["old_stps"], state["ro"] = [], [], []
+        state["H_diag"] = 1.0
+        warnings.warn(
+            f"L-BFGS made no progress ({why}); memory reset, continuing from steepest descent "
+            f"(stall {self.stalls})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One optimisation step of up to ``max_iter`` iterations; returns the first loss."""
+        if closure is None:
+            raise ValueError("LBFGS.step needs a closure that re-evaluates the loss")
+        group = self.param_groups[0]
+        lr = float(group["lr"])
+        max_iter = group["max_iter"]
+        max_eval = group["max_eval"]
+        tol_grad = group["tolerance_grad"]
+        tol_change = group["tolerance_change"]
+        history = group["history_size"]
+        wolfe = group["line_search_fn"] == "strong_wolfe"
+        flat = self._flat
+
+        state = self.state[flat.params[0]]
+        state.setdefault("func_evals", 0)
+        state.setdefault("n_iter", 0)
+
+        orig_loss, g = _loss_and_grad(flat, closure)
+        loss = float(orig_loss)
+        evals = 1
+        state["func_evals"] += 1
+        if float(g.abs().max()) <= tol_grad:
+            return orig_loss
+
+        d = state.get("d")
+        t = state.get("t")
+        S = state.get("old_stps")
+        Y = state.get("old_dirs")
+        ro = state.get("ro")
+        H_diag = state.get("H_diag")
+        g_prev = state.get("prev_flat_grad")
+        loss_prev = state.get("prev_loss")
+
+        n_iter = 0
+        while n_iter < max_iter:
+            n_iter += 1
+            state["n_iter"] += 1
+            if state["n_iter"] == 1:
+                d = g.neg()
+                S, Y, ro, H_diag = [], [], [], 1.0
+                first = True
+            else:
+                y = g.sub(g_prev)
+                s = d.mul(t)
+                ys = float(y.dot(s))
+                if ys > 1e-10:
+                    if len(Y) == history:
+                        Y.pop(0)
+                        S.pop(0)
+                        ro.pop(0)
+                    Y.append(y)
+                    S.append(s)
+                    ro.append(1.0 / ys)
+                    H_diag = ys / float(y.dot(y))
+                d = two_loop(g.neg(), S, Y, ro, H_diag)
+                first = False
+            g_prev = g.clone()
+            loss_prev = loss
+
+            t = min(1.0, 1.0 / float(g.abs().sum())) * lr if state["n_iter"] == 1 else lr
+            gtd = float(g.dot(d))
+            if gtd > -tol_change:
+                if first or not S or -float(g.dot(g)) > -tol_change:
+                    break  # nothing to gain, as torch.optim.LBFGS decides
+                state.update(old_dirs=Y, old_stps=S, ro=ro, H_diag=H_diag)
+                if not self._stall(state, f"∇fᵀd = {gtd:.3g} ≥ −tolerance_change"):
+                    break
+                S, Y, ro, H_diag = state["old_stps"], state["old_dirs"], state["ro"], 1.0
+                d = g.neg()
+                t = min(1.0, 1.0 / float(g.abs().sum())) * lr
+                gtd = float(g.dot(d))
+
+            x0 = flat.get()
+            if wolfe:
+
+                def evaluate(x: Tensor) -> tuple[float, Tensor]:
+                    flat.set(x)
+                    f_, g_ = _loss_and_grad(flat, closure)
+                    return float(f_), g_
+
+                phi = LineFunction(evaluate, x0, d, loss, g, gtd, step_fn=flat.add)
+                ls = _strong_wolfe(
+                    phi,
+                    t,
+                    c1=1e-4,
+                    c2=0.9,
+                    max_ls=max_eval - evals,
+                    xtol=1e-9,
+                    d_norm=float(d.abs().max()),
+                    strict=False,
+                )
+                t = ls.alpha
+                loss, g = ls.f, ls.g
+                flat.set(flat.add(x0, d, t))
+                ls_evals = ls.calls
+                opt_cond = float(g.abs().max()) <= tol_grad
+            else:
+                flat.set(flat.add(x0, d, t))
+                ls_evals = 0
+                opt_cond = False
+                if n_iter != max_iter:
+                    f_, g = _loss_and_grad(flat, closure)
+                    loss = float(f_)
+                    opt_cond = float(g.abs().max()) <= tol_grad
+                    ls_evals = 1
+            evals += ls_evals
+            state["func_evals"] += ls_evals
+
+            if (
+                not opt_cond
+                and (wolfe or n_iter != max_iter)
+                and torch.equal(flat.get(), x0)
+                and (S or self.on_stall == "warn")
+            ):
+                state.update(old_dirs=Y, old_stps=S, ro=ro, H_diag=H_diag)
+                if self._stall(state, "the step left the parameters unchanged"):
+                    S, Y, ro, H_diag = state["old_stps"], state["old_dirs"], state["ro"], 1.0
+                    state["n_iter"] = 0  # the next iteration starts like the first
+            else:
+                state["stall_warned"] = False
+
+            if n_iter == max_iter or evals >= max_eval or opt_cond:
+                break
+            if float(d.mul(t).abs().max()) <= tol_change:
+                break
+            if abs(loss - loss_prev) < tol_change:
+                break
+
+        state.update(
+            d=d,
+            t=t,
+            old_dirs=Y,
+            old_stps=S,
+            ro=ro,
+            H_diag=H_diag,
+            prev_flat_grad=g_prev,
+            prev_loss=loss_prev,
+        )
+        return orig_loss
+
+
+class _ClosureObjective(Objective):
+    """An Objective over the optimizer's flat parameters, evaluated through the closure."""
+
+    def __init__(self, flat: _FlatParams, closure: Callable, name: str) -> None:
+        super().__init__()
+        self.flat = flat
+        self.closure = closure
+        self.name = name
+        self.n_params = flat.n
+        self.dtype = flat.dtype
+        self.device = flat.device
+
+    def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        self.flat.set(theta)
+        self.counts.f += 1
+        self.counts.g += 1
+        return _loss_and_grad(self.flat, self.closure)
+
+    def value(self, theta: Tensor) -> Tensor:
+        return self.value_and_grad(theta)[0]
+
+    def hvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        flat = self.flat
+        flat.set(theta)
+        flat.zero()
+        with torch.enable_grad():
+            loss = self.closure()
+            if any(p.grad is not None for p in flat.params):
+                if not all(p.grad is not None and p.grad.requires_grad for p in flat.params):
+                    raise RuntimeError(
+                        f"{self.name} needs the loss's graph for Hessian-vector products: the "
+                        "closure must return the loss without calling backward() (or call "
+                        "backward(create_graph=True))"
+                    )
+                grads = [p.grad for p in flat.params]
+            else:
+                grads = torch.autograd.grad(loss, flat.params, create_graph=True, allow_unused=True)
+        pairs = [(gi, p) for gi, p in zip(grads, flat.params)]
+
+        def product(v: Tensor) -> Tensor:
+            self.counts.hv += 1
+            vs = flat.split(v)
+            outs, ins, vv = [], [], []
+            for (gi, _p), vi in zip(pairs, vs):
+                if gi is not None and gi.requires_grad:
+                    outs.append(gi)
+                    ins.append(vi)
+            if not outs:
+                return torch.zeros_like(v)
+            with torch.enable_grad():
+                hv = torch.autograd.grad(
+                    outs, flat.params, ins, retain_graph=True, allow_unused=True
+                )
+            for h, p in zip(hv, flat.params):
+                vv.append(
+                    torch.zeros(p.numel(), dtype=v.dtype, device=v.device)
+                    if h is None
+                    else h.reshape(-1)
+                )
+            return torch.cat(vv).detach()
+
+        return product
+
+
+class _MinimizeOptimizer(torch.optim.Optimizer):
+    """Runs :func:`secondorder.solvers.minimize` for ``max_iter`` iterations per ``step``,
+    keeping the solver's state between steps."""
+
+    _method = ""
+    _label = ""
+
+    def _options(self, group: dict) -> tuple[str | None, dict]:
+        raise NotImplementedError
+
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        self._flat = _FlatParams(_single_group(self, self._label))
+        self.last_result = None
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """Up to ``max_iter`` iterations of the method; returns the loss at the start."""
+        from secondorder.solvers import minimize
+
+        if closure is None:
+            raise ValueError(f"{self._label}.step needs a closure that re-evaluates the loss")
+        group = self.param_groups[0]
+        flat = self._flat
+        obj = _ClosureObjective(flat, closure, self._label)
+        state = self.state[flat.params[0]]
+        theta = flat.get()
+        loss, g = _loss_and_grad(flat, closure)
+        prev = state.get("minimize") or {"method": self._method, "k": 0}
+        start = dict(prev)
+        start.update(
+            theta=theta.clone(),
+            f=float(loss),
+            g=g.clone(),
+            nfev=prev.get("nfev", 0) + 1,
+            ngev=prev.get("ngev", 0) + 1,
+        )
+        state["minimize"] = start
+        state["func_evals"] = start["nfev"]
+        if float(g.abs().max()) <= group["tolerance_grad"]:
+            return loss
+        line_search, options = self._options(group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = minimize(
+                obj,
+                theta,
+                method=self._method,
+                line_search=line_search,
+                initial_state=start,
+                **options,
+            )
+        flat.set(res.theta)
+        state["minimize"] = res.state
+        state["func_evals"] = res.nfev
+        state["n_iter"] = res.nit
+        self.last_result = res
+        return loss
+
+
+class NLCG(_MinimizeOptimizer):
+    """Nonlinear conjugate gradients (``variant`` "fr", "pr+", "hs" or "dy").
+
+    Args mirror :class:`LBFGS`: ``lr`` scales the first trial step, ``max_iter`` iterations and
+    ``max_eval`` closure calls per ``step``, ``tolerance_grad`` on ‖g‖∞, ``tolerance_change``
+    on |Δloss| (eq. 29), ``line_search_fn`` "strong_wolfe" (default; c2 = 0.1) or None (fixed
+    step lr). The solver's state (previous direction) carries over between steps; after each
+    step ``last_result`` holds the :class:`~secondorder.solvers.Result` of its iterations.
+    """
+
+    _method = "nlcg"
+    _label = "NLCG"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        variant: str = "pr+",
+        line_search_fn: str | None = "strong_wolfe",
+    ) -> None:
+        if line_search_fn not in (None, "strong_wolfe"):
+            raise ValueError(
+                f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}"
+            )
+        from secondorder._validation import check_choice
+        from secondorder.solvers.directions import NLCG_VARIANTS
+
+        check_choice("variant", variant, NLCG_VARIANTS)
+        if max_eval is None:
+            max_eval = max_iter * 5 // 4
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "max_iter": max_iter,
+                "max_eval": max_eval,
+                "tolerance_grad": tolerance_grad,
+                "tolerance_change": tolerance_change,
+                "variant": variant,
+                "line_search_fn": line_search_fn,
+            },
+        )
+
+    def _options(self, group):
+        ls = "wolfe" if group["line_search_fn"] == "strong_wolfe" else None
+        return ls, {
+            "lr": group["lr"],
+            "max_iter": group["max_iter"],
+            "max_evals": group["max_eval"],
+            "gtol": group["tolerance_grad"],
+            "ftol": group["tolerance_change"],
+            "variant": group["variant"],
+        }
+
+
+class NewtonCG(_MinimizeOptimizer):
+    """Hessian-free Newton: inner CG on Hessian-vector products of the closure's loss.
+
+    The closure must return the loss **without** calling ``backward()`` (module doc).
+
+    Args:
+        lr: the first trial step (1 = the full Newton step).
+        max_iter: outer Newton iterations per ``step`` (default 1).
+        max_eval: closure calls per ``step`` (default ``max_iter * 10``).
+        tolerance_grad, tolerance_change: as for :class:`LBFGS`.
+        cg_max_iter, cg_tol: inner CG limits (default min(2n, 250) steps and the
+            Eisenstat–Walker relative residual min(0.5, sqrt(‖g‖))).
+        damping: initial Levenberg–Marquardt λ (0 = none), adapted by the reduction ratio.
+        line_search_fn: ``"armijo"`` (default) or None (fixed step lr).
+    """
+
+    _method = "newton-cg"
+    _label = "NewtonCG"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        max_iter: int = 1,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        cg_max_iter: int | None = None,
+        cg_tol: float | None = None,
+        damping: float = 0.0,
+        line_search_fn: str | None = "armijo",
+    ) -> None:
+        if line_search_fn not in (None, "armijo"):
+            raise ValueError(f"line_search_fn must be None or 'armijo', got {line_search_fn!r}")
+        if max_eval is None:
+            max_eval = max_iter * 10
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "max_iter": max_iter,
+                "max_eval": max_eval,
+                "tolerance_grad": tolerance_grad,
+                "tolerance_change": tolerance_change,
+                "cg_max_iter": cg_max_iter,
+                "cg_tol": cg_tol,
+                "damping": damping,
+                "line_search_fn": line_search_fn,
+            },
+        )
+
+    def _options(self, group):
+        opts = {
+            "lr": group["lr"],
+            "max_iter": group["max_iter"],
+            "max_evals": group["max_eval"],
+            "gtol": group["tolerance_grad"],
+            "ftol": group["tolerance_change"],
+            "damping": group["damping"],
+            "check_saddle": False,
+        }
+        if group["cg_max_iter"] is not None:
+            opts["cg_max_iter"] = group["cg_max_iter"]
+        if group["cg_tol"] is not None:
+            opts["cg_tol"] = group["cg_tol"]
+        return group["line_search_fn"], opts

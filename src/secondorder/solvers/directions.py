@@ -1,0 +1,680 @@
+"""Direction rules: where to step from θ_k, given f, ∇f and (optionally) curvature.
+
+Each rule computes d_k, proposes a first trial step α₀ for the step rule, takes the curvature
+pair (s_k, y_k) after a step, and can save and restore its state (for checkpoint / resume):
+
+- :class:`SteepestDescent` — d = −M⁻¹g.
+- :class:`Newton` — d = −H⁻¹g with the dense Hessian (Cholesky); an indefinite H is modified
+  (``"damping"``: H + τI with τ increased until Cholesky succeeds; ``"eigen"``: eigenvalues
+  clamped to ≥ δ; ``"saddle-free"``: |H| via the eigendecomposition, |λ| ≥ δ), with
+  δ = sqrt(eps)·max(1, max|λ|).
+- :class:`NewtonCG` — Hessian-free: inner conjugate gradients on v ↦ (B + λI)v with B the
+  Hessian or the Gauss–Newton matrix (graph built once per outer iteration), stopped at the
+  relative residual η_k = min(0.5, sqrt(‖g‖)) (Eisenstat–Walker) or ``cg_tol``, at negative
+  curvature pᵀ(B + λI)p ≤ 0 (the last iterate, or −M⁻¹g on the first inner step), warm-started
+  from 0.95× the previous solution, and Levenberg–Marquardt damping λ adapted by the
+  reduction ratio ρ (λ·3/2 when ρ < 1/4, λ·2/3 when ρ > 3/4; Martens 2010).
+- :class:`NonlinearCG` — d = −M⁻¹g + β d_prev with β of Fletcher–Reeves ("fr"), Polak–Ribière+
+  ("pr+"), Hestenes–Stiefel ("hs") or Dai–Yuan ("dy"); restarts with −M⁻¹g every n
+  iterations, when β < 0 (pr+), or when d is not a descent direction.
+- :class:`BFGS` — dense inverse update, H₀ = (yᵀs/yᵀy)I before the first update (NW 6.20);
+  pairs with yᵀs ≤ sqrt(eps)‖s‖‖y‖ are skipped.
+- :class:`LBFGS` — the two-loop recursion over the last ``memory`` pairs, H₀ = γI with
+  γ = sᵀy/yᵀy (or γM⁻¹ with γ = sᵀy/yᵀM⁻¹y when a diagonal preconditioner is given); pairs
+  violating the curvature condition are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BFGS",
+    "DIRECTIONS",
+    "LBFGS",
+    "NLCG_VARIANTS",
+    "Direction",
+    "Iterate",
+    "Newton",
+    "NewtonCG",
+    "NonlinearCG",
+    "SteepestDescent",
+    "conjugate_gradient",
+    "two_loop",
+]
+
+NLCG_VARIANTS = ("fr", "pr+", "hs", "dy")
+NEWTON_MODIFICATIONS = ("damping", "eigen", "saddle-free")
+CURVATURES = ("hessian", "ggn")
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    if a.dtype != torch.float64:
+        a, b = a.to(torch.float64), b.to(torch.float64)
+    return float(torch.dot(a, b))
+
+
+def _norm2(a: Tensor) -> float:
+    return math.sqrt(_dot(a, a))
+
+
+@dataclass
+class Iterate:
+    """What a rule sees at iteration k: θ, f, g, the preconditioner and a place for notes."""
+
+    objective: Any
+    theta: Tensor
+    f: float
+    g: Tensor
+    k: int
+    precond: Any = None
+    lr: float = 1.0
+    fixed_step: bool = False
+    changed: bool = False
+    point: int = 0  # changes whenever θ moves or the function changes
+    info: dict = field(default_factory=dict)
+    negative_curvature: str | None = None
+
+    def minv(self, v: Tensor) -> Tensor:
+        """M⁻¹ v (v itself without a preconditioner)."""
+        return v if self.precond is None else self.precond.apply(v)
+
+
+class Direction:
+    """Base of the direction rules."""
+
+    name = ""
+    has_memory = False
+
+    def __init__(self) -> None:
+        self.fresh = True  # no step since the start or the last reset
+        self.alpha_prev: float | None = None
+        self.dphi_prev: float | None = None
+        self.f_prev: float | None = None
+
+    # the protocol -------------------------------------------------------------------------
+    def compute(self, it: Iterate) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, s: Tensor, y: Tensor, it: Iterate) -> None:
+        """Take the curvature pair of the last step (called before ``compute``)."""
+
+    def reset(self) -> None:
+        """Forget what was learnt about curvature; the next direction is −M⁻¹g."""
+        self.fresh = True
+
+    def on_change(self, it: Iterate, robust: bool) -> None:
+        """The function changed (a new batch); ``robust`` rules may restart here."""
+
+    def initial_step(self, it: Iterate, d: Tensor, dphi0: float) -> float:
+        """The first trial step α₀ (the fixed step itself without a line search)."""
+        return it.lr
+
+    def after_step(self, it: Iterate, alpha: float, dphi0: float, f_new: float) -> None:
+        self.alpha_prev = alpha
+        self.dphi_prev = dphi0
+        self.f_prev = it.f
+        self.fresh = False
+
+    def state_dict(self) -> dict:
+        return {
+            "fresh": self.fresh,
+            "alpha_prev": self.alpha_prev,
+            "dphi_prev": self.dphi_prev,
+            "f_prev": self.f_prev,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fresh = state.get("fresh", True)
+        self.alpha_prev = state.get("alpha_prev")
+        self.dphi_prev = state.get("dphi_prev")
+        self.f_prev = state.get("f_prev")
+
+    # shared first-step heuristics -----------------------------------------------------------
+    def _first_step(self, it: Iterate, d: Tensor) -> float:
+        """lr·min(1, 1/‖d‖₂): the first step of a method with no curvature scale yet."""
+        n = _norm2(d)
+        return it.lr * min(1.0, 1.0 / n) if n > 0 else it.lr
+
+    def _scaled_step(self, it: Iterate, d: Tensor, dphi0: float) -> float:
+        """α₀ = α_{k−1}·φ′_{k−1}(0)/φ′_k(0) (Nocedal & Wright eq. 3.60)."""
+        if self.fresh or self.alpha_prev is None or not self.dphi_prev or dphi0 >= 0:
+            return self._first_step(it, d)
+        a = self.alpha_prev * self.dphi_prev / dphi0
+        return a if math.isfinite(a) and a > 0 else self._first_step(it, d)
+
+
+class SteepestDescent(Direction):
+    """d = −M⁻¹g."""
+
+    name = "gd"
+
+    def compute(self, it: Iterate) -> Tensor:
+        return -it.minv(it.g)
+
+    def initial_step(self, it, d, dphi0):
+        if it.fixed_step:
+            return it.lr
+        return self._scaled_step(it, d, dphi0)
+
+
+# -- Newton with the dense Hessian ------------------------------------------------------------
+class Newton(Direction):
+    """Newton's direction from the dense Hessian (see module doc for the modifications)."""
+
+    name = "newton"
+
+    def __init__(self, modification: str = "damping") -> None:
+        super().__init__()
+        self.modification = modification
+        self.last_hessian: Tensor | None = None
+
+    def compute(self, it: Iterate) -> Tensor:
+        H = it.objective.hessian(it.theta)
+        self.last_hessian = H
+        g = it.g
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            it.info["tau"] = 0.0
+            return -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        evals, evecs = torch.linalg.eigh(H)
+        lam_min = float(evals[0])
+        if lam_min < 0:
+            it.negative_curvature = f"the Hessian is indefinite (smallest eigenvalue {lam_min:.3g})"
+        it.info["lambda_min"] = lam_min
+        eps = torch.finfo(H.dtype).eps
+        scale = max(1.0, float(evals.abs().max()))
+        delta = math.sqrt(eps) * scale
+        if self.modification == "damping":
+            diag_min = float(H.diagonal().min())
+            beta = 1e-3 * scale
+            tau = beta if diag_min > 0 else -diag_min + beta
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            for _ in range(100):
+                L, info = torch.linalg.cholesky_ex(H + tau * eye)
+                if int(info) == 0:
+                    break
+                tau = max(2.0 * tau, beta)
+            it.info["tau"] = tau
+            return -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+        if self.modification == "eigen":
+            lam = evals.clamp_min(delta)
+        else:  # saddle-free: |H|
+            lam = evals.abs().clamp_min(delta)
+        return -(evecs @ ((evecs.T @ g) / lam))
+
+
+# -- conjugate gradients (inner solver of Newton-CG) -----------------------------------------
+@dataclass
+class CGResult:
+    x: Tensor
+    iterations: int
+    residual: float
+    converged: bool
+    negative_curvature: bool
+    curvature: float  # pᵀBp / pᵀp at detection (nan otherwise)
+    xBx: float  # xᵀBx of the returned x (B undamped)
+    products: int
+
+
+def conjugate_gradient(
+    product,
+    g: Tensor,
+    *,
+    damping: float = 0.0,
+    minv=None,
+    x0: Tensor | None = None,
+    rtol: float = 0.5,
+    max_iter: int = 250,
+) -> CGResult:
+    """Approximately minimise q(x) = ½xᵀ(B + λI)x + gᵀx by preconditioned CG.
+
+    Stops when ‖(B + λI)x + g‖ ≤ rtol·‖g‖, after ``max_iter`` steps, or at a direction p of
+    non-positive curvature pᵀ(B + λI)p ≤ 0 (returning the last iterate; on the first step
+    from x = 0 it returns −M⁻¹g instead). Also reports xᵀBx for the model reduction."""
+    minv = minv or (lambda v: v)
+    gnorm = _norm2(g)
+    tol = rtol * gnorm
+    products = 0
+    eps = torch.finfo(g.dtype).eps
+
+    def A(v: Tensor) -> Tensor:
+        nonlocal products
+        products += 1
+        Bv = product(v)
+        return Bv + damping * v if damping else Bv
+
+    if x0 is None:
+        x = torch.zeros_like(g)
+        r = g.clone()
+        xAx = 0.0
+    else:
+        x = x0.clone()
+        Ax = A(x)
+        r = Ax + g
+        xAx = _dot(x, Ax)
+    z = minv(r)
+    p = -z
+    rz = _dot(r, z)
+    neg = False
+    curv = float("nan")
+    j = 0
+    rnorm = _norm2(r)
+    while j < max_iter and rnorm > tol:
+        Ap = A(p)
+        pAp = _dot(p, Ap)
+        pp = _dot(p, p)
+        if pAp - damping * pp < 0:
+            curv = (pAp - damping * pp) / pp
+            neg = True
+        if pAp <= eps * pp:
+            curv = (pAp - damping * pp) / pp
+            neg = True
+            if j == 0 and x0 is None:
+                x = -minv(g)
+                xAx = float("nan")
+            break
+        alpha = rz / pAp
+        xAp = _dot(x, Ap)
+        x = x + alpha * p
+        xAx = xAx + 2 * alpha * xAp + alpha * alpha * pAp
+        r = r + alpha * Ap
+        rnorm = _norm2(r)
+        z = minv(r)
+        rz_new = _dot(r, z)
+        p = -z + (rz_new / rz) * p
+        rz = rz_new
+        j += 1
+    xBx = xAx - damping * _dot(x, x) if math.isfinite(xAx) else float("nan")
+    return CGResult(x, j, rnorm / gnorm if gnorm else 0.0, rnorm <= tol, neg, curv, xBx, products)
+
+
+class NewtonCG(Direction):
+    """Hessian-free Newton (see module doc)."""
+
+    name = "newton-cg"
+
+    def __init__(
+        self,
+        curvature: str = "hessian",
+        damping: float = 0.0,
+        cg_max_iter: int | None = None,
+        cg_tol: float | None = None,
+        warm_start: bool = True,
+        warm_decay: float = 0.95,
+    ) -> None:
+        super().__init__()
+        self.curvature = curvature
+        self.damping = float(damping)
+        self.cg_max_iter = cg_max_iter
+        self.cg_tol = cg_tol
+        self.warm_start = warm_start
+        self.warm_decay = warm_decay
+        self.p_prev: Tensor | None = None
+        self._model: tuple[float, float] | None = None  # (gᵀp, pᵀBp) of the last direction
+        self.cg_total = 0
+
+    def compute(self, it: Iterate) -> Tensor:
+        obj = it.objective
+        product = obj.hvp_at(it.theta) if self.curvature == "hessian" else obj.ggnvp_at(it.theta)
+        g = it.g
+        gnorm = _norm2(g)
+        rtol = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
+        max_iter = self.cg_max_iter or min(2 * g.numel(), 250)
+        minv = None if it.precond is None else it.precond.apply
+        x0 = None
+        if self.warm_start and self.p_prev is not None and not self.fresh:
+            x0 = self.warm_decay * self.p_prev
+        res = conjugate_gradient(
+            product, g, damping=self.damping, minv=minv, x0=x0, rtol=rtol, max_iter=max_iter
+        )
+        if x0 is not None and not self._usable(res, g):
+            cold = conjugate_gradient(
+                product, g, damping=self.damping, minv=minv, rtol=rtol, max_iter=max_iter
+            )
+            cold.products += res.products
+            cold.iterations += res.iterations
+            res = cold
+        self.cg_total += res.iterations
+        it.info["cg_iters"] = res.iterations
+        if self.damping:
+            it.info["damping"] = self.damping
+        if res.negative_curvature:
+            kind = "Hessian" if self.curvature == "hessian" else "Gauss-Newton matrix"
+            it.negative_curvature = (
+                f"negative curvature of the {kind} met in CG step {res.iterations + 1} "
+                f"(pᵀBp/pᵀp = {res.curvature:.3g})"
+            )
+        d = res.x
+        self.p_prev = d.detach().clone()
+        self._model = (_dot(g, d), res.xBx)
+        return d
+
+    @staticmethod
+    def _usable(res: CGResult, g: Tensor) -> bool:
+        gx = _dot(g, res.x)
+        if not gx < 0:
+            return False
+        q = gx + 0.5 * res.xBx if math.isfinite(res.xBx) else gx
+        return q < 0
+
+    def initial_step(self, it, d, dphi0):
+        return it.lr
+
+    def after_step(self, it, alpha, dphi0, f_new):
+        super().after_step(it, alpha, dphi0, f_new)
+        if self.damping <= 0 or self._model is None:
+            return
+        gp, pBp = self._model
+        if not math.isfinite(pBp):
+            return
+        q = alpha * gp + 0.5 * alpha * alpha * pBp  # reduction predicted by the undamped model
+        rho = (f_new - it.f) / q if q < 0 else -math.inf
+        it.info["rho"] = rho
+        if rho < 0.25:
+            self.damping *= 1.5
+        elif rho > 0.75:
+            self.damping *= 2.0 / 3.0
+
+    def reset(self):
+        super().reset()
+        self.p_prev = None
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "p_prev": None if self.p_prev is None else self.p_prev.clone(),
+            "damping": self.damping,
+            "cg_total": self.cg_total,
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.p_prev = state.get("p_prev")
+        self.damping = state.get("damping", self.damping)
+        self.cg_total = state.get("cg_total", 0)
+
+
+# -- nonlinear conjugate gradients -------------------------------------------------------------
+class NonlinearCG(Direction):
+    """Nonlinear CG with a choice of β (see module doc); preconditioned with M⁻¹ if given."""
+
+    name = "nlcg"
+    has_memory = True
+
+    def __init__(self, variant: str = "pr+", restart_every: int | None = None) -> None:
+        super().__init__()
+        self.variant = variant
+        self.restart_every = restart_every
+        self.d_prev: Tensor | None = None
+        self.gz_prev: float | None = None  # g_{k−1}ᵀ M⁻¹ g_{k−1}
+        self.y: Tensor | None = None
+        self.since_restart = 0
+        self.restarts = 0
+
+    def update(self, s, y, it):
+        self.y = y
+
+    def compute(self, it: Iterate) -> Tensor:
+        z = it.minv(it.g)
+        gz = _dot(it.g, z)
+        n = self.restart_every or it.g.numel()
+        beta = None
+        if self.d_prev is not None and self.gz_prev and not self.fresh and self.since_restart < n:
+            y, dp = self.y, self.d_prev
+            if self.variant == "fr":
+                beta = gz / self.gz_prev
+            elif self.variant == "pr+":
+                beta = max(0.0, _dot(z, y) / self.gz_prev) if y is not None else None
+            elif self.variant == "hs":
+                dy = _dot(dp, y) if y is not None else 0.0
+                beta = _dot(z, y) / dy if dy else None
+            else:  # dy
+                dy = _dot(dp, y) if y is not None else 0.0
+                beta = gz / dy if dy else None
+            if beta is not None and not math.isfinite(beta):
+                beta = None
+        if beta is None or beta == 0.0:
+            d = -z
+            if self.d_prev is not None:
+                self.restarts += 1
+            self.since_restart = 0
+        else:
+            d = -z + beta * self.d_prev
+            self.since_restart += 1
+        it.info["beta"] = 0.0 if beta is None else beta
+        self.gz_prev = gz
+        self.d_prev = d
+        return d
+
+    def initial_step(self, it, d, dphi0):
+        if it.fixed_step:
+            return it.lr
+        if self.fresh or self.f_prev is None:
+            return self._first_step(it, d)
+        # α₀ from the quadratic through f_{k−1}, f_k and φ′(0) (NW eq. 3.60, second form)
+        a = 2.0 * (it.f - self.f_prev) / dphi0
+        if not (math.isfinite(a) and a > 0):
+            return self._scaled_step(it, d, dphi0)
+        return it.lr * 1.01 * a
+
+    def restart_now(self, it: Iterate) -> Tensor:
+        """Forget the previous direction and return −M⁻¹g."""
+        self.reset()
+        return self.compute(it)
+
+    def reset(self):
+        super().reset()
+        self.d_prev = None
+        self.gz_prev = None
+        self.y = None
+        self.since_restart = 0
+
+    def on_change(self, it, robust):
+        if robust:
+            self.d_prev = None
+            self.gz_prev = None
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "d_prev": None if self.d_prev is None else self.d_prev.clone(),
+            "gz_prev": self.gz_prev,
+            "y": None if self.y is None else self.y.clone(),
+            "since_restart": self.since_restart,
+            "restarts": self.restarts,
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.d_prev = state.get("d_prev")
+        self.gz_prev = state.get("gz_prev")
+        self.y = state.get("y")
+        self.since_restart = state.get("since_restart", 0)
+        self.restarts = state.get("restarts", 0)
+
+
+# -- quasi-Newton ------------------------------------------------------------------------------
+def _curvature_ok(s: Tensor, y: Tensor, sy: float) -> bool:
+    eps = torch.finfo(s.dtype).eps
+    return math.isfinite(sy) and sy > math.sqrt(eps) * _norm2(s) * _norm2(y)
+
+
+class BFGS(Direction):
+    """Dense BFGS on the inverse Hessian approximation H (see module doc)."""
+
+    name = "bfgs"
+    has_memory = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.H: Tensor | None = None
+        self.skipped = 0
+        self.updates = 0
+
+    def _h0(self, it: Iterate, s: Tensor, y: Tensor, sy: float) -> Tensor:
+        from secondorder.objective import check_dense_fits
+
+        n = s.numel()
+        check_dense_fits((n, n), s.dtype, "the dense BFGS matrix")
+        if it.precond is not None and it.precond.is_diagonal:
+            minv = it.precond.inverse_diagonal()
+            gamma = sy / _dot(y, minv * y)
+            return torch.diag(gamma * minv)
+        if it.precond is not None:
+            eye = torch.eye(n, dtype=s.dtype, device=s.device)
+            M = torch.stack([it.precond.apply(eye[i]) for i in range(n)], 1)
+            M = 0.5 * (M + M.T)
+            return (sy / _dot(y, M @ y)) * M
+        return (sy / _dot(y, y)) * torch.eye(n, dtype=s.dtype, device=s.device)
+
+    def update(self, s, y, it):
+        sy = _dot(s, y)
+        if not _curvature_ok(s, y, sy):
+            self.skipped += 1
+            return
+        if self.H is None:
+            self.H = self._h0(it, s, y, sy)
+        H = self.H
+        rho = 1.0 / sy
+        Hy = H @ y
+        yHy = _dot(y, Hy)
+        self.H = (
+            H
+            - rho * (torch.outer(Hy, s) + torch.outer(s, Hy))
+            + (rho * rho * yHy + rho) * torch.outer(s, s)
+        )
+        self.H = 0.5 * (self.H + self.H.T)
+        self.updates += 1
+
+    def compute(self, it: Iterate) -> Tensor:
+        if self.H is None:
+            return -it.minv(it.g)
+        return -(self.H @ it.g)
+
+    def initial_step(self, it, d, dphi0):
+        if it.fixed_step:
+            return it.lr
+        return self._first_step(it, d) if self.H is None else it.lr
+
+    def reset(self):
+        super().reset()
+        self.H = None
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "H": None if self.H is None else self.H.clone(),
+            "skipped": self.skipped,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.H = state.get("H")
+        self.skipped = state.get("skipped", 0)
+        self.updates = state.get("updates", 0)
+
+
+def two_loop(q: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[float], h0) -> Tensor:
+    """The L-BFGS two-loop recursion: returns H q for the inverse-Hessian approximation H
+    built from the pairs (S[i], Y[i]), ρ_i = 1/(sᵢᵀyᵢ), oldest first; ``h0`` is a float γ
+    (H₀ = γI) or a callable v ↦ H₀v. ``q`` is overwritten."""
+    n = len(S)
+    a = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        a[i] = float(S[i].dot(q)) * rho[i]
+        q.add_(Y[i], alpha=-a[i])
+    r = h0(q) if callable(h0) else torch.mul(q, h0)
+    for i in range(n):
+        b = float(Y[i].dot(r)) * rho[i]
+        r.add_(S[i], alpha=a[i] - b)
+    return r
+
+
+class LBFGS(Direction):
+    """Limited-memory BFGS (see module doc)."""
+
+    name = "lbfgs"
+    has_memory = True
+
+    def __init__(self, memory: int = 10) -> None:
+        super().__init__()
+        self.memory = memory
+        self.S: list[Tensor] = []
+        self.Y: list[Tensor] = []
+        self.rho: list[float] = []
+        self.gamma = 1.0
+        self.skipped = 0
+
+    def update(self, s, y, it):
+        sy = _dot(s, y)
+        if not _curvature_ok(s, y, sy):
+            self.skipped += 1
+            return
+        if len(self.S) == self.memory:
+            self.S.pop(0)
+            self.Y.pop(0)
+            self.rho.pop(0)
+        self.S.append(s)
+        self.Y.append(y)
+        self.rho.append(1.0 / sy)
+        if it.precond is not None and it.precond.is_diagonal:
+            self.gamma = sy / _dot(y, it.precond.apply(y))
+        else:
+            self.gamma = sy / _dot(y, y)
+
+    def compute(self, it: Iterate) -> Tensor:
+        if not self.S:
+            return -it.minv(it.g)
+        if it.precond is not None:
+            gamma = self.gamma
+
+            def h0(v: Tensor) -> Tensor:
+                return gamma * it.precond.apply(v)
+        else:
+            h0 = self.gamma
+        return two_loop(it.g.neg(), self.S, self.Y, self.rho, h0)
+
+    def initial_step(self, it, d, dphi0):
+        if it.fixed_step:
+            return it.lr
+        return self._first_step(it, d) if not self.S else it.lr
+
+    def reset(self):
+        super().reset()
+        self.S, self.Y, self.rho = [], [], []
+        self.gamma = 1.0
+
+    def state_dict(self):
+        return {
+            **super().state_dict(),
+            "S": [s.clone() for s in self.S],
+            "Y": [y.clone() for y in self.Y],
+            "rho": list(self.rho),
+            "gamma": self.gamma,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.S = [s.clone() for s in state.get("S", [])]
+        self.Y = [y.clone() for y in state.get("Y", [])]
+        self.rho = list(state.get("rho", []))
+        self.gamma = state.get("gamma", 1.0)
+        self.skipped = state.get("skipped", 0)
+
+
+DIRECTIONS = {
+    "gd": SteepestDescent,
+    "newton": Newton,
+    "newton-cg": NewtonCG,
+    "nlcg": NonlinearCG,
+    "bfgs": BFGS,
+    "lbfgs": LBFGS,
+}
