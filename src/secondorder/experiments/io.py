@@ -1,0 +1,224 @@
+"""Atomic file writes for run directories: JSON, CSV, text and torch files.
+
+Every whole-file write goes to a temporary file in the destination directory, is flushed and
+``fsync``-ed, and only then renamed onto the final name with :func:`os.replace` (atomic on POSIX
+when source and destination share a file system). A crash, a ``SIGKILL`` or an exception in the
+middle of a write therefore leaves either the old file or the new one, never a mixture; the
+temporary file is removed when an exception interrupts the write.
+
+Traces are JSON Lines files appended one row at a time (:func:`append_jsonl`); a line cut short by
+a crash is ignored by :func:`read_jsonl` and the runner rewrites the file from its checkpoint on
+resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "append_jsonl",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_directory",
+    "read_json",
+    "read_jsonl",
+    "to_jsonable",
+    "torch_load",
+    "torch_save",
+    "write_csv",
+    "write_json",
+    "write_jsonl",
+]
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Flush a directory entry (after a rename) to disk where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], *, binary: bool):
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    If ``write`` raises, the temporary file is deleted and ``path`` keeps its old content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        mode = "wb" if binary else "w"
+        kwargs = {} if binary else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def to_jsonable(value: Any) -> Any:
+    """A JSON-friendly copy: tensors and NumPy values become numbers or lists, paths strings."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            return value.item() if value.numel() == 1 and value.ndim == 0 else value.tolist()
+        if isinstance(value, (torch.dtype, torch.device)):
+            return str(value)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def _dumps(value: Any, indent: int | None) -> str:
+    # NaN and inf are written as the JavaScript literals Python's json module reads back.
+    return json.dumps(to_jsonable(value), indent=indent, allow_nan=True)
+
+
+def write_json(path: str | os.PathLike[str], value: Any, *, indent: int | None = 2) -> Path:
+    """Write ``value`` as JSON atomically (tensors and NumPy values converted)."""
+    return atomic_write_text(path, _dumps(value, indent) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as JSON Lines atomically (the whole file at once)."""
+    text = "".join(_dumps(r, None) + "\n" for r in rows)
+    return atomic_write_text(path, text)
+
+
+def append_jsonl(handle: io.TextIOBase, row: Mapping[str, Any], *, fsync: bool = False) -> None:
+    """Append one row to an open JSON Lines file and flush it (``fsync`` on request)."""
+    handle.write(_dumps(row, None) + "\n")
+    handle.flush()
+    if fsync:
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file; a last line cut short by a crash is skipped."""
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # the unterminated last line of an interrupted append
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(to_jsonable(value))
+    return to_jsonable(value)
+
+
+def write_csv(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+) -> Path:
+    """Write rows as CSV atomically; columns default to the union of keys in first-seen order."""
+    if columns is None:
+        seen: dict[str, None] = {}
+        for r in rows:
+            for k in r:
+                seen.setdefault(k, None)
+        columns = list(seen)
+
+    def write(f) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([_csv_cell(r.get(c, "")) for c in columns])
+
+    return atomic_write(path, write, binary=False)
+
+
+def torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save`` atomically."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def torch_load(path: str | os.PathLike[str]) -> Any:
+    """Load a file written by :func:`torch_save`.
+
+    Checkpoints written by the runner hold only tensors, numbers, strings, lists and dicts and
+    load with the safe ``weights_only`` loader; a file that needs more (another writer's) is
+    read with the full unpickler — only load run directories you trust.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
+        return torch.load(path, map_location="cpu", weights_only=False)
