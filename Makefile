@@ -26,7 +26,7 @@ data: $(STAMP)
 	$(BIN)/secondorder data
 
 run: data
-	$(BIN)/secondorder run paper/headline --run-dir runs/headline
+	$(BIN)/secondorder run paper/headline
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
