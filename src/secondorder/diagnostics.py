@@ -150,7 +150,15 @@ def _smooth_piece(objective: Objective, theta: Tensor):
     return freeze(theta) if freeze is not None else contextlib.nullcontext()
 
 
-def _prepare(objective: Objective, theta: Tensor | None, direction: Tensor | None, seed: int):
+def _prepare(
+    objective: Objective,
+    theta: Tensor | None,
+    direction: Tensor | None,
+    seed: int,
+    eps: list[float] | None,
+    eps_scale: float = 1.0,
+):
+    """Validate the arguments; return (θ, unit direction d, ε list, J(θ), dᵀ∇J(θ))."""
     if not isinstance(objective, Objective):
         raise TypeError(
             f"objective must be a secondorder Objective, got {type(objective).__name__}"
@@ -170,7 +178,14 @@ def _prepare(objective: Objective, theta: Tensor | None, direction: Tensor | Non
     norm = float(direction.norm())
     if not math.isfinite(norm) or norm == 0:
         raise ValueError("direction must be a finite, non-zero vector")
-    return theta, direction / norm
+    if eps is None:
+        eps = [e * eps_scale for e in _default_eps(objective.dtype)]
+    eps = [float(e) for e in eps]
+    if not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
+        raise ValueError(f"eps must be a non-empty list of positive numbers, got {eps}")
+    d = direction / norm
+    f0, g0 = objective.value_and_grad(theta)
+    return theta, d, eps, float(f0), float(g0.double() @ d.double())
 
 
 def gradient_test(
@@ -187,12 +202,7 @@ def gradient_test(
     ``direction`` defaults to a random unit vector (from ``seed``); ``eps`` to a decade-spaced
     range suited to the objective's dtype.
     """
-    theta, d = _prepare(objective, theta, direction, seed)
-    eps = _default_eps(objective.dtype) if eps is None else [float(e) for e in eps]
-    if not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
-        raise ValueError(f"eps must be a non-empty list of positive numbers, got {eps}")
-    f0, g0 = objective.value_and_grad(theta)
-    dg = float(g0.double() @ d.double())
+    theta, d, eps, f0, dg = _prepare(objective, theta, direction, seed, eps)
     u = torch.finfo(objective.dtype).eps
     errors, floors = [], []
     with _smooth_piece(objective, theta):
@@ -200,9 +210,9 @@ def gradient_test(
             fp = float(objective.value(theta + e * d))
             fm = float(objective.value(theta - e * d))
             errors.append(abs((fp - fm) / (2 * e) - dg))
-            floors.append(u * (abs(fp) + abs(fm) + abs(float(f0))) / (2 * e))
+            floors.append(u * (abs(fp) + abs(fm) + abs(f0)) / (2 * e))
     order, used = _fit_order(eps, errors, floors)
-    return TaylorTest("gradient", eps, errors, 2.0, order, used, float(f0), dg, tolerance=tolerance)
+    return TaylorTest("gradient", eps, errors, 2.0, order, used, f0, dg, tolerance=tolerance)
 
 
 def hessian_test(
@@ -215,16 +225,8 @@ def hessian_test(
     tolerance: float = 0.2,
 ) -> TaylorTest:
     """The second-order Taylor test of the Hessian-vector product; expected order 3."""
-    theta, d = _prepare(objective, theta, direction, seed)
-    if eps is None:
-        eps = _default_eps(objective.dtype)
-        eps = [e * 10 for e in eps] if objective.dtype != torch.float64 else eps
-    eps = [float(e) for e in eps]
-    if not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
-        raise ValueError(f"eps must be a non-empty list of positive numbers, got {eps}")
-    f0, g0 = objective.value_and_grad(theta)
-    f0 = float(f0)
-    dg = float(g0.double() @ d.double())
+    scale = 1.0 if objective.dtype == torch.float64 else 10.0
+    theta, d, eps, f0, dg = _prepare(objective, theta, direction, seed, eps, scale)
     dHd = float(objective.hvp(theta, d).double() @ d.double())
     u = torch.finfo(objective.dtype).eps
     errors, floors = [], []
