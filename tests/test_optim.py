@@ -132,6 +132,69 @@ def test_lbfgs_does_not_stall_silently_in_float32():
     assert len(set(ours[stalled:])) > 1
 
 
+def test_lbfgs_defaults_one_iteration_per_step_float32_keeps_decreasing():
+    """Default settings (fixed step lr = 1, no line search, history 100), max_iter=1 per
+    step, float32, 100 steps of a small MLP classifier with noisy labels: every step moves
+    the parameters until the gradient test is met, nothing stalls, and the loss keeps going
+    down (it is not monotone: a fixed-step quasi-Newton step may overshoot, as torch's does)."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 4, generator=g)
+    labels = (X[:, 0] * X[:, 1] > 0).long() + (X[:, 2] > 0.5).long()
+    noisy = torch.rand(200, generator=g) < 0.15
+    labels = torch.where(noisy, torch.randint(0, 3, (200,), generator=g), labels)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = LBFGS(net.parameters(), max_iter=1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(X), labels)
+        loss.backward()
+        return loss
+
+    losses, moved = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(100):
+            before = _flat(net).clone()
+            losses.append(float(opt.step(closure)))
+            grad = max(float(p.grad.abs().max()) for p in net.parameters())
+            moved.append(not torch.equal(before, _flat(net)) or grad <= 1e-7)
+    assert all(moved) and opt.stalls == 0
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert losses[-1] < 0.1 * losses[0]
+    for q in (25, 50, 75):  # every quarter reaches a loss lower than all before it
+        assert min(losses[q : q + 25]) < min(losses[:q])
+
+
+def test_lbfgs_rejected_steepest_descent_step_is_rescaled_not_repeated():
+    """One line-search trial per step (max_iter=1, strong Wolfe) and a first step that
+    overshoots: torch.optim.LBFGS repeats the rejected step at every call; ours warns, scales
+    the first step down and goes on."""
+    A = torch.tensor([100.0, 300.0])
+
+    def train(cls):
+        w = nn.Parameter(torch.tensor([1e-3, -2e-3]))
+        opt = cls([w], line_search_fn="strong_wolfe", max_iter=1)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * (A * w * w).sum()
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [float(opt.step(closure).detach()) for _ in range(20)]
+        return losses, opt, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+    theirs, _, _ = train(torch.optim.LBFGS)
+    assert len(set(theirs)) == 1  # never moves
+    ours, opt, caught = train(LBFGS)
+    assert opt.stalls >= 1 and len(caught) == 1 and "too long" in str(caught[0].message)
+    assert ours[-1] < 1e-6 * ours[0]
+
+
 def test_lbfgs_multiple_tensors_and_real_training_loop():
     X, y, net = _regression(dtype=torch.float32)
     opt = LBFGS(net.parameters(), line_search_fn="strong_wolfe", max_iter=5)

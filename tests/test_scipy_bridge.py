@@ -11,7 +11,7 @@ from secondorder.data import two_class_2d
 from secondorder.models import logistic_regression
 from secondorder.objective import FunctionObjective, ModelObjective, rosenbrock
 from secondorder.scipy_bridge import scipy_minimize
-from secondorder.solvers import Result, minimize
+from secondorder.solvers import STATUSES, Result, minimize
 
 D = torch.float64
 X0 = torch.tensor([-1.2, 1.0], dtype=D)
@@ -95,3 +95,57 @@ def test_bad_input():
     with pytest.raises(ValueError):
         scipy_minimize(obj, torch.zeros(3, dtype=D))
     assert obj.counts.f == 0
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "L-BFGS-B",
+        "BFGS",
+        "CG",
+        "Newton-CG",
+        "trust-ncg",
+        "trust-exact",
+        "trust-constr",
+        "SLSQP",
+        "Nelder-Mead",
+        "Powell",
+    ],
+)
+def test_maxiter_is_max_iter_with_scipys_message(method):
+    obj = FunctionObjective(rosenbrock(), 2, dtype=D)
+    res = scipy_minimize(obj, X0, method=method, maxiter=2)
+    assert res.status == "max_iter" and not res.success
+    assert res.message == str(res.info["scipy"].message)  # scipy's own words
+
+
+@pytest.mark.parametrize(
+    "method, options, status",
+    [
+        ("BFGS", {}, "gtol"),
+        ("trust-ncg", {}, "gtol"),
+        ("L-BFGS-B", {}, "ftol"),  # relative reduction of f
+        ("L-BFGS-B", {"ftol": 1e-20, "gtol": 1e-6}, "gtol"),  # projected gradient
+        ("trust-constr", {}, "gtol"),
+        ("Nelder-Mead", {}, "converged"),
+        ("Newton-CG", {}, "converged"),  # scipy's test is on the step
+    ],
+)
+def test_success_statuses(method, options, status):
+    res = scipy_minimize(FunctionObjective(rosenbrock(), 2, dtype=D), X0, method=method, **options)
+    assert res.success and res.status == status
+    assert res.status in STATUSES and STATUSES[res.status]
+
+
+def test_line_search_failure_and_evaluation_limit():
+    # a gradient of the wrong sign: no step along −∇ decreases f
+    wrong = FunctionObjective(lambda x: (x**2).sum(), 2, dtype=D, grad_fn=lambda x: -2 * x)
+    for method in ("BFGS", "CG"):
+        res = scipy_minimize(wrong, X0, method=method)
+        assert res.status == "line_search" and not res.success, res.message
+        assert "precision loss" in res.message
+    obj = FunctionObjective(rosenbrock(), 2, dtype=D)
+    res = scipy_minimize(obj, X0, method="L-BFGS-B", maxfun=3)
+    assert res.status == "max_evals" and "EVALUATIONS" in res.message
+    res = scipy_minimize(obj, X0, method="Nelder-Mead", maxfev=10)
+    assert res.status == "max_evals"

@@ -14,7 +14,7 @@ from secondorder.data import two_class_2d
 from secondorder.models import logistic_regression
 from secondorder.objective import FunctionObjective, ModelObjective, quadratic, rosenbrock
 from secondorder.sampling import FixedBatches, ReshuffledBatches
-from secondorder.solvers import METHODS, OptionError, Result, minimize
+from secondorder.solvers import METHODS, OptionError, Result, minimize, validate_options
 
 D = torch.float64
 X0 = (-1.2, 1.0)
@@ -186,6 +186,43 @@ def test_ggn_curvature_and_damping(two_class):
     assert obj.counts.ggnv > 0
     assert res.info["damping"] < 1.0  # λ shrank on good reduction ratios
     assert float(_grad_eq17(two_class, res.theta).norm()) < 1e-8
+
+
+def test_newton_cg_damping_engages_from_zero():
+    """λ = 0 (the default) is not a dead end: a poor reduction ratio ρ raises λ to
+    λ_min = 1e-4·max(1, ‖g‖₂), good ratios lower it by 2/3 and back to 0 below λ_min."""
+    from secondorder.solvers.directions import Iterate, NewtonCG
+
+    d = NewtonCG()
+    it = Iterate(
+        objective=None, theta=torch.zeros(2, dtype=D), f=1.0, g=torch.tensor([3.0, 4.0]), k=0
+    )
+    d._model = (-1.0, 1.0)  # the model predicts a reduction of 0.5 for the full step
+    d.after_step(it, 1.0, -1.0, 0.99)  # ρ = 0.02
+    assert it.info["rho"] == pytest.approx(0.02) and d.damping == pytest.approx(5e-4)
+    d.after_step(it, 1.0, -1.0, 0.99)
+    assert d.damping == pytest.approx(7.5e-4)
+    d.after_step(it, 1.0, -1.0, 0.5)  # ρ = 1
+    assert d.damping == pytest.approx(5e-4)
+    d.after_step(it, 1.0, -1.0, 0.5)
+    assert d.damping == 0.0
+
+    # a tanh network: the Newton model predicts poorly at some step, and λ engages there
+    from secondorder.models import mlp
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(100, 4, generator=g, dtype=D), torch.randint(0, 3, (100,), generator=g)
+    torch.manual_seed(0)
+    obj = ModelObjective(mlp([4, 8, 3], activation="tanh", dtype=D), "cross_entropy", (X, y))
+    res = minimize(obj, obj.initial_theta(), method="newton-cg", max_iter=30, check_saddle=False)
+    poor = [r["k"] for r in res.trace if r.get("rho", 1.0) < 0.25]
+    assert poor, "expected a poor reduction ratio on this problem"
+    assert res.trace[poor[0] + 1]["damping"] > 0  # the next direction is damped
+
+    # where the model is good (Rosenbrock, logistic regression) λ stays 0: no extra evaluations
+    for b, nfev in ((100.0, 40), (50.0, 21)):
+        res = minimize(rosen_obj(b), start(), method="newton-cg")
+        assert res.success and res.nfev <= nfev and res.info["damping"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -427,6 +464,70 @@ def test_resume_is_exact(method, problem, two_class):
     assert [r["f"] for r in first.trace] + [r["f"] for r in second.trace] == whole.trace["f"]
 
 
+def _rows(trace) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time"} for row in trace]
+
+
+def _split_run(make, method, kw, fresh=True):
+    """(12 uninterrupted iterations, first 6, 6 resumed from the first part's state)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        o = make()
+        whole = minimize(o, o.initial_theta(), method=method, max_iter=12, gtol=1e-30, **kw)
+        o = make()
+        first = minimize(o, o.initial_theta(), method=method, max_iter=6, gtol=1e-30, **kw)
+        o = make() if fresh else o
+        state = first.state
+        second = minimize(
+            o, o.initial_theta(), method=method, max_iter=6, gtol=1e-30, initial_state=state, **kw
+        )
+    return whole, first, second
+
+
+def _assert_same_run(whole, first, second):
+    assert torch.equal(second.theta, whole.theta)
+    assert _rows(first.trace) + _rows(second.trace) == _rows(whole.trace)
+    assert second.objective_changes == whole.objective_changes
+    assert (second.status, second.nit, second.nfev) == ("max_iter", 12, whole.nfev)
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [("lbfgs", {}), ("lbfgs", {"robust": True}), ("nlcg", {"robust": True})],
+    ids=["lbfgs-faithful", "lbfgs-robust", "nlcg-robust"],
+)
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-objective", "same-objective"])
+def test_resume_after_the_function_changed_is_exact(two_class, method, kw, fresh):
+    """6 iterations + 6 resumed == 12 uninterrupted with batches redrawn every iteration: the
+    first resumed iteration sees the change (its ``changed`` row, the robust restart, the
+    change count) exactly as the uninterrupted run does, whether it continues on the objective
+    the first part stopped with or on a freshly built one."""
+
+    def make():
+        return _logreg(two_class, ReshuffledBatches(200, 20, n_batches=4, seed=3))
+
+    whole, first, second = _split_run(make, method, kw, fresh)
+    _assert_same_run(whole, first, second)
+    assert whole.objective_changes == 11
+    assert second.trace[0]["changed"] is True and whole.trace[7]["changed"] is True
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [("lbfgs", {"robust": True, "line_search": None, "lr": 0.5}), ("gd", {"line_search": None})],
+    ids=["lbfgs", "gd"],
+)
+def test_resume_with_batches_drawn_per_evaluation_is_exact(two_class, method, kw):
+    """Batches drawn at every evaluation: the state carries the evaluation count, so a fresh
+    objective continues with the batches the uninterrupted run would have drawn."""
+
+    def make():
+        sampler = ReshuffledBatches(200, 20, n_batches=4, seed=3, every="evaluation")
+        return _logreg(two_class, sampler)
+
+    _assert_same_run(*_split_run(make, method, kw))
+
+
 # -- stopping rules, trace, callback, counters ---------------------------------------------------
 def test_stopping_rules():
     res = minimize(rosen_obj(), start(), method="lbfgs", ftol=1e-3)
@@ -490,7 +591,7 @@ def test_plain_callable_and_dtype():
 
 
 # -- argument checks: all before any evaluation --------------------------------------------------
-@pytest.mark.parametrize(
+BAD_OPTIONS = pytest.mark.parametrize(
     "kwargs, exc, match",
     [
         ({"method": "lbgfs"}, ValueError, "did you mean 'lbfgs'"),
@@ -514,8 +615,13 @@ def test_plain_callable_and_dtype():
         ({"method": "lbfgs", "callback": 3}, TypeError, "callback"),
         ({"method": "lbfgs", "preconditioner": "adagrad"}, ValueError, "preconditioner"),
         ({"method": "lbfgs", "preconditioner": torch.ones(3, dtype=D)}, ValueError, "2 entries"),
+        ({"method": "trust-ncg", "initial_radius": 5.0, "max_radius": 1.0}, ValueError, "radius"),
+        ({"method": "lbfgs", "initial_state": {"x": 1}}, TypeError, "initial_state"),
     ],
 )
+
+
+@BAD_OPTIONS
 def test_bad_options_refused_before_evaluation(kwargs, exc, match):
     obj = rosen_obj()
     kwargs = dict(kwargs)
@@ -523,6 +629,46 @@ def test_bad_options_refused_before_evaluation(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         minimize(obj, start(), method=method, **kwargs)
     assert obj.counts.as_dict() == {"f": 0, "g": 0, "hv": 0, "ggnv": 0, "hessian": 0}
+
+
+@BAD_OPTIONS
+def test_validate_options_raises_what_minimize_raises(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method")
+    obj = rosen_obj()
+    with pytest.raises(exc, match=match) as checked:
+        validate_options(obj, method, **kwargs)
+    assert obj.counts.as_dict() == {"f": 0, "g": 0, "hv": 0, "ggnv": 0, "hessian": 0}
+    with pytest.raises(exc) as ran:
+        minimize(rosen_obj(), start(), method=method, **kwargs)
+    assert type(ran.value) is type(checked.value) and str(ran.value) == str(checked.value)
+    if "ggn" not in str(kwargs) and "2 entries" not in match:  # needs no objective: a size will do
+        with pytest.raises(exc, match=match):
+            validate_options(2, method, **kwargs)
+
+
+def test_validate_options_resolves_defaults_without_evaluating():
+    obj = rosen_obj()
+    cfg = validate_options(obj, "lbfgs", memory=5)
+    assert cfg["method"] == "lbfgs" and cfg["line_search"] == "wolfe"
+    assert cfg["max_iter"] == 1000 and cfg["gtol"] == 1e-9 and cfg["robust"] is False
+    assert validate_options(obj, "gd", line_search=None, lr=0.1)["line_search"] is None
+    assert validate_options(obj, "trust-ncg")["line_search"] is None
+    assert obj.counts.f == 0 and obj.counts.g == 0
+    # known by its size only: the checks that need the objective itself are left out
+    validate_options(3, "newton-cg", curvature="ggn", preconditioner="eq14")
+    with pytest.raises(ValueError, match="Gauss-Newton"):
+        validate_options(rosen_obj(), "newton-cg", curvature="ggn")
+    with pytest.raises(MemoryError, match="Hessian"):
+        validate_options(200_000, "newton")
+    with pytest.raises(ValueError, match="3 entries"):
+        validate_options(3, "lbfgs", preconditioner=torch.ones(2))
+    with pytest.raises(TypeError, match="number of parameters"):
+        validate_options("rosenbrock", "lbfgs")
+    with pytest.raises(ValueError, match="n_params"):
+        validate_options(0, "lbfgs")
+    with pytest.raises(OptionError, match="objective_or_n_params"):
+        validate_options(2, "lbfgs", objective_or_n_params=3)
 
 
 def test_option_error_is_both_type_and_value_error():

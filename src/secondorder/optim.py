@@ -27,7 +27,11 @@ step is repeated identically at every later call), or when a direction is not a 
 direction beyond ``tolerance_change`` while the gradient is not small. Then it warns
 (``RuntimeWarning``) and, with ``on_stall="reset"`` (default), forgets its memory and continues
 from steepest descent with the first-iteration step; ``on_stall="warn"`` only warns, keeping
-torch's behaviour exactly. ``stalls`` counts these events.
+torch's behaviour exactly. When that steepest-descent step is rejected as well (memory already
+empty: e.g. a first step that overshoots with a single line-search trial, or one too short to
+change θ in float32), it rescales the first step — ÷10 when the trial raised f, ×10 when it
+changed nothing — and retries at the next call instead of repeating it for good (warned once
+per run of stalls). ``stalls`` counts these events.
 """
 
 from __future__ import annotations
@@ -198,6 +202,7 @@ class LBFGS(torch.optim.Optimizer):
             return False
         state["old_dirs"], state["old_stps"], state["ro"] = [], [], []
         state["H_diag"] = 1.0
+        state["stall_warned"] = True
         warnings.warn(
             f"L-BFGS made no progress ({why}); memory reset, continuing from steepest descent "
             f"(stall {self.stalls})",
@@ -205,6 +210,24 @@ class LBFGS(torch.optim.Optimizer):
             stacklevel=3,
         )
         return True
+
+    def _rescale(self, state: dict, trial_f: float | None, f0: float) -> None:
+        """A steepest-descent step (memory empty) was rejected: its first trial raised f (or
+        was not finite) → too long, ÷10; it left f or θ unchanged → too short for this
+        precision, ×10. Warned once per run of stalls; ``stalls`` counts each."""
+        self.stalls += 1
+        too_long = trial_f is not None and not trial_f <= f0
+        factor = 0.1 if too_long else 10.0
+        state["restart_scale"] = state.get("restart_scale", 1.0) * factor
+        if not state.get("stall_warned"):
+            warnings.warn(
+                "L-BFGS made no progress from steepest descent either (the step was "
+                f"{'too long' if too_long else 'too short to change θ or f at this precision'}); "
+                f"rescaling its first step by {factor:g} and retrying (stall {self.stalls})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        state["stall_warned"] = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
@@ -267,7 +290,9 @@ class LBFGS(torch.optim.Optimizer):
             g_prev = g.clone()
             loss_prev = loss
 
-            t = min(1.0, 1.0 / float(g.abs().sum())) * lr if state["n_iter"] == 1 else lr
+            # the first step (again after a reset: times the scale learnt from stalls)
+            restart = min(1.0, 1.0 / float(g.abs().sum())) * lr * state.get("restart_scale", 1.0)
+            t = restart if state["n_iter"] == 1 else lr
             gtd = float(g.dot(d))
             if gtd > -tol_change:
                 if first or not S or -float(g.dot(g)) > -tol_change:
@@ -277,7 +302,7 @@ class LBFGS(torch.optim.Optimizer):
                     break
                 S, Y, ro, H_diag = state["old_stps"], state["old_dirs"], state["ro"], 1.0
                 d = g.neg()
-                t = min(1.0, 1.0 / float(g.abs().sum())) * lr
+                t = restart if state["n_iter"] == 1 else min(1.0, 1.0 / float(g.abs().sum())) * lr
                 gtd = float(g.dot(d))
 
             x0 = flat.get()
@@ -304,7 +329,9 @@ class LBFGS(torch.optim.Optimizer):
                 flat.set(flat.add(x0, d, t))
                 ls_evals = ls.calls
                 opt_cond = float(g.abs().max()) <= tol_grad
+                trial_f = ls.trials[0][1] if ls.trials else loss
             else:
+                trial_f = None  # not evaluated: θ unchanged means the step was too short
                 flat.set(flat.add(x0, d, t))
                 ls_evals = 0
                 opt_cond = False
@@ -316,16 +343,15 @@ class LBFGS(torch.optim.Optimizer):
             evals += ls_evals
             state["func_evals"] += ls_evals
 
-            if (
-                not opt_cond
-                and (wolfe or n_iter != max_iter)
-                and torch.equal(flat.get(), x0)
-                and (S or self.on_stall == "warn")
-            ):
+            if not opt_cond and torch.equal(flat.get(), x0):
                 state.update(old_dirs=Y, old_stps=S, ro=ro, H_diag=H_diag)
-                if self._stall(state, "the step left the parameters unchanged"):
-                    S, Y, ro, H_diag = state["old_stps"], state["old_dirs"], state["ro"], 1.0
-                    state["n_iter"] = 0  # the next iteration starts like the first
+                if S or self.on_stall == "warn":
+                    if self._stall(state, "the step left the parameters unchanged"):
+                        S, Y, ro, H_diag = state["old_stps"], state["old_dirs"], state["ro"], 1.0
+                        state["n_iter"] = 0  # the next iteration starts like the first
+                else:  # steepest descent itself made no progress: rescale its first step
+                    self._rescale(state, trial_f, loss_prev)
+                    state["n_iter"] = 0
             else:
                 state["stall_warned"] = False
 
@@ -543,7 +569,8 @@ class NewtonCG(_MinimizeOptimizer):
         tolerance_grad, tolerance_change: as for :class:`LBFGS`.
         cg_max_iter, cg_tol: inner CG limits (default min(2n, 250) steps and the
             Eisenstat–Walker relative residual min(0.5, sqrt(‖g‖))).
-        damping: initial Levenberg–Marquardt λ (0 = none), adapted by the reduction ratio.
+        damping: initial Levenberg–Marquardt λ (default 0: undamped until a step's reduction
+            ratio is poor), then adapted by the reduction ratio (``docs/solvers.md``).
         line_search_fn: ``"armijo"`` (default) or None (fixed step lr).
     """
 

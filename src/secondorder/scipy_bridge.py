@@ -10,12 +10,25 @@ Derivative-free methods get ``fun`` from ``Objective.value`` alone.
 The result is a :class:`~secondorder.solvers.Result` with the same trace columns as
 :func:`secondorder.solvers.minimize` (rows written from scipy's per-iteration callback, f from
 its ``intermediate_result``), the counts read from the objective's counters, and scipy's own
-``OptimizeResult`` in ``result.info["scipy"]``.
+``OptimizeResult`` in ``result.info["scipy"]`` (its status code in ``info["scipy_status"]``).
+
+``status`` speaks the vocabulary of :data:`secondorder.solvers.STATUSES`, read from scipy's
+status code and message (scipy's message is kept as ``message``):
+
+- success: ``"gtol"`` where scipy's test was on the gradient (BFGS, CG, the trust-region
+  methods, L-BFGS-B's projected gradient, TNC's local minimum, trust-constr's ``gtol``),
+  ``"ftol"`` where it was on the change of f (L-BFGS-B's relative reduction, TNC), else
+  ``"converged"`` (tests on the step or the simplex: Newton-CG, Nelder-Mead, Powell, SLSQP …);
+- ``"max_iter"`` (scipy's ``maxiter`` reached), ``"max_evals"`` (its evaluation limit),
+  ``"line_search"`` (BFGS/CG "precision loss", L-BFGS-B "ABNORMAL", TNC and SLSQP line-search
+  failures), ``"nonfinite"`` (NaN met), ``"stalled"`` (no further progress possible),
+  ``"callback"`` (our callback stopped it), and ``"failed"`` for anything else.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +40,7 @@ from torch import Tensor
 from secondorder.objective import FunctionObjective, Objective
 from secondorder.solvers.result import Result, Trace
 
-__all__ = ["GRADIENT_METHODS", "HESSP_METHODS", "scipy_minimize"]
+__all__ = ["GRADIENT_METHODS", "HESSP_METHODS", "scipy_minimize", "scipy_status"]
 
 GRADIENT_METHODS = {
     "cg",
@@ -48,6 +61,42 @@ HESS_METHODS = {"dogleg", "trust-exact"}
 
 def _gnorm(g: Tensor | None) -> float:
     return float("nan") if g is None else float(g.abs().max())
+
+
+GTOL_METHODS = {"bfgs", "cg", "dogleg", "trust-ncg", "trust-krylov", "trust-exact"}
+
+
+def scipy_status(method: str, res, maxiter: int | None = None) -> str:
+    """Our status (see the module doc) for scipy's ``OptimizeResult`` of ``method``."""
+    m = method.lower()
+    msg = str(getattr(res, "message", "")).lower()
+    code = getattr(res, "status", None)
+    nit = getattr(res, "nit", None)
+    if res.success:
+        if m == "tnc":
+            return {0: "gtol", 1: "ftol"}.get(code, "converged")
+        if m == "trust-constr":
+            return "gtol" if code == 1 else "converged"
+        if "projected gradient" in msg:  # L-BFGS-B
+            return "gtol"
+        if "reduction of f" in msg or "rel_reduction" in msg:  # L-BFGS-B
+            return "ftol"
+        return "gtol" if m in GTOL_METHODS else "converged"
+    if "iteration" in msg and any(w in msg for w in ("exceed", "limit", "reached")):
+        return "max_iter"
+    if maxiter is not None and nit is not None and nit >= maxiter:
+        return "max_iter"  # e.g. trust-constr reports both limits as one status
+    if "evaluation" in msg or "maxfun" in msg or "maxfev" in msg:
+        return "max_evals"
+    if any(
+        w in msg for w in ("precision loss", "abnormal", "lnsrch", "linesearch", "linear search")
+    ):
+        return "line_search"
+    if "nan" in re.findall(r"[a-z]+", msg):
+        return "nonfinite"
+    if "unable to progress" in msg or "failure to predict improvement" in msg:
+        return "stalled"
+    return "failed"
 
 
 def scipy_minimize(
@@ -222,7 +271,10 @@ def scipy_minimize(
     nfev, ngev, nhev = counts()
     for r in trace.rows:
         r.pop("theta_np", None)
-    status = "callback" if state["stopped"] else ("converged" if res.success else "failed")
+    maxiter = options.get("maxiter")
+    status = "callback" if state["stopped"] else scipy_status(m, res, maxiter)
+    if status in ("failed", "line_search") and not math.isfinite(f):
+        status = "nonfinite"
     message = str(res.message)
     if state["stopped"]:
         message = "the callback asked to stop"

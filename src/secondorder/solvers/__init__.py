@@ -8,7 +8,13 @@
 (True, [1.0, 1.0])
 """
 
-from secondorder.solvers.minimize import DEFAULT_LINE_SEARCH, METHODS, OptionError, minimize
+from secondorder.solvers.minimize import (
+    DEFAULT_LINE_SEARCH,
+    METHODS,
+    OptionError,
+    minimize,
+    validate_options,
+)
 from secondorder.solvers.result import STATUSES, Result, StopRules, Trace, default_gtol
 
 __all__ = [
@@ -21,4 +27,5 @@ __all__ = [
     "Trace",
     "default_gtol",
     "minimize",
+    "validate_options",
 ]

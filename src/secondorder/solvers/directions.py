@@ -13,7 +13,10 @@ pair (s_k, y_k) after a step, and can save and restore its state (for checkpoint
   relative residual η_k = min(0.5, sqrt(‖g‖)) (Eisenstat–Walker) or ``cg_tol``, at negative
   curvature pᵀ(B + λI)p ≤ 0 (the last iterate, or −M⁻¹g on the first inner step), warm-started
   from 0.95× the previous solution, and Levenberg–Marquardt damping λ adapted by the
-  reduction ratio ρ (λ·3/2 when ρ < 1/4, λ·2/3 when ρ > 3/4; Martens 2010).
+  reduction ratio ρ of the accepted step (Martens 2010): λ ← max(3/2·λ, λ_min) when ρ < 1/4
+  (or when CG gave no usable model), λ ← 2/3·λ when ρ > 3/4, and back to 0 once below λ_min,
+  with λ_min = 1e-4·max(1, ‖g‖₂). λ starts at ``damping`` (default 0: undamped Newton steps
+  until the model predicts poorly), so the damping engages even from 0.
 - :class:`NonlinearCG` — d = −M⁻¹g + β d_prev with β of Fletcher–Reeves ("fr"), Polak–Ribière+
   ("pr+"), Hestenes–Stiefel ("hs") or Dai–Yuan ("dy"); restarts with −M⁻¹g every n
   iterations, when β < 0 (pr+), or when d is not a descent direction.
@@ -366,20 +369,27 @@ class NewtonCG(Direction):
     def initial_step(self, it, d, dphi0):
         return it.lr
 
+    #: λ_min = DAMPING_FLOOR·max(1, ‖g‖₂): where λ starts from when ρ is poor at λ = 0
+    DAMPING_FLOOR = 1e-4
+
     def after_step(self, it, alpha, dphi0, f_new):
         super().after_step(it, alpha, dphi0, f_new)
-        if self.damping <= 0 or self._model is None:
+        if self._model is None:
             return
         gp, pBp = self._model
-        if not math.isfinite(pBp):
-            return
-        q = alpha * gp + 0.5 * alpha * alpha * pBp  # reduction predicted by the undamped model
-        rho = (f_new - it.f) / q if q < 0 else -math.inf
-        it.info["rho"] = rho
+        rho = -math.inf  # no usable model (CG met negative curvature at once): as poor as it gets
+        if math.isfinite(pBp):
+            q = alpha * gp + 0.5 * alpha * alpha * pBp  # reduction predicted by the undamped model
+            if q < 0:
+                rho = (f_new - it.f) / q
+            it.info["rho"] = rho
+        floor = self.DAMPING_FLOOR * max(1.0, _norm2(it.g))
         if rho < 0.25:
-            self.damping *= 1.5
+            self.damping = max(1.5 * self.damping, floor)
         elif rho > 0.75:
             self.damping *= 2.0 / 3.0
+            if self.damping < floor:
+                self.damping = 0.0
 
     def reset(self):
         super().reset()

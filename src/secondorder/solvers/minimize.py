@@ -30,11 +30,11 @@ from secondorder.solvers.directions import (
     _dot,
 )
 from secondorder.solvers.linesearch import evaluator, make_step_rule
-from secondorder.solvers.precondition import make_preconditioner
+from secondorder.solvers.precondition import PRECONDITIONERS, Preconditioner, make_preconditioner
 from secondorder.solvers.result import STATUSES, Result, StopRules, Trace, default_gtol
 from secondorder.solvers.trust import ARC, Outcome, TrustNCG, lanczos_extreme
 
-__all__ = ["DEFAULT_LINE_SEARCH", "METHODS", "OptionError", "minimize"]
+__all__ = ["DEFAULT_LINE_SEARCH", "METHODS", "OptionError", "minimize", "validate_options"]
 
 METHODS = ("gd", "newton", "newton-cg", "nlcg", "bfgs", "lbfgs", "trust-ncg", "arc")
 LINE_SEARCHES = ("armijo", "wolfe", "fixed")
@@ -348,7 +348,60 @@ def _opt_tol(options: dict, name: str, default):
     return check_positive(name, v)
 
 
-def _validate(objective: Objective, method, line_search, options: dict) -> dict:
+class _SizeOnly:
+    """What the option checks need of an objective known only by its number of parameters."""
+
+    check_theta = Objective.check_theta
+
+    def __init__(self, n_params: int) -> None:
+        self.n_params = n_params
+        self.dtype = torch.get_default_dtype()
+        self.device = torch.device("cpu")
+
+
+def _objective_for_options(objective_or_n_params) -> Objective | _SizeOnly:
+    if isinstance(objective_or_n_params, Objective):
+        return objective_or_n_params
+    if isinstance(objective_or_n_params, bool) or not isinstance(objective_or_n_params, int):
+        raise TypeError(
+            "validate_options needs an Objective or the number of parameters (an int), got "
+            f"{type(objective_or_n_params).__name__}"
+        )
+    return _SizeOnly(check_positive_int("n_params", objective_or_n_params))
+
+
+def validate_options(
+    objective_or_n_params: Objective | int,
+    method: str,
+    /,
+    line_search: str | None = _DEFAULT,  # type: ignore[assignment]
+    **options,
+) -> dict[str, Any]:
+    """Check the arguments of ``minimize(objective, θ₀, method, line_search=..., **options)``
+    without evaluating anything, raising exactly the errors ``minimize`` would raise.
+
+    Checks the method name (with a suggestion for a misspelt one), that every option exists
+    and applies to the method (:class:`OptionError` otherwise), every value (``ValueError`` /
+    ``TypeError``), the line search against trust-region methods, the preconditioner, the
+    dense-matrix size of newton / bfgs and a resumed ``initial_state``. ``minimize`` runs these
+    same checks before its first evaluation.
+
+    ``objective_or_n_params`` is the :class:`~secondorder.objective.Objective` or just its
+    number of parameters; with a number, the checks that need the objective itself (Gauss–
+    Newton products for ``curvature="ggn"`` / ``"ggn-diag"``, a ModelObjective for ``"eq14"``)
+    are skipped and the default dtype stands for the objective's.
+
+    Returns the resolved configuration: ``method``, ``line_search`` (the step rule's name, or
+    None for a fixed step), ``max_iter``, ``gtol``, ``ftol``, ``max_evals``, ``max_time``,
+    ``lr``, ``robust``, ``check_saddle`` … with the defaults filled in, and the (unused) solver
+    components ``minimize`` would run with.
+    """
+    objective = _objective_for_options(objective_or_n_params)
+    return _validate(objective, method, line_search, options)
+
+
+def _validate(objective, method, line_search, options: dict) -> dict:
+    """The checks of :func:`validate_options` on an objective (or a :class:`_SizeOnly`)."""
     check_choice("method", method, METHODS)
     trust = method in TRUST_METHODS
     if line_search is _DEFAULT:
@@ -438,9 +491,12 @@ def _validate(objective: Objective, method, line_search, options: dict) -> dict:
         every = check_positive_int("precondition_every", options["precondition_every"])
     else:
         every = 1
-    cfg["precond"] = make_preconditioner(
-        options.get("preconditioner"), objective, method=method, every=every
-    )
+    spec = options.get("preconditioner")
+    if isinstance(objective, _SizeOnly) and isinstance(spec, str):
+        check_choice("preconditioner", spec, PRECONDITIONERS)  # its needs are unknown here
+        cfg["precond"] = Preconditioner(spec, every=every)
+    else:
+        cfg["precond"] = make_preconditioner(spec, objective, method=method, every=every)
     if trust and cfg["precond"] is not None and cfg["precond"].kind == "callable":
         raise ValueError(
             f"method={method!r} takes a diagonal preconditioner (a name or a tensor), not a "
@@ -449,7 +505,11 @@ def _validate(objective: Objective, method, line_search, options: dict) -> dict:
 
     curvature = options.get("curvature", "hessian")
     check_choice("curvature", curvature, CURVATURES)
-    if curvature == "ggn" and type(objective).ggnvp_at is Objective.ggnvp_at:
+    if (
+        curvature == "ggn"
+        and isinstance(objective, Objective)
+        and type(objective).ggnvp_at is Objective.ggnvp_at
+    ):
         raise ValueError(
             f"curvature='ggn' needs Gauss-Newton products, which {type(objective).__name__} "
             "does not offer (use a ModelObjective, or curvature='hessian')"
@@ -541,13 +601,14 @@ def minimize(
     eigenvalue), ``trace_theta`` (store θ in every trace row). Line-search options: ``lr`` (or
     ``step_size``), ``c1``, ``c2``, ``max_ls``. Method options: see ``docs/solvers.md``.
 
-    Everything is validated before the first evaluation. The loop calls
+    Everything is validated before the first evaluation (by :func:`validate_options`, which
+    runs the same checks without an evaluation). The loop calls
     ``objective.begin_iteration(k)`` at the top of every iteration and re-evaluates f and g
     when the function changed.
     """
     objective = _as_objective(f_or_objective, theta0)
     theta = _check_theta0(objective, theta0)
-    cfg = _validate(objective, method, line_search, options)
+    cfg = validate_options(objective, method, line_search=line_search, **options)
     return _run(objective, theta, cfg)
 
 
@@ -641,7 +702,14 @@ def _run(objective: Objective, theta0: Tensor, cfg: dict) -> Result:
     if state is not None:
         k = int(state["k"])
         theta = state["theta"].detach().clone().to(objective.dtype)
-        carried = objective.begin_iteration(k)  # seen by the first iteration's rules
+        # the function of iteration k is compared with the one the saved f and g belong to,
+        # so the first iteration sees (and counts) a change exactly as an uninterrupted run
+        # would, whether the objective is the one the run stopped with or a fresh copy
+        if state.get("evaluations") is not None and hasattr(objective, "_evaluations"):
+            objective._evaluations = int(state["evaluations"])  # samplers drawn per evaluation
+        carried = objective.begin_iteration(k)
+        if state.get("version") is not None:
+            carried = objective.version != state["version"]
         if carried or state.get("g") is None:
             f, g = evaluate(theta)
             changes += int(carried)
@@ -868,5 +936,7 @@ def _run(objective: Objective, theta0: Tensor, cfg: dict) -> Result:
         "neg_first": neg_first,
         "solver": solver.state_dict(),
         "precond": {} if precond is None else precond.state_dict(),
+        "version": objective.version,  # the function that f and g belong to
+        "evaluations": getattr(objective, "_evaluations", None),
     }
     return result

@@ -18,6 +18,9 @@ status               success meaning
                              iterations (faithful mode) and the method broke down
 ``"saddle"``         no      ‖∇f‖ is small but the Hessian has a negative eigenvalue
 ``"nonfinite"``      no      only non-finite values could be found
+``"converged"``      yes     scipy bridge: scipy's own test passed, on neither the gradient
+                             nor f (e.g. on the step or the simplex)
+``"failed"``         no      scipy bridge: scipy stopped for another reason (see the message)
 ==================== ======= ==============================================================
 """
 
@@ -53,6 +56,8 @@ STATUSES: dict[str, bool] = {
     "objective_changed": False,
     "saddle": False,
     "nonfinite": False,
+    "converged": True,  # scipy bridge only
+    "failed": False,  # scipy bridge only
 }
 
 
