@@ -238,6 +238,95 @@ def test_float32_is_preserved_and_close():
     assert layer_hessians(model, X.double(), y)[0].dtype == torch.float32
 
 
+# -- the fast diagonal and the uninitialised outputs --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "widths,act,out_act,loss",
+    [
+        ([6, 3], "sigmoid", None, "cross_entropy"),  # one layer, cross-entropy at the output
+        ([6, 5, 3], "tanh", None, "cross_entropy"),  # H_Z of the output never formed
+        ([6, 5, 4, 3], "sigmoid", None, "cross_entropy"),
+        ([6, 5, 4, 3, 2], "softplus", "sigmoid", "mse"),  # an output activation
+        ([6, 5, 4, 1], "nn.Tanh", None, "logistic"),
+        ([6, 5, 2], "relu", "tanh", "mse"),
+    ],
+)
+def test_diagonal_paths_match_torch_func(monkeypatch, widths, act, out_act, loss):
+    """Every route of the diagonal (the implicit cross-entropy H_Z, the K-GEMM and its
+    fallback, the x ⊙ x row blocks, several chunks) against torch.func.hessian."""
+    from secondorder.curvature import backprop
+
+    g = torch.Generator().manual_seed(len(widths))
+    model = make_mlp(widths, act, out_act, seed=len(widths))
+    N = 40
+    X = torch.randn(N, widths[0], generator=g, dtype=f64)
+    y = get_loss(loss).check_targets(make_targets(loss, N, widths[-1], g), widths[-1])
+    H_ref = reference_hessian(model, X, y, loss, 0.02)
+    G_ref = ggn(model, X, y, loss, 0.02, method="autodiff")
+    for k_elems, block_bytes, chunk in ((2**22, 2**20, None), (0, 16 * 6 * 8, 7)):
+        monkeypatch.setattr(backprop, "_K_ELEMENTS", k_elems)
+        monkeypatch.setattr(backprop, "_SQUARE_BLOCK_BYTES", block_bytes)
+        d = hessian_diagonal(model, X, y, loss, 0.02, method="backprop", chunk_size=chunk)
+        assert rel(d, H_ref.diagonal()) <= 1e-10
+        dg = ggn_diagonal(model, X, y, loss, 0.02, method="backprop", chunk_size=chunk)
+        assert rel(dg, G_ref.diagonal()) <= 1e-10
+
+
+def test_dense_outputs_start_uninitialised_and_are_fully_written(monkeypatch):
+    """The dense results are allocated with torch.empty and every entry is written (the first
+    chunk overwrites): poison fresh memory with NaN and compare, over several chunks."""
+    from secondorder.curvature import backprop
+
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    model = make_mlp([4, 5, 3, 3], "tanh", seed=2)
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(23, 4, generator=g, dtype=f64), torch.randint(0, 3, (23,), generator=g)
+    H_ref = reference_hessian(model, X, y, "cross_entropy", 0.05)
+    sl = layer_slices(model)
+    monkeypatch.setattr(backprop.torch, "empty", poisoned)
+    for chunk in (None, 5):
+        H = hessian(model, X, y, l2=0.05, chunk_size=chunk)
+        assert rel(H, H_ref) <= 1e-10 and torch.equal(H, H.T)
+        for k, B in enumerate(layer_hessians(model, X, y, l2=0.05, chunk_size=chunk)):
+            assert rel(B, H_ref[sl[k], sl[k]]) <= 1e-10
+        blocks = hessian_blocks(model, X, y, l2=0.05, pairs=[(0, 2), (1, 1)], chunk_size=chunk)
+        assert rel(blocks[(0, 2)], H_ref[sl[0], sl[2]]) <= 1e-10
+        assert rel(blocks[(1, 1)], H_ref[sl[1], sl[1]]) <= 1e-10
+
+
+def test_hvp_routes_agree():
+    from secondorder.curvature.autodiff import ROUTES, hessian_rows, prepare
+
+    model = make_mlp([4, 5, 3], "sigmoid", seed=1)
+    X, y = torch.randn(9, 4, dtype=f64), torch.randint(0, 3, (9,))
+    H_ref = reference_hessian(model, X, y, "cross_entropy", 0.1)
+    problem = prepare(model, X, y, "cross_entropy", 0.1)
+    E = torch.eye(problem.n_params, dtype=f64)[3:11]
+    for route in ROUTES:
+        rows, taken = hessian_rows(problem.objective(), problem.theta, route)
+        assert taken == route
+        assert rel(rows(E), H_ref[3:11]) <= 1e-12, route
+
+
+def test_finite_check_survives_overflowing_sums():
+    """X is validated by one sum; a sum that overflows on finite data must not be an error."""
+    model = mlp([2, 3, 2], "sigmoid", seed=0, dtype=f64)
+    X = torch.tensor([[1e308, 1e308], [1e308, -1.0]], dtype=f64)
+    y = torch.tensor([0, 1])
+    assert hessian_diagonal(model, X, y).shape == (17,)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        Xb = X.clone()
+        Xb[1, 1] = bad
+        with pytest.raises(ValueError, match=r"NaN or inf values \(first in sample 1\)"):
+            hessian_diagonal(model, Xb, y)
+
+
 # -- Gauss–Newton and per-sample H_Z ----------------------------------------------------------
 
 

@@ -276,7 +276,7 @@ class FunctionObjective(Objective):
             self.counts.hv += 1
             if not g.requires_grad:  # g does not depend on θ: a linear function
                 return torch.zeros_like(v)
-            (hv,) = torch.autograd.grad(g, t, v, retain_graph=True, allow_unused=True)
+            (hv,) = torch.autograd.grad(g @ v, t, retain_graph=True, allow_unused=True)
             return torch.zeros_like(v) if hv is None else hv.detach()
 
         return product
@@ -502,7 +502,8 @@ class ModelObjective(Objective):
         def product(v: Tensor) -> Tensor:
             self.counts.hv += 1
             if g.requires_grad:
-                (hv,) = torch.autograd.grad(g, t, v, retain_graph=True, allow_unused=True)
+                # differentiate the scalar gᵀv: cheaper to set up than a vector grad_outputs
+                (hv,) = torch.autograd.grad(g @ v, t, retain_graph=True, allow_unused=True)
                 hv = torch.zeros_like(v) if hv is None else hv.detach()
             else:
                 hv = torch.zeros_like(v)
@@ -529,9 +530,9 @@ class ModelObjective(Objective):
 
         def product(v: Tensor) -> Tensor:
             self.counts.ggnv += 1
-            (jv,) = torch.autograd.grad(jtu, u, v, retain_graph=True)
+            (jv,) = torch.autograd.grad(jtu @ v, u, retain_graph=True)
             hjv = w[:, None] * self.loss.hessian_output_matvec(out_d, y, jv)
-            (gv,) = torch.autograd.grad(out, t, hjv, retain_graph=True)
+            (gv,) = torch.autograd.grad((out * hjv).sum(), t, retain_graph=True)
             return gv + c * mask * v if c else gv
 
         return product

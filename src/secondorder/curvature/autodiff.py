@@ -4,8 +4,9 @@ Second-order backpropagation (:mod:`secondorder.curvature.backprop`) covers sequ
 Every other model — convolutions, custom modules, activations without a closed-form σ″ — goes
 through the functions here, which differentiate a flat-parameter function with ``torch.func``:
 
-- Hessian columns are Hessian-vector products over chunks of identity columns, batched either
-  by double backward with ``is_grads_batched`` (reverse-over-reverse) or by
+- Hessian columns are Hessian-vector products over chunks of identity columns, batched by
+  double backward with ``is_grads_batched`` or by ``vmap`` over the pullback of
+  ``vjp(grad)`` (reverse-over-reverse, the gradient's graph built once), or by
   ``vmap(jvp(grad))`` (forward-over-reverse), whichever the model supports; the dense Hessian,
   its diagonal and its blocks are assembled from them, chunk by chunk.
 - The Gauss–Newton matrix G = Σ_i J_iᵀ H_{out,i} J_i uses per-sample output Jacobians
@@ -126,6 +127,18 @@ def _as_tensor(value, arg: str) -> Tensor:
         raise TypeError(f"{arg} must be a tensor or array, got {type(value).__name__}") from exc
 
 
+def _check_finite(X: Tensor) -> None:
+    """Raise on NaN or inf in X. A finite sum proves every entry finite (a NaN or an inf
+    entry makes the sum NaN or ±inf) at the cost of one read; only a non-finite sum, from a bad
+    entry or an overflow, pays for the elementwise test."""
+    if X.is_floating_point() and bool(torch.isfinite(X.sum())):
+        return
+    finite = torch.isfinite(X)
+    if not bool(finite.all()):
+        bad = int((~finite).reshape(len(X), -1).any(1).nonzero()[0, 0])
+        raise ValueError(f"X contains NaN or inf values (first in sample {bad})")
+
+
 def prepare(model: nn.Module, X, y, loss: str | Loss, l2: float) -> Problem:
     """Validate a curvature request and return it in the model's dtype and device.
 
@@ -157,10 +170,7 @@ def prepare(model: nn.Module, X, y, loss: str | Loss, l2: float) -> Problem:
             f"{tuple(y.shape)}"
         )
     X = X.to(dtype=dtype, device=device)
-    finite = torch.isfinite(X)
-    if not bool(finite.all()):
-        bad = int((~finite).reshape(len(X), -1).any(1).nonzero()[0, 0])
-        raise ValueError(f"X contains NaN or inf values (first in sample {bad})")
+    _check_finite(X)
     with torch.no_grad():
         try:
             out = model(X[:1])
@@ -246,6 +256,14 @@ def _rows_forward(fn: Callable, theta: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda V: batched(V).detach()
 
 
+def _rows_vjp(fn: Callable, theta: Tensor) -> Callable[[Tensor], Tensor]:
+    """Reverse-over-reverse through torch.func: the gradient's graph is recorded once by
+    ``vjp(grad(fn))`` and the pullback is vmapped over the rows of V."""
+    _, pullback = torch.func.vjp(torch.func.grad(fn), theta.detach())
+    batched = torch.func.vmap(pullback)
+    return lambda V: batched(V)[0].detach()
+
+
 def _rows_loop(fn: Callable, theta: Tensor) -> Callable[[Tensor], Tensor]:
     t = theta.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -264,7 +282,7 @@ def _rows_loop(fn: Callable, theta: Tensor) -> Callable[[Tensor], Tensor]:
     return rows
 
 
-ROUTES = ("reverse", "forward", "loop")
+ROUTES = ("reverse", "vjp", "forward", "loop")
 
 
 def hessian_rows(
@@ -273,9 +291,10 @@ def hessian_rows(
     """A batched product V ↦ V ∇²fn(θ) (rows of V are directions; ∇² is symmetric).
 
     ``route``: ``"reverse"`` (double backward, batched with ``is_grads_batched``; the gradient
-    graph is built once), ``"forward"`` (``vmap(jvp(grad))``), ``"loop"`` (one double backward
-    per row) or ``"auto"``: the first of these that the model supports. Returns the product and
-    the route taken.
+    graph is built once), ``"vjp"`` (the same through torch.func: ``vmap`` over the pullback of
+    ``vjp(grad)``, graph recorded once), ``"forward"`` (``vmap(jvp(grad))``), ``"loop"`` (one
+    double backward per row) or ``"auto"``: the first of these that the model supports.
+    Returns the product and the route taken.
     """
     candidates = ROUTES if route == "auto" else (route,)
     if route != "auto" and route not in ROUTES:
@@ -284,7 +303,12 @@ def hessian_rows(
     probe[0, 0] = 1.0
     last: Exception | None = None
     for name in candidates:
-        maker = {"reverse": _rows_reverse, "forward": _rows_forward, "loop": _rows_loop}[name]
+        maker = {
+            "reverse": _rows_reverse,
+            "vjp": _rows_vjp,
+            "forward": _rows_forward,
+            "loop": _rows_loop,
+        }[name]
         try:
             rows = maker(fn, theta)
             rows(probe)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from secondorder._validation import check_choice, check_positive_int
-from secondorder.losses import Loss
+from secondorder.losses import CrossEntropy, Loss
 from secondorder.models import Activation, Identity, ReLU, activation_derivatives
 from secondorder.objective import check_dense_fits
 
@@ -390,10 +390,14 @@ def _chunks(
     struct: MLPStructure,
     chunk_size: int | None,
     buffer_cols: int = 0,
+    *,
+    per_sample: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
+    """(X, y) chunks of at most ``chunk_size`` samples (default: CHUNK_BYTES of temporaries at
+    ``per_sample`` bytes a sample, estimated for the dense blocks unless given)."""
     N = problem.n_samples
     if chunk_size is None:
-        per = _per_sample_bytes(struct, problem.theta.element_size(), buffer_cols)
+        per = per_sample or _per_sample_bytes(struct, problem.theta.element_size(), buffer_cols)
         chunk_size = max(1, min(N, CHUNK_BYTES // per))
     else:
         chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -405,12 +409,16 @@ def _chunks(
 # -- block assembly -----------------------------------------------------------------------------
 
 
-def _diag_pair(out: Tensor, hz: Tensor, x: Tensor, bias: bool, buf: Tensor) -> None:
-    """Add Σ_i (∂z/∂θ_l)ᵀ H_Z (∂z/∂θ_l) to the upper band part of the layer block ``out``."""
+def _diag_pair(
+    out: Tensor, hz: Tensor, x: Tensor, bias: bool, buf: Tensor, first: bool = False
+) -> None:
+    """Add Σ_i (∂z/∂θ_l)ᵀ H_Z (∂z/∂θ_l) to the upper band part of the layer block ``out``
+    (with ``first``, write it: ``out`` may hold garbage, e.g. fresh ``torch.empty`` memory)."""
     n, a, _ = hz.shape
     n_in = x.shape[1]
     nW = a * n_in
     xt = x.T
+    beta = 0.0 if first else 1.0  # β = 0: the old contents are ignored, NaN included
     for j in range(a):
         width = (a - j) * n_in
         ncols = width + (a if bias else 0)
@@ -418,9 +426,16 @@ def _diag_pair(out: Tensor, hz: Tensor, x: Tensor, bias: bool, buf: Tensor) -> N
         torch.mul(hz[:, j, j:, None], x[:, None, :], out=C[:, :width].view(n, a - j, n_in))
         if bias:
             C[:, width:].copy_(hz[:, j, :])
-        out[j * n_in : (j + 1) * n_in, j * n_in :].addmm_(xt, C)
+        out[j * n_in : (j + 1) * n_in, j * n_in :].addmm_(xt, C, beta=beta)
         if bias:
-            out[nW + j, nW:].add_(C[:, width:].sum(0))
+            _put(out[nW + j, nW:], C[:, width:].sum(0), first)
+
+
+def _put(dst: Tensor, src: Tensor, first: bool) -> None:
+    if first:
+        dst.copy_(src)
+    else:
+        dst.add_(src)
 
 
 def _copy_transposed(dst: Tensor, src: Tensor, tile: int = 512) -> None:
@@ -459,8 +474,10 @@ def _cross_pair(
     bias_r: bool,
     bias_c: bool,
     buf: Tensor,
+    first: bool = False,
 ) -> None:
-    """Add the block (row layer k, column layer l > k): Σ_i x_m (M[j,j′] x′_m′ + g_j′ E[m′,j])."""
+    """Add (with ``first``, write) the block (row layer k, column layer l > k):
+    Σ_i x_m (M[j,j′] x′_m′ + g_j′ E[m′,j])."""
     n, a, b = M.shape
     n_in_r, n_in_c = xr.shape[1], xc.shape[1]
     nWc = b * n_in_c
@@ -469,15 +486,16 @@ def _cross_pair(
     C = buf[: n * ncols].view(n, ncols)
     Cw = C[:, :nWc].view(n, b, n_in_c)
     xt = xr.T
+    beta = 0.0 if first else 1.0
     for j in range(a):
         torch.mul(M[:, j, :, None], xc[:, None, :], out=Cw)
         if E is not None:
             Cw.addcmul_(g[:, :, None], E[:, None, :, j])
         if bias_c:
             C[:, nWc:].copy_(M[:, j, :])
-        out[j * n_in_r : (j + 1) * n_in_r].addmm_(xt, C)
+        out[j * n_in_r : (j + 1) * n_in_r].addmm_(xt, C, beta=beta)
         if bias_r:
-            out[nWr + j].add_(C.sum(0))
+            _put(out[nWr + j], C.sum(0), first)
 
 
 def _assemble(
@@ -487,9 +505,12 @@ def _assemble(
     mode: str,
     chunk_size: int | None,
 ) -> None:
-    """Accumulate the blocks ``targets[(k, l)]`` (k ≤ l) of the Hessian or Gauss–Newton matrix.
+    """Write the blocks ``targets[(k, l)]`` (k ≤ l) of the Hessian or Gauss–Newton matrix.
 
-    Diagonal blocks come out complete (mirrored within the block); no l2 term is added.
+    Every entry of a target is written (the first chunk overwrites, later ones add), so the
+    targets may start uninitialised: no pass to zero them, and the first touch of fresh memory
+    happens inside the GEMMs. Diagonal blocks come out complete (mirrored within the block);
+    no l2 term is added.
     """
     layers = struct.layers
     cols = max(layers[l].n_params for _, l in targets)
@@ -500,14 +521,20 @@ def _assemble(
     weight = 1.0 / problem.n_samples
     lowest = min(k for k, _ in targets)
     buf = None
-    for X, y in _chunks(problem, struct, chunk_size, cols):
+    out_bytes = sum(t.numel() for t in targets.values()) * problem.theta.element_size()
+    per = _per_sample_bytes(struct, problem.theta.element_size(), cols)
+    # temporaries up to 1/8 of the output (at least CHUNK_BYTES): one chunk where that fits
+    n_chunk = max(1, max(CHUNK_BYTES, out_bytes // 8) // per) if chunk_size is None else None
+    size = chunk_size if chunk_size is not None else n_chunk
+    for c, (X, y) in enumerate(_chunks(problem, struct, size, cols)):
+        first = c == 0
         n = X.shape[0]
         if buf is None or buf.numel() < n * cols:
             buf = torch.empty(n * cols, dtype=problem.dtype, device=problem.device)
         ps = _second_order_pass(struct, X, y, problem.loss, weight, mode, lowest=lowest)
         for (k, l), out in targets.items():
             if k == l:
-                _diag_pair(out, ps.hz[k], ps.xs[k], layers[k].bias, buf)
+                _diag_pair(out, ps.hz[k], ps.xs[k], layers[k].bias, buf, first)
         for k, last in reach.items():
             J = None  # J⁽ˡ←ᵏ⁾ for the current l; None is the identity (l = k)
             for l in range(k + 1, last + 1):
@@ -532,6 +559,7 @@ def _assemble(
                         layers[k].bias,
                         layers[l].bias,
                         buf,
+                        first,
                     )
     for (k, l), out in targets.items():
         if k == l:
@@ -547,7 +575,7 @@ def _fast_dense(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_siz
     P = struct.n_params
     what = "the dense Hessian" if mode == "hessian" else "the dense Gauss-Newton matrix"
     check_dense_fits((P, P), problem.dtype, what, max_bytes=max_bytes)
-    H = torch.empty(P, P, dtype=problem.dtype, device=problem.device).fill_(0.0)
+    H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)  # every entry written
     sl = [layer.params for layer in struct.layers]
     L = len(sl)
     targets = {(k, l): H[sl[k], sl[l]] for k in range(L) for l in range(k, L)}
@@ -559,20 +587,188 @@ def _fast_dense(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_siz
     return H
 
 
+#: largest K matrix (entries) that :func:`_diagonal` builds for the second layer
+_K_ELEMENTS = 2**22
+#: bytes of the row block of x ⊙ x that :func:`_add_squares_gemm` keeps in cache
+_SQUARE_BLOCK_BYTES = 2**20
+
+
+def _add_squares_gemm(out: Tensor, a: Tensor, x: Tensor) -> None:
+    """out += a·(x ⊙ x) for a (m, n), x (n, k): x ⊙ x is formed a row block at a time in a
+    reused buffer that stays in cache (no n×k temporary) and each block is one GEMM."""
+    n, k = x.shape
+    rows = max(16, _SQUARE_BLOCK_BYTES // max(1, k * x.element_size()))
+    if n <= rows:
+        out.addmm_(a, x * x)
+        return
+    buf = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+    for s in range(0, n, rows):
+        xb = x[s : s + rows]
+        b = buf[: xb.shape[0]]
+        torch.mul(xb, xb, out=b)
+        out.addmm_(a[:, s : s + rows], b)
+
+
+def _congruence_fm(h: Tensor, W: Tensor) -> Tensor:
+    """Wᵀ h_i W for every sample, feature-major: h (k, k, n) symmetric per sample, W (k, m);
+    returns (m, m, n). Two GEMMs with the samples along the wide dimension (no batched
+    small products) and one transposing copy between them."""
+    k, _, n = h.shape
+    m = W.shape[1]
+    A = torch.mm(W.T, h.reshape(k, k * n))  # [m, c′, i] = Σ_c W_cm h_cc′
+    A = A.view(m, k, n).transpose(0, 1).reshape(k, m * n)
+    return torch.mm(W.T, A).view(m, m, n)  # [m′, m, i] = (Wᵀ h W)_mm′
+
+
+def _output_derivatives_fm(
+    loss: Loss, out: Tensor, y: Tensor, weight: float, grad: bool
+) -> tuple[Tensor | None, Tensor]:
+    """Feature-major (k, n) output ``out``: (weight·∂ℓ/∂out as (k, n) or None,
+    weight·∂²ℓ/∂out² as (k, k, n)); cross-entropy computes its softmax once."""
+    if type(loss) is CrossEntropy:
+        p = torch.softmax(out, 0)
+        g = None
+        if grad:
+            g = p * weight
+            g[y, torch.arange(len(y), device=y.device)] -= weight
+        pw = p * weight
+        H = torch.mul(pw[:, None, :], p[None, :, :]).neg_()  # w(diag p − p pᵀ)
+        H.diagonal(dim1=0, dim2=1).add_(pw.T)
+        return g, H
+    g = loss.grad_output(out.T, y).T * weight if grad else None
+    H = loss.hessian_output(out.T, y).permute(1, 2, 0) * weight
+    return g, H.contiguous()
+
+
+def _diag_per_sample_bytes(struct: MLPStructure, item: int) -> int:
+    """Temporaries per sample of :func:`_diagonal`: activations, σ′, σ″, g and diag H_Z of
+    every layer, and the full H_Z (with one congruence factor) of every layer above the first."""
+    n = 0
+    for l, layer in enumerate(struct.layers):
+        n += layer.n_in + 6 * layer.n_out
+        if l > 0:
+            n += 3 * layer.n_out**2 + 2 * layer.n_out * layer.n_in
+    return item * max(n, 1)
+
+
 def _diagonal(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_size) -> Tensor:
-    d = torch.zeros(struct.n_params, dtype=problem.dtype, device=problem.device)
+    """diag H (or diag G): Σ_i diag(H_Z,i)_j x_im² per weight, Σ_i diag(H_Z,i)_j per bias.
+
+    Every per-sample quantity is kept feature-major — x⁽ˡ⁾, σ′, g as (n_l, n), H_Z as
+    (n_l, n_l, n) — so that each step is one GEMM with the samples along its wide dimension
+    (z = W·x, g ← Wᵀ·g, the congruence Wᵀ H_Z W as two GEMMs) or one elementwise pass; no
+    batched products of small per-sample matrices. The first layer's H_Z is needed only on its
+    diagonal,
+
+        diag(Wᵀ H_Z W)_m = Σ_cc′ H_Z[c, c′] W_cm W_c′m = Kᵀ·vec(H_Z),   K[(c, c′), m] = W_cm W_c′m,
+
+    one GEMM (for cross-entropy right at the output, H_Z = w(diag p − ppᵀ) and this is
+    w((W ⊙ W)ᵀp − (Wᵀp)²), two thin GEMMs and no H_Z at all). Then per layer one GEMM
+    diag(H_Z)·(x ⊙ x), for the wide input in cache-sized row blocks.
+    """
+    layers = struct.layers
+    L = len(layers)
+    dtype = problem.dtype
+    hess = mode == "hessian"
+    loss = problem.loss
     weight = 1.0 / problem.n_samples
-    for X, y in _chunks(problem, struct, chunk_size):
-        ps = _second_order_pass(struct, X, y, problem.loss, weight, mode, diag_first=True)
-        for layer, hz, x in zip(struct.layers, ps.hz, ps.xs):
-            dh = hz if hz.ndim == 2 else hz.diagonal(dim1=1, dim2=2)
-            s = layer.offset
-            d[s : s + layer.n_weight] += (dh.T @ (x * x)).reshape(-1)
-            if layer.bias:
-                d[s + layer.n_weight : s + layer.n_params] += dh.sum(0)
+    Ws = [_weights(layer, dtype) for layer in layers]
+    d = torch.zeros(struct.n_params, dtype=dtype, device=problem.device)
+    dW = [d[ly.offset : ly.offset + ly.n_weight].view(ly.n_out, ly.n_in) for ly in layers]
+    db = [
+        d[ly.offset + ly.n_weight : ly.offset + ly.n_params] if ly.bias else None for ly in layers
+    ]
+    # cross-entropy straight after the last Linear: H_Z = w(diag p − ppᵀ) stays implicit
+    ce_top = type(loss) is CrossEntropy and _is_linear_map(layers[-1].activation)
+    K = None
+    if L > 1 and not (ce_top and L == 2):
+        W = Ws[1][0]
+        if W.shape[0] ** 2 * W.shape[1] <= _K_ELEMENTS:
+            K = (W[None, :, :] * W[:, None, :]).reshape(-1, W.shape[1]).T.contiguous()
+    per = _diag_per_sample_bytes(struct, problem.theta.element_size())
+    with torch.no_grad():
+        for X, y in _chunks(problem, struct, chunk_size, per_sample=per):
+            xs: list[Tensor] = [X]  # X sample-major (n, n_in); the others (n_l, n)
+            d1s: list[Tensor | None] = []
+            d2s: list[Tensor | None] = []
+            x = X.T
+            for layer, (W, b) in zip(layers, Ws):
+                z = torch.mm(W, x) if b is None else torch.addmm(b[:, None], W, x)
+                act = layer.activation
+                if _is_linear_map(act):
+                    x, d1, d2 = z, None, None
+                else:
+                    x, d1, d2 = act.derivatives(z)
+                    if not hess or _zero_curvature(act):
+                        d2 = None
+                xs.append(x)
+                d1s.append(d1)
+                d2s.append(d2)
+            gx: Tensor | None
+            if ce_top:  # the last layer from p alone
+                p = torch.softmax(x, 0)
+                l = L - 1
+                dh = (p - p * p).mul_(weight)
+                _add_layer_diag(dW[l], db[l], dh, xs[l], l)
+                if L == 1:
+                    continue
+                W = Ws[l][0]
+                gx = None
+                if hess:
+                    g = p * weight
+                    g[y, torch.arange(len(y), device=y.device)] -= weight
+                    gx = torch.mm(W.T, g)
+                if L == 2:  # diag(Wᵀ H_Z W), H_Z = w(diag p − ppᵀ)
+                    hx = torch.mm((W * W).T, p).sub_(torch.mm(W.T, p).square_()).mul_(weight)
+                else:
+                    _, h = _output_derivatives_fm(loss, x, y, weight, grad=False)
+                    hx = _congruence_fm(h, W)
+                top = L - 2
+            else:
+                gx, hx = _output_derivatives_fm(loss, x, y, weight, grad=hess)
+                top = L - 1
+            for l in range(top, -1, -1):
+                d1, d2 = d1s[l], d2s[l]
+                if hx.ndim == 2:  # the first layer: diag H_X only, (n_1, n)
+                    h = hx if d1 is None else hx * (d1 * d1)
+                    if d2 is not None:
+                        h = h.addcmul_(d2, gx)
+                    dh = h
+                else:  # (n_l, n_l, n)
+                    h = hx
+                    if d1 is not None:
+                        h = h.mul_(d1[:, None, :]).mul_(d1[None, :, :])
+                    dh = h.diagonal(dim1=0, dim2=1).T
+                    if d2 is not None:
+                        dh.addcmul_(d2, gx)
+                _add_layer_diag(dW[l], db[l], dh, xs[l], l)
+                if l == 0:
+                    break
+                W = Ws[l][0]
+                if gx is not None:
+                    gx = torch.mm(W.T, gx if d1 is None else gx * d1)
+                if l > 1:
+                    hx = _congruence_fm(h, W)
+                elif K is not None:  # diag(Wᵀ H_Z W) = Kᵀ·vec(H_Z)
+                    hx = torch.mm(K, h.reshape(-1, h.shape[2]))
+                else:  # the same, as Σ_c W_cm (Wᵀ H_Z)[m, c]
+                    k, _, n = h.shape
+                    A = torch.mm(W.T, h.reshape(k, k * n)).view(W.shape[1], k, n)
+                    hx = (A * W.T[:, :, None]).sum(1)
     if problem.l2:
-        d += problem.l2 * problem.l2_mask
+        d.add_(problem.l2_mask, alpha=problem.l2)
     return d
+
+
+def _add_layer_diag(dW: Tensor, db: Tensor | None, dh: Tensor, x: Tensor, l: int) -> None:
+    """dW += diag(H_Z)·(x ⊙ x) and db += Σ_i diag(H_Z); dh is (n_out, n), x is the layer's
+    input, sample-major (n, n_in) for the first layer and feature-major (n_in, n) above."""
+    if l == 0:
+        _add_squares_gemm(dW, dh, x)
+    else:
+        dW.addmm_(dh, (x * x).T)
+    if db is not None:
+        db.add_(dh.sum(1))
 
 
 # -- public functions ---------------------------------------------------------------------------
@@ -706,7 +902,7 @@ def layer_hessians(
         out = [blocks[(i, i)] for i in range(len(groups))]
     else:
         out = [
-            torch.zeros(b - a, b - a, dtype=problem.dtype, device=problem.device) for a, b in groups
+            torch.empty(b - a, b - a, dtype=problem.dtype, device=problem.device) for a, b in groups
         ]
         _assemble(problem, struct, {(i, i): t for i, t in enumerate(out)}, "hessian", chunk_size)
         for (a, b), t in zip(groups, out):
@@ -753,7 +949,7 @@ def hessian_blocks(
         computed = _ad.autodiff_hessian_blocks(problem, groups, upper)
     else:
         computed = {
-            (k, l): torch.zeros(
+            (k, l): torch.empty(
                 groups[k][1] - groups[k][0],
                 groups[l][1] - groups[l][0],
                 dtype=problem.dtype,

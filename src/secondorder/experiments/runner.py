@@ -1049,12 +1049,8 @@ def preflight(spec: Spec, cache: _DataCache | None = None) -> None:
         for _, part in spec.parts:
             preflight(part, cache)
         return
-    try:
-        mod = importlib.import_module("secondorder.solvers.minimize")
-    except ImportError:
-        mod = None
-    validate = getattr(mod, "_validate", None)
-    default = getattr(mod, "_DEFAULT", None)
+    from secondorder.solvers import validate_options
+
     seen: set[str] = set()
     for cell in spec.cells():
         problem = build_problem(cell.spec, cache)
@@ -1072,11 +1068,8 @@ def preflight(spec: Spec, cache: _DataCache | None = None) -> None:
                 except ImportError as err:
                     raise SpecError(f"{where}: the scipy bridge is not available ({err})") from None
                 continue
-            if validate is None:
-                continue
-            ls = kwargs.pop("line_search", default)
             try:
-                validate(problem.objective, method, ls, {"max_iter": 1, **kwargs})
+                validate_options(problem.objective, method, **{"max_iter": 1, **kwargs})
             except (TypeError, ValueError) as err:
                 raise SpecError(f"{where}: {err}", spec.source) from None
 
