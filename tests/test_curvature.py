@@ -290,7 +290,8 @@ def test_dense_outputs_start_uninitialised_and_are_fully_written(monkeypatch):
     H_ref = reference_hessian(model, X, y, "cross_entropy", 0.05)
     sl = layer_slices(model)
     monkeypatch.setattr(backprop.torch, "empty", poisoned)
-    for chunk in (None, 5):
+    for min_units, chunk in itertools.product((1, 8), (None, 5)):
+        monkeypatch.setattr(backprop, "_PAIR_MIN_UNITS", min_units)
         H = hessian(model, X, y, l2=0.05, chunk_size=chunk)
         assert rel(H, H_ref) <= 1e-10 and torch.equal(H, H.T)
         for k, B in enumerate(layer_hessians(model, X, y, l2=0.05, chunk_size=chunk)):
@@ -298,6 +299,32 @@ def test_dense_outputs_start_uninitialised_and_are_fully_written(monkeypatch):
         blocks = hessian_blocks(model, X, y, l2=0.05, pairs=[(0, 2), (1, 1)], chunk_size=chunk)
         assert rel(blocks[(0, 2)], H_ref[sl[0], sl[2]]) <= 1e-10
         assert rel(blocks[(1, 1)], H_ref[sl[1], sl[1]]) <= 1e-10
+
+
+@pytest.mark.parametrize("min_units,band", [(1, 3), (1, 32), (4, 2)])
+def test_pair_gemm_layer_blocks(monkeypatch, min_units, band):
+    """The whole-block assembly of wide layers (pairs j ≤ j′, row bands, four-way copies) in
+    every combination with the row-band one of narrow layers, over several chunks, exactly
+    symmetric; GGN too."""
+    from secondorder.curvature import backprop
+
+    monkeypatch.setattr(backprop, "_PAIR_MIN_UNITS", min_units)
+    monkeypatch.setattr(backprop, "_PAIR_MAX_BAND", band)
+    g = torch.Generator().manual_seed(3)
+    for bias in (True, False):
+        model = make_mlp([7, 5, 3, 2], "sigmoid", seed=3, bias=bias)
+        X, y = torch.randn(31, 7, generator=g, dtype=f64), torch.randint(0, 2, (31,), generator=g)
+        H_ref = reference_hessian(model, X, y, "cross_entropy", 0.02)
+        sl = layer_slices(model)
+        for chunk in (None, 6):
+            H = hessian(model, X, y, l2=0.02, chunk_size=chunk)
+            assert rel(H, H_ref) <= 1e-10 and torch.equal(H, H.T)
+            lb = layer_hessians(model, X, y, l2=0.02, chunk_size=chunk)
+            for k, B in enumerate(lb):
+                assert rel(B, H_ref[sl[k], sl[k]]) <= 1e-10 and torch.equal(B, B.T)
+        G = ggn(model, X, y, l2=0.02)
+        assert rel(G, ggn(model, X, y, l2=0.02, method="autodiff")) <= 1e-10
+        assert torch.equal(G, G.T)
 
 
 def test_hvp_routes_agree():
@@ -325,6 +352,17 @@ def test_finite_check_survives_overflowing_sums():
         Xb[1, 1] = bad
         with pytest.raises(ValueError, match=r"NaN or inf values \(first in sample 1\)"):
             hessian_diagonal(model, Xb, y)
+        with pytest.raises(ValueError, match=r"NaN or inf values \(first in sample 1\)"):
+            ggn_diagonal(model, Xb, y)
+    # the diagonal tests X through its result only where X reaches the GEMMs unchanged: a
+    # leading tanh maps inf to 1, a Flatten keeps it
+    Xi = torch.zeros(3, 2, 2, dtype=f64)
+    Xi[2, 0, 1] = float("inf")
+    y3 = torch.tensor([0, 1, 0])
+    for pre in (nn.Tanh(), nn.Flatten()):
+        net = nn.Sequential(pre, nn.Flatten(), nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2))
+        with pytest.raises(ValueError, match=r"first in sample 2"):
+            hessian_diagonal(net.to(f64), Xi, y3)
 
 
 # -- Gauss–Newton and per-sample H_Z ----------------------------------------------------------

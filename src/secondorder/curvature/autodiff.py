@@ -139,13 +139,16 @@ def _check_finite(X: Tensor) -> None:
         raise ValueError(f"X contains NaN or inf values (first in sample {bad})")
 
 
-def prepare(model: nn.Module, X, y, loss: str | Loss, l2: float) -> Problem:
+def prepare(
+    model: nn.Module, X, y, loss: str | Loss, l2: float, *, check_finite: bool = True
+) -> Problem:
     """Validate a curvature request and return it in the model's dtype and device.
 
     Errors name the argument and what was expected: the model must be an ``nn.Module`` with
     parameters; X a tensor of shape (N, features…) with N ≥ 1 and finite values; y holds N
     targets of the kind the loss needs (class labels in range, 0/1 labels, or float targets of
-    the output's shape); l2 ≥ 0; the loss one of ``secondorder.losses.LOSSES``.
+    the output's shape); l2 ≥ 0; the loss one of ``secondorder.losses.LOSSES``. With
+    ``check_finite=False`` the caller takes over the NaN/inf test of X (``_check_finite``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -170,7 +173,8 @@ def prepare(model: nn.Module, X, y, loss: str | Loss, l2: float) -> Problem:
             f"{tuple(y.shape)}"
         )
     X = X.to(dtype=dtype, device=device)
-    _check_finite(X)
+    if check_finite:
+        _check_finite(X)
     with torch.no_grad():
         try:
             out = model(X[:1])

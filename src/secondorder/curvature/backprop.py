@@ -31,12 +31,26 @@ Gauss–Newton matrix Jᵀ H_loss J, whose backpropagated G_Z is PSD.
 
 The implementation
 ------------------
-No Kronecker product and no (n_l·m)² matrix is formed. For every row j of a layer the factor
-C_j[i, ·] (one row per sample, one column per parameter of the column layer) is built
-elementwise and one GEMM ``X⁽ᵏ⁻¹⁾ᵀ C_j`` adds the n_{k−1} rows (j, ·) of the block; its
-column sums give the bias row. Within a layer only the columns j′ ≥ j are computed and the rest
-mirrored, so the full Hessian costs about ½·N·P_1² + N·P_1·(P − P_1) + … multiply-adds, below
-the N·P² of a dense per-sample product. Samples are processed in chunks that bound memory.
+No Kronecker product and no (n_l·m)² matrix is formed.
+
+*Layer blocks* (wide layers): the block is made of the sub-blocks
+S_jj′ = Σ_i H_Z,i[j, j′] x_i x_iᵀ, and S_jj′ = S_j′j = S_jj′ᵀ. Only the pairs j ≤ j′ and, per band
+of input rows m, the columns m′ ≥ m are computed — for all pairs by one GEMM
+(pairs × N)·(N × band·n_in) against the products x_im x_im′ — and every result is copied to its
+four places: about ¼·N·P_l² multiply-adds (:func:`_layer_block`). Narrow layers (and the
+cross-layer blocks) use row factors instead: for every row j of a layer the factor C_j[i, ·]
+(one row per sample, one column per parameter of the column layer) is built elementwise and one
+GEMM ``X⁽ᵏ⁻¹⁾ᵀ C_j`` writes the n_{k−1} rows (j, ·) of the block; its column sums give the bias
+row; within a layer only the columns j′ ≥ j are computed and the rest mirrored. The full Hessian
+of a network whose first layer dominates thus costs about ¼·N·P_1² + N·P_1·(P − P_1) + …
+multiply-adds, a quarter of the N·P² of a dense per-sample product. Outputs start
+uninitialised (every entry is written once); samples are processed in chunks that bound memory.
+
+*The diagonal* keeps every per-sample quantity feature-major ((n_l, N), H_Z as (n_l, n_l, N)) so
+that each step is one GEMM with the samples along its wide side or one elementwise pass, needs
+only diag H_Z of the first layer (diag(Wᵀ H_Z W) as one GEMM with K[(c, c′), m] = W_cm W_c′m, or,
+for cross-entropy right after the last Linear, w((W ⊙ W)ᵀp − (Wᵀp)²)), and ends with one GEMM
+diag(H_Z)·(x ⊙ x) per layer (:func:`_diagonal`).
 """
 
 from __future__ import annotations
@@ -498,6 +512,89 @@ def _cross_pair(
             _put(out[nWr + j], C.sum(0), first)
 
 
+#: layers with at least this many units get their diagonal block from :func:`_layer_block`
+_PAIR_MIN_UNITS = 8
+#: the widest row band (inputs m) of one pair GEMM in :func:`_layer_block`
+_PAIR_MAX_BAND = 32
+
+
+#: below this many elements PyTorch copies on one thread (its internal grain size)
+_SERIAL_ELEMENTS = 32768
+
+
+def _copy_serial(dst: Tensor, src: Tensor) -> None:
+    """dst ← src in pieces along dim 0 that PyTorch copies on one thread. Thousands of
+    parallel copies of a few hundred KB each gain little from a second core and, when that
+    core is busy, each waits for it: the pieces keep the copies off the thread pool."""
+    n0 = dst.shape[0]
+    step = max(1, (_SERIAL_ELEMENTS - 1) // max(1, dst[0].numel())) if n0 else 1
+    if step >= n0:
+        dst.copy_(src)
+        return
+    for s in range(0, n0, step):
+        dst[s : s + step].copy_(src[s : s + step])
+
+
+def _layer_block(out: Tensor, hz: Tensor, x: Tensor, bias: bool, budget: int) -> None:
+    """Write a layer's whole diagonal block into ``out`` (every entry, exactly symmetric).
+
+    The weight part is made of the sub-blocks S_jj′ = Σ_i h_i[j, j′] x_i x_iᵀ (n_in × n_in),
+    symmetric twice over: S_jj′ = S_j′j (H_Z is symmetric) and S_jj′ = S_jj′ᵀ. Only the pairs
+    j ≤ j′ and, within a band of rows m0 ≤ m < m1, the columns m′ ≥ m0 are computed, for all
+    pairs at once by one GEMM
+
+        R[(j, j′), (m, m′)] = Σ_i h_i[j, j′] · x_im x_im′,     (pairs × N)·(N × band·(n_in − m0)),
+
+    and each result lands in its four places (S_jj′ and S_j′j, the band and its transpose) by
+    strided copies. That is about ¼·N·P_l² multiply-adds — half of the ½·N·P_l² of computing
+    the row bands j′ ≥ j — plus O(N·P_l) elementwise work to form the products x_im x_im′.
+    The bias rows and columns are one GEMM (n_l² × N)·(N × n_in) and Σ_i H_Z,i.
+    """
+    N, a, _ = hz.shape
+    n = x.shape[1]
+    nW = a * n
+    item = x.element_size()
+    iu = torch.triu_indices(a, a, device=hz.device)
+    HpT = hz[:, iu[0], iu[1]].T.contiguous()  # (pairs, N), pairs (j, j′ ≥ j) row by row
+    npairs = HpT.shape[0]
+    starts = [j * a - j * (j - 1) // 2 for j in range(a + 1)]  # the first pair of row j
+    band = int(min(n, _PAIR_MAX_BAND, max(8, budget // (item * n * (N + npairs)))))
+    nc = int(min(N, max(256, budget // (item * band * n) - npairs)))
+    Fbuf = torch.empty(nc * band * n, dtype=x.dtype, device=x.device)
+    Rbuf = torch.empty(npairs * band * n, dtype=x.dtype, device=x.device)
+    W4 = out[:nW, :nW].unflatten(0, (a, n)).unflatten(2, (a, n))  # [j, m, j′, m′]
+    for m0 in range(0, n, band):
+        m1 = min(m0 + band, n)
+        b, w = m1 - m0, n - m0
+        R = Rbuf[: npairs * b * w].view(npairs, b * w)
+        for s0 in range(0, N, nc):
+            xs = x[s0 : s0 + nc]
+            F = Fbuf[: xs.shape[0] * b * w].view(xs.shape[0], b, w)
+            torch.mul(xs[:, m0:m1, None], xs[:, None, m0:], out=F)
+            F2 = F.view(xs.shape[0], b * w)
+            if s0 == 0:
+                torch.mm(HpT[:, s0 : s0 + nc], F2, out=R)
+            else:
+                R.addmm_(HpT[:, s0 : s0 + nc], F2)
+        R3 = R.view(npairs, b, w)  # [(j, j′), m − m0, m′ − m0] = S_jj′[m, m′]
+        corner = R3[:, :, :b]  # computed on both sides of its diagonal: make it exact
+        corner.copy_(0.5 * (corner + corner.transpose(1, 2)))
+        for j in range(a):
+            Rj = R3[starts[j] : starts[j + 1]]  # (a − j, b, w): j′ = j … a − 1
+            _copy_serial(W4[j, m0:m1, j:, m0:], Rj.transpose(0, 1))
+            _copy_serial(W4[j:, m0:m1, j, m0:], Rj)
+            if b < w:
+                low = Rj[:, :, b:]  # S_jj′[m0:m1, m1:]; its transpose is S_jj′[m1:, m0:m1]
+                _copy_serial(W4[j, m1:, j:, m0:m1], low.permute(2, 0, 1))
+                _copy_serial(W4[j:, m1:, j, m0:m1], low.transpose(1, 2))
+    if bias:
+        T = torch.mm(hz.reshape(N, a * a).T, x).view(a, a, n)  # [j, j′, m] = Σ_i h_jj′ x_m
+        out[:nW, nW:].unflatten(0, (a, n)).copy_(T.permute(0, 2, 1))
+        out[nW:, :nW].unflatten(1, (a, n)).copy_(T.transpose(0, 1))
+        S = hz.sum(0)
+        out[nW:, nW:].copy_(0.5 * (S + S.T))
+
+
 def _assemble(
     problem: _ad.Problem,
     struct: MLPStructure,
@@ -507,13 +604,16 @@ def _assemble(
 ) -> None:
     """Write the blocks ``targets[(k, l)]`` (k ≤ l) of the Hessian or Gauss–Newton matrix.
 
-    Every entry of a target is written (the first chunk overwrites, later ones add), so the
-    targets may start uninitialised: no pass to zero them, and the first touch of fresh memory
-    happens inside the GEMMs. Diagonal blocks come out complete (mirrored within the block);
-    no l2 term is added.
+    Every entry of a target is written (the first chunk overwrites, later ones add; the
+    diagonal blocks of wide layers are written once, at the end, by :func:`_layer_block`), so
+    the targets may start uninitialised: no pass to zero them. Diagonal blocks come out
+    complete and exactly symmetric; no l2 term is added.
     """
     layers = struct.layers
-    cols = max(layers[l].n_params for _, l in targets)
+    # wide layers: whole block at the end from all samples' H_Z (one pass over the output);
+    # narrow ones: row bands per chunk, mirrored at the end
+    wide = {k for k, l in targets if k == l and layers[k].n_out >= _PAIR_MIN_UNITS}
+    cols = max([layers[l].n_params for k, l in targets if k != l or k not in wide] or [0])
     reach: dict[int, int] = {}
     for k, l in targets:
         if l > k:
@@ -521,11 +621,13 @@ def _assemble(
     weight = 1.0 / problem.n_samples
     lowest = min(k for k, _ in targets)
     buf = None
-    out_bytes = sum(t.numel() for t in targets.values()) * problem.theta.element_size()
-    per = _per_sample_bytes(struct, problem.theta.element_size(), cols)
+    item = problem.theta.element_size()
+    out_bytes = sum(t.numel() for t in targets.values()) * item
     # temporaries up to 1/8 of the output (at least CHUNK_BYTES): one chunk where that fits
-    n_chunk = max(1, max(CHUNK_BYTES, out_bytes // 8) // per) if chunk_size is None else None
-    size = chunk_size if chunk_size is not None else n_chunk
+    budget = max(CHUNK_BYTES, out_bytes // 8)
+    per = _per_sample_bytes(struct, item, cols)
+    size = chunk_size if chunk_size is not None else max(1, budget // per)
+    kept: dict[int, tuple[list[Tensor], list[Tensor]]] = {k: ([], []) for k in wide}
     for c, (X, y) in enumerate(_chunks(problem, struct, size, cols)):
         first = c == 0
         n = X.shape[0]
@@ -533,7 +635,10 @@ def _assemble(
             buf = torch.empty(n * cols, dtype=problem.dtype, device=problem.device)
         ps = _second_order_pass(struct, X, y, problem.loss, weight, mode, lowest=lowest)
         for (k, l), out in targets.items():
-            if k == l:
+            if k == l and k in wide:
+                kept[k][0].append(ps.hz[k])
+                kept[k][1].append(ps.xs[k])
+            elif k == l:
                 _diag_pair(out, ps.hz[k], ps.xs[k], layers[k].bias, buf, first)
         for k, last in reach.items():
             J = None  # J⁽ˡ←ᵏ⁾ for the current l; None is the identity (l = k)
@@ -561,8 +666,15 @@ def _assemble(
                         buf,
                         first,
                     )
+    del buf
+    for k, (hzs, xs) in kept.items():
+        hz = hzs[0] if len(hzs) == 1 else torch.cat(hzs)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        hzs.clear()
+        xs.clear()
+        _layer_block(targets[(k, k)], hz, x, layers[k].bias, budget)
     for (k, l), out in targets.items():
-        if k == l:
+        if k == l and k not in wide:
             _mirror_diag(out, layers[k].n_out, layers[k].n_in, layers[k].bias)
 
 
@@ -651,7 +763,9 @@ def _diag_per_sample_bytes(struct: MLPStructure, item: int) -> int:
     return item * max(n, 1)
 
 
-def _diagonal(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_size) -> Tensor:
+def _diagonal(
+    problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_size, check_finite: bool = False
+) -> Tensor:
     """diag H (or diag G): Σ_i diag(H_Z,i)_j x_im² per weight, Σ_i diag(H_Z,i)_j per bias.
 
     Every per-sample quantity is kept feature-major — x⁽ˡ⁾, σ′, g as (n_l, n), H_Z as
@@ -755,6 +869,8 @@ def _diagonal(problem: _ad.Problem, struct: MLPStructure, mode: str, chunk_size)
                     k, _, n = h.shape
                     A = torch.mm(W.T, h.reshape(k, k * n)).view(W.shape[1], k, n)
                     hx = (A * W.T[:, :, None]).sum(1)
+    if check_finite and not bool(torch.isfinite(d.sum())):
+        _ad._check_finite(problem.X)  # raises on NaN/inf in X; else d overflowed honestly
     if problem.l2:
         d.add_(problem.l2_mask, alpha=problem.l2)
     return d
@@ -774,12 +890,16 @@ def _add_layer_diag(dW: Tensor, db: Tensor | None, dh: Tensor, x: Tensor, l: int
 # -- public functions ---------------------------------------------------------------------------
 
 
-def _setup(model, X, y, loss, l2, method: str, what: str):
+def _setup(model, X, y, loss, l2, method: str, what: str, defer_finite: bool = False):
+    """Validate and analyse. With ``defer_finite``, the NaN/inf test of X is left to the
+    caller where the fast path reads X unchanged (see :func:`_finite_deferred`)."""
     check_choice("method", method, METHODS)
-    problem = _ad.prepare(model, X, y, loss, l2)
+    problem = _ad.prepare(model, X, y, loss, l2, check_finite=not defer_finite)
+    struct, reason = (None, "") if method == "autodiff" else analyse_mlp(model)
+    if defer_finite and (struct is None or not _finite_deferred(struct)):
+        _ad._check_finite(problem.X)
     if method == "autodiff":
         return problem, None
-    struct, reason = analyse_mlp(model)
     if struct is None:
         if method == "backprop":
             raise ValueError(f"method='backprop' needs a sequential MLP, but {reason}")
@@ -789,6 +909,14 @@ def _setup(model, X, y, loss, l2, method: str, what: str):
             stacklevel=3,
         )
     return problem, struct
+
+
+def _finite_deferred(struct: MLPStructure) -> bool:
+    """Whether a NaN or inf anywhere in X must show in the diagonal: X reaches the first
+    GEMMs unchanged (at most flattened), and then x ⊙ x holds it, and every weight of the
+    first layer's row in the result is NaN or ±inf (0·inf is NaN). A finite diagonal thus
+    proves X finite, and only a non-finite one needs the elementwise test."""
+    return struct.layers[0].n_out > 0 and all(isinstance(m, nn.Flatten) for m in struct.preprocess)
 
 
 def hessian(
@@ -848,10 +976,10 @@ def hessian_diagonal(
     method: str = "auto",
 ) -> Tensor:
     """diag ∇²J(θ), length P: Σ_i H_Z[j,j] x_m² per weight, Σ_i H_Z[j,j] per bias (+ l2)."""
-    problem, struct = _setup(model, X, y, loss, l2, method, "hessian_diagonal")
+    problem, struct = _setup(model, X, y, loss, l2, method, "hessian_diagonal", True)
     if struct is None:
         return _ad.autodiff_hessian_diagonal(problem)
-    return _diagonal(problem, struct, "hessian", chunk_size)
+    return _diagonal(problem, struct, "hessian", chunk_size, check_finite=True)
 
 
 def ggn_diagonal(
@@ -865,10 +993,10 @@ def ggn_diagonal(
     method: str = "auto",
 ) -> Tensor:
     """The diagonal of the Gauss–Newton matrix (see :func:`ggn`), length P."""
-    problem, struct = _setup(model, X, y, loss, l2, method, "ggn_diagonal")
+    problem, struct = _setup(model, X, y, loss, l2, method, "ggn_diagonal", True)
     if struct is None:
         return _ad.autodiff_ggn_diagonal(problem)
-    return _diagonal(problem, struct, "ggn", chunk_size)
+    return _diagonal(problem, struct, "ggn", chunk_size, check_finite=True)
 
 
 def _groups(problem: _ad.Problem, struct: MLPStructure | None) -> list[tuple[int, int]]:
