@@ -513,6 +513,11 @@ def test_bad_inputs_have_clear_messages():
         hessian(model, torch.randn(4, dtype=f64), y)
     with pytest.raises(ValueError, match=r"X of shape \(6, 5\)"):
         hessian(model, torch.randn(6, 5, dtype=f64), y)
+    for fn in (hessian_diagonal, layer_hessians):  # the structure's probe, no forward pass
+        with pytest.raises(ValueError, match=r"X of shape \(6, 5\).*takes 4 features"):
+            fn(model, torch.randn(6, 5, dtype=f64), y)
+        with pytest.raises(ValueError, match=r"outputs \(N, k\), got \(1, 2, 3\)"):
+            fn(model, torch.randn(6, 2, 4, dtype=f64), y)
     with pytest.raises(ValueError, match="y must hold one target per sample"):
         hessian(model, X, y[:5])
     with pytest.raises(ValueError, match="did you mean 'cross_entropy'"):

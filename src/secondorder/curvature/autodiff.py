@@ -19,8 +19,10 @@ or more dimensions (weight matrices and kernels, not biases).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +53,8 @@ class Problem:
     """A validated curvature request: the model, its data and loss, and the flat θ layout.
 
     ``weight = 1/N`` per sample; ``l2_mask`` is 1 on the entries of parameters with two or more
-    dimensions, 0 elsewhere.
+    dimensions, 0 elsewhere. ``theta`` and ``l2_mask`` are formed on first use (from the
+    parameters as they are then; every curvature function uses them at once or not at all).
     """
 
     model: nn.Module
@@ -62,13 +65,26 @@ class Problem:
     names: list[str]
     shapes: list[torch.Size]
     numels: list[int]
-    theta: Tensor
-    l2_mask: Tensor
+    params: tuple[Tensor, ...]  # detached
     out_dim: int
+
+    @cached_property
+    def theta(self) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in self.params])
+
+    @cached_property
+    def l2_mask(self) -> Tensor:
+        mask = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
+        start = 0
+        for n, shape in zip(self.numels, self.shapes):
+            if len(shape) >= 2:
+                mask[start : start + n] = 1.0
+            start += n
+        return mask
 
     @property
     def n_params(self) -> int:
-        return int(self.theta.numel())
+        return int(sum(self.numels))
 
     @property
     def n_samples(self) -> int:
@@ -76,11 +92,11 @@ class Problem:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.theta.dtype
+        return functools.reduce(torch.promote_types, (p.dtype for p in self.params))
 
     @property
     def device(self) -> torch.device:
-        return self.theta.device
+        return self.params[0].device
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         return {
@@ -140,7 +156,14 @@ def _check_finite(X: Tensor) -> None:
 
 
 def prepare(
-    model: nn.Module, X, y, loss: str | Loss, l2: float, *, check_finite: bool = True
+    model: nn.Module,
+    X,
+    y,
+    loss: str | Loss,
+    l2: float,
+    *,
+    check_finite: bool = True,
+    probe: Callable[[Tensor], int] | None = None,
 ) -> Problem:
     """Validate a curvature request and return it in the model's dtype and device.
 
@@ -149,6 +172,8 @@ def prepare(
     targets of the kind the loss needs (class labels in range, 0/1 labels, or float targets of
     the output's shape); l2 ≥ 0; the loss one of ``secondorder.losses.LOSSES``. With
     ``check_finite=False`` the caller takes over the NaN/inf test of X (``_check_finite``).
+    ``probe(X)`` replaces applying the model to one sample: it returns the output width or
+    raises ValueError (for a structure known in advance).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -175,31 +200,32 @@ def prepare(
     X = X.to(dtype=dtype, device=device)
     if check_finite:
         _check_finite(X)
-    with torch.no_grad():
-        try:
-            out = model(X[:1])
-        except Exception as exc:
+    if probe is not None:
+        out_dim = probe(X)
+    else:
+        with torch.no_grad():
+            try:
+                out = model(X[:1])
+            except Exception as exc:
+                raise ValueError(
+                    f"the model cannot be applied to X of shape {tuple(X.shape)}: {exc}"
+                ) from exc
+        if out.ndim != 2:
             raise ValueError(
-                f"the model cannot be applied to X of shape {tuple(X.shape)}: {exc}"
-            ) from exc
-    if out.ndim != 2:
-        raise ValueError(
-            f"the model must map X of shape (N, ...) to outputs (N, k), got {tuple(out.shape)}"
-        )
+                f"the model must map X of shape (N, ...) to outputs (N, k), got {tuple(out.shape)}"
+            )
+        out_dim = out.shape[1]
     y = y.to(device)
     if torch.is_floating_point(y) and not bool(torch.isfinite(y).all()):
         raise ValueError("y contains NaN or inf values")
-    y = loss_obj.check_targets(y, out.shape[1])
+    y = loss_obj.check_targets(y, out_dim)
     if torch.is_floating_point(y):
         y = y.to(dtype)
     names = list(params)
     shapes = [p.shape for p in params.values()]
     numels = [p.numel() for p in params.values()]
-    theta = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    mask = torch.cat(
-        [torch.full((n,), float(len(s) >= 2), dtype=dtype) for n, s in zip(numels, shapes)]
-    ).to(device)
-    return Problem(model, X, y, loss_obj, l2, names, shapes, numels, theta, mask, out.shape[1])
+    detached = tuple(p.detach() for p in params.values())
+    return Problem(model, X, y, loss_obj, l2, names, shapes, numels, detached, out_dim)
 
 
 def parameter_groups(model: nn.Module) -> list[tuple[str, int, int]]:

@@ -411,7 +411,7 @@ def _chunks(
     ``per_sample`` bytes a sample, estimated for the dense blocks unless given)."""
     N = problem.n_samples
     if chunk_size is None:
-        per = per_sample or _per_sample_bytes(struct, problem.theta.element_size(), buffer_cols)
+        per = per_sample or _per_sample_bytes(struct, problem.dtype.itemsize, buffer_cols)
         chunk_size = max(1, min(N, CHUNK_BYTES // per))
     else:
         chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -621,7 +621,7 @@ def _assemble(
     weight = 1.0 / problem.n_samples
     lowest = min(k for k, _ in targets)
     buf = None
-    item = problem.theta.element_size()
+    item = problem.dtype.itemsize
     out_bytes = sum(t.numel() for t in targets.values()) * item
     # temporaries up to 1/8 of the output (at least CHUNK_BYTES): one chunk where that fits
     budget = max(CHUNK_BYTES, out_bytes // 8)
@@ -705,20 +705,20 @@ _K_ELEMENTS = 2**22
 _SQUARE_BLOCK_BYTES = 2**20
 
 
-def _add_squares_gemm(out: Tensor, a: Tensor, x: Tensor) -> None:
-    """out += a·(x ⊙ x) for a (m, n), x (n, k): x ⊙ x is formed a row block at a time in a
+def _add_squares_gemm(out: Tensor, a: Tensor, x: Tensor, alpha: float = 1.0) -> None:
+    """out += α·a·(x ⊙ x) for a (m, n), x (n, k): x ⊙ x is formed a row block at a time in a
     reused buffer that stays in cache (no n×k temporary) and each block is one GEMM."""
     n, k = x.shape
     rows = max(16, _SQUARE_BLOCK_BYTES // max(1, k * x.element_size()))
     if n <= rows:
-        out.addmm_(a, x * x)
+        out.addmm_(a, x * x, alpha=alpha)
         return
     buf = torch.empty(rows, k, dtype=x.dtype, device=x.device)
     for s in range(0, n, rows):
         xb = x[s : s + rows]
         b = buf[: xb.shape[0]]
         torch.mul(xb, xb, out=b)
-        out.addmm_(a[:, s : s + rows], b)
+        out.addmm_(a[:, s : s + rows], b, alpha=alpha)
 
 
 def _congruence_fm(h: Tensor, W: Tensor) -> Tensor:
@@ -794,12 +794,15 @@ def _diagonal(
     ]
     # cross-entropy straight after the last Linear: H_Z = w(diag p − ppᵀ) stays implicit
     ce_top = type(loss) is CrossEntropy and _is_linear_map(layers[-1].activation)
+    if ce_top and L > 1:
+        W = Ws[-1][0]
+        Wt_top, WW_top = W.T.contiguous(), (W * W).T.contiguous()
     K = None
     if L > 1 and not (ce_top and L == 2):
         W = Ws[1][0]
         if W.shape[0] ** 2 * W.shape[1] <= _K_ELEMENTS:
             K = (W[None, :, :] * W[:, None, :]).reshape(-1, W.shape[1]).T.contiguous()
-    per = _diag_per_sample_bytes(struct, problem.theta.element_size())
+    per = _diag_per_sample_bytes(struct, problem.dtype.itemsize)
     with torch.no_grad():
         for X, y in _chunks(problem, struct, chunk_size, per_sample=per):
             xs: list[Tensor] = [X]  # X sample-major (n, n_in); the others (n_l, n)
@@ -807,7 +810,9 @@ def _diagonal(
             d2s: list[Tensor | None] = []
             x = X.T
             for layer, (W, b) in zip(layers, Ws):
-                z = torch.mm(W, x) if b is None else torch.addmm(b[:, None], W, x)
+                z = torch.mm(W, x)
+                if b is not None:
+                    z.add_(b[:, None])
                 act = layer.activation
                 if _is_linear_map(act):
                     x, d1, d2 = z, None, None
@@ -819,24 +824,26 @@ def _diagonal(
                 d1s.append(d1)
                 d2s.append(d2)
             gx: Tensor | None
+            scale = 1.0  # the weight w = 1/N still to apply to hx and gx
             if ce_top:  # the last layer from p alone
                 p = torch.softmax(x, 0)
                 l = L - 1
-                dh = (p - p * p).mul_(weight)
-                _add_layer_diag(dW[l], db[l], dh, xs[l], l)
+                dh = torch.addcmul(p, p, p, value=-1.0)  # diag(diag p − ppᵀ), w in the GEMM
+                _add_layer_diag(dW[l], db[l], dh, xs[l], l, weight)
                 if L == 1:
                     continue
                 W = Ws[l][0]
-                gx = None
-                if hess:
-                    g = p * weight
-                    g[y, torch.arange(len(y), device=y.device)] -= weight
-                    gx = torch.mm(W.T, g)
-                if L == 2:  # diag(Wᵀ H_Z W), H_Z = w(diag p − ppᵀ)
-                    hx = torch.mm((W * W).T, p).sub_(torch.mm(W.T, p).square_()).mul_(weight)
+                q = torch.mm(W.T, p)  # Wᵀp
+                # ∂ℓ/∂x = Wᵀ(p − e_y): no one-hot, the label's column of Wᵀ is gathered
+                gx = torch.sub(q, Wt_top.index_select(1, y)) if hess else None
+                if L == 2:  # diag(Wᵀ(diag p − ppᵀ)W) = (W ⊙ W)ᵀp − (Wᵀp)²
+                    hx = torch.mm(WW_top, p).sub_(q.square())
+                    scale = weight
                 else:
                     _, h = _output_derivatives_fm(loss, x, y, weight, grad=False)
                     hx = _congruence_fm(h, W)
+                    if gx is not None:
+                        gx.mul_(weight)
                 top = L - 2
             else:
                 gx, hx = _output_derivatives_fm(loss, x, y, weight, grad=hess)
@@ -855,7 +862,7 @@ def _diagonal(
                     dh = h.diagonal(dim1=0, dim2=1).T
                     if d2 is not None:
                         dh.addcmul_(d2, gx)
-                _add_layer_diag(dW[l], db[l], dh, xs[l], l)
+                _add_layer_diag(dW[l], db[l], dh, xs[l], l, scale)
                 if l == 0:
                     break
                 W = Ws[l][0]
@@ -876,15 +883,17 @@ def _diagonal(
     return d
 
 
-def _add_layer_diag(dW: Tensor, db: Tensor | None, dh: Tensor, x: Tensor, l: int) -> None:
-    """dW += diag(H_Z)·(x ⊙ x) and db += Σ_i diag(H_Z); dh is (n_out, n), x is the layer's
-    input, sample-major (n, n_in) for the first layer and feature-major (n_in, n) above."""
+def _add_layer_diag(
+    dW: Tensor, db: Tensor | None, dh: Tensor, x: Tensor, l: int, alpha: float = 1.0
+) -> None:
+    """dW += α·diag(H_Z)·(x ⊙ x) and db += α·Σ_i diag(H_Z); dh is (n_out, n), x is the
+    layer's input, sample-major (n, n_in) for the first layer and feature-major above."""
     if l == 0:
-        _add_squares_gemm(dW, dh, x)
+        _add_squares_gemm(dW, dh, x, alpha)
     else:
-        dW.addmm_(dh, (x * x).T)
+        dW.addmm_(dh, (x * x).T, alpha=alpha)
     if db is not None:
-        db.add_(dh.sum(1))
+        db.add_(dh.sum(1), alpha=alpha)
 
 
 # -- public functions ---------------------------------------------------------------------------
@@ -894,8 +903,9 @@ def _setup(model, X, y, loss, l2, method: str, what: str, defer_finite: bool = F
     """Validate and analyse. With ``defer_finite``, the NaN/inf test of X is left to the
     caller where the fast path reads X unchanged (see :func:`_finite_deferred`)."""
     check_choice("method", method, METHODS)
-    problem = _ad.prepare(model, X, y, loss, l2, check_finite=not defer_finite)
     struct, reason = (None, "") if method == "autodiff" else analyse_mlp(model)
+    probe = None if struct is None else _probe(struct)
+    problem = _ad.prepare(model, X, y, loss, l2, check_finite=not defer_finite, probe=probe)
     if defer_finite and (struct is None or not _finite_deferred(struct)):
         _ad._check_finite(problem.X)
     if method == "autodiff":
@@ -909,6 +919,32 @@ def _setup(model, X, y, loss, l2, method: str, what: str, defer_finite: bool = F
             stacklevel=3,
         )
     return problem, struct
+
+
+def _probe(struct: MLPStructure):
+    """What ``prepare`` checks by applying the model to one sample, from the structure: the
+    first Linear must receive (1, n_in) after the leading modules; the output width is the
+    last Linear's."""
+
+    def probe(X: Tensor) -> int:
+        try:
+            x = struct.input(X[:1])
+        except Exception as exc:
+            raise ValueError(
+                f"the model cannot be applied to X of shape {tuple(X.shape)}: {exc}"
+            ) from exc
+        n_in = struct.layers[0].n_in
+        if x.shape[-1] != n_in:
+            raise ValueError(
+                f"the model cannot be applied to X of shape {tuple(X.shape)}: its first Linear "
+                f"layer takes {n_in} features, got {x.shape[-1]}"
+            )
+        if x.ndim != 2:
+            out = (*x.shape[:-1], struct.layers[-1].n_out)
+            raise ValueError(f"the model must map X of shape (N, ...) to outputs (N, k), got {out}")
+        return struct.layers[-1].n_out
+
+    return probe
 
 
 def _finite_deferred(struct: MLPStructure) -> bool:
