@@ -39,35 +39,34 @@ def _report_after(run_dir: Path, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from secondorder.experiments.runner import Interrupted, RunErrors, start_run
-    from secondorder.experiments.spec import SpecError, load_spec, parse_override
+    from secondorder.experiments.runner import start_run
+    from secondorder.experiments.spec import load_spec, parse_override
 
-    code = 0
-    try:
-        overrides = [parse_override(s) for s in args.set]
-        spec = load_spec(args.spec, quick=args.quick, overrides=overrides)
-        run_dir = start_run(spec, args.run_dir, _options(args))
-    except Interrupted as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    except SpecError as err:
-        _err(str(err))
-        return 2
-    except RunErrors as err:
-        _err(str(err))
-        run_dir, code = err.run_dir, 1
-    _report_after(run_dir, args)
-    print(f"run directory: {run_dir}")
-    return code
+    overrides = args.set
+
+    def start(options):
+        spec = load_spec(
+            args.spec, quick=args.quick, overrides=[parse_override(o) for o in overrides]
+        )
+        return start_run(spec, args.run_dir, options)
+
+    return _drive(start, args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from secondorder.experiments.runner import Interrupted, RunErrors, resume_run
+    from secondorder.experiments.runner import resume_run
+
+    return _drive(lambda options: resume_run(args.run, options), args)
+
+
+def _drive(launch, args: argparse.Namespace) -> int:
+    """Run or resume, turning interruptions and errors into exit codes; report afterwards."""
+    from secondorder.experiments.runner import Interrupted, RunErrors
     from secondorder.experiments.spec import SpecError
 
     code = 0
     try:
-        run_dir = resume_run(args.run, _options(args))
+        run_dir = launch(_options(args))
     except Interrupted as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
