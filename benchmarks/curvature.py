@@ -28,8 +28,9 @@ its identity columns (whole chunks) and extrapolated; the table says so ("est.")
 checked against Hessian-vector products by double backward on sampled rows (and against
 BackPACK's diagonal).
 
-    python benchmarks/curvature.py [--quick] [--threads 1] [--full-threads 1,2] [--repeat 5]
+    python benchmarks/curvature.py [--quick] [--threads 1] [--full-threads 1,2] [--repeat 10]
                                    [--heavy-repeat 2] [--peers-path DIR] [--budget 60]
+                                   [--chunk 64] [--chunks 16,32,64,128,256]
 """
 
 from __future__ import annotations
