@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 # Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 # to get the small CPU build where the default index would serve a CUDA one.
 TORCH_PIP_ARGS ?=
-TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-all lint format data bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
