@@ -140,7 +140,29 @@ def _objective_and_theta(model_or_objective, X, y, loss, l2, theta) -> tuple[Obj
     )
 
 
-class HessianOperator(CurvatureOperator):
+class _ObjectiveOperator(CurvatureOperator):
+    """A product of the objective's (``_product`` names it), built once at θ."""
+
+    _product = ""
+
+    def __init__(
+        self,
+        model_or_objective,
+        X: Tensor | None = None,
+        y: Tensor | None = None,
+        loss: str | Loss = "cross_entropy",
+        l2: float = 0.0,
+        *,
+        theta: Tensor | None = None,
+    ) -> None:
+        obj, theta = _objective_and_theta(model_or_objective, X, y, loss, l2, theta)
+        self.objective = obj
+        self.theta = theta
+        product = getattr(obj, self._product)(theta)
+        super().__init__(product, obj.n_params, obj.dtype, obj.device)
+
+
+class HessianOperator(_ObjectiveOperator):
     """v ↦ ∇²J(θ) v for a model (with X, y, loss, l2) or an :class:`Objective` (at ``theta``).
 
     From a model, J is the mean loss plus (l2/2)·‖W‖² over weight matrices, at the model's
@@ -149,42 +171,14 @@ class HessianOperator(CurvatureOperator):
     """
 
     kind = "Hessian"
-
-    def __init__(
-        self,
-        model_or_objective,
-        X: Tensor | None = None,
-        y: Tensor | None = None,
-        loss: str | Loss = "cross_entropy",
-        l2: float = 0.0,
-        *,
-        theta: Tensor | None = None,
-    ) -> None:
-        obj, theta = _objective_and_theta(model_or_objective, X, y, loss, l2, theta)
-        self.objective = obj
-        self.theta = theta
-        super().__init__(obj.hvp_at(theta), obj.n_params, obj.dtype, obj.device)
+    _product = "hvp_at"
 
 
-class GGNOperator(CurvatureOperator):
+class GGNOperator(_ObjectiveOperator):
     """v ↦ G(θ) v, the Gauss–Newton matrix Σ_i w_i J_iᵀ H_{out,i} J_i (+ l2 on weights)."""
 
     kind = "Gauss-Newton"
-
-    def __init__(
-        self,
-        model_or_objective,
-        X: Tensor | None = None,
-        y: Tensor | None = None,
-        loss: str | Loss = "cross_entropy",
-        l2: float = 0.0,
-        *,
-        theta: Tensor | None = None,
-    ) -> None:
-        obj, theta = _objective_and_theta(model_or_objective, X, y, loss, l2, theta)
-        self.objective = obj
-        self.theta = theta
-        super().__init__(obj.ggnvp_at(theta), obj.n_params, obj.dtype, obj.device)
+    _product = "ggnvp_at"
 
 
 # -- generic operator access --------------------------------------------------------------------
