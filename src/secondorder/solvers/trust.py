@@ -230,18 +230,13 @@ class TrustNCG(_TrustBase):
             return Outcome(x, f_new, g_new, 1.0, True, note=note, nonfinite=int(bool(note)))
         tiny = torch.finfo(it.g.dtype).eps * max(1.0, float(it.theta.abs().max()))
         if self.radius < tiny:
-            return Outcome(
-                it.theta,
-                it.f,
-                it.g,
-                0.0,
-                False,
-                status="stalled",
-                message=f"trust region radius shrank to {self.radius:.3g}: no step lowers f at "
+            return _rejected(
+                it,
+                note,
+                f"trust region radius shrank to {self.radius:.3g}: no step lowers f at "
                 "this precision",
-                nonfinite=int(bool(note)),
             )
-        return Outcome(it.theta, it.f, it.g, 0.0, False, note=note, nonfinite=int(bool(note)))
+        return _rejected(it, note)
 
     def state_dict(self) -> dict:
         return {"radius": self.radius}
@@ -420,21 +415,32 @@ class ARC(_TrustBase):
             return Outcome(x, f_new, g_new, 1.0, True, note=note, nonfinite=int(bool(note)))
         self.sigma *= 2.0
         if self.sigma > 1e30 or not math.isfinite(self.sigma):
-            return Outcome(
-                it.theta,
-                it.f,
-                it.g,
-                0.0,
-                False,
-                status="stalled",
-                message=f"cubic regularisation σ grew to {self.sigma:.3g}: no step lowers f at "
+            return _rejected(
+                it,
+                note,
+                f"cubic regularisation σ grew to {self.sigma:.3g}: no step lowers f at "
                 "this precision",
-                nonfinite=int(bool(note)),
             )
-        return Outcome(it.theta, it.f, it.g, 0.0, False, note=note, nonfinite=int(bool(note)))
+        return _rejected(it, note)
 
     def state_dict(self) -> dict:
         return {"sigma": self.sigma}
 
     def load_state_dict(self, state: dict) -> None:
         self.sigma = state.get("sigma", self.sigma)
+
+
+def _rejected(it, note: str, stalled: str | None = None) -> Outcome:
+    """A rejected step: stay at the current iterate; ``stalled`` (a message) ends the run."""
+    if stalled is None:
+        return Outcome(it.theta, it.f, it.g, 0.0, False, note=note, nonfinite=int(bool(note)))
+    return Outcome(
+        it.theta,
+        it.f,
+        it.g,
+        0.0,
+        False,
+        status="stalled",
+        message=stalled,
+        nonfinite=int(bool(note)),
+    )
