@@ -62,6 +62,19 @@ def test_mlp_structure_and_seed():
     assert not torch.equal(m[0].weight, m3[0].weight)
 
 
+def test_small_normal_init_is_gaussian_with_std_001_and_zero_bias():
+    from scipy import stats
+
+    model = mlp([784, 300, 10], init="small-normal", seed=3)
+    w = model[0].weight.detach().double().flatten().numpy()
+    assert abs(w.mean()) < 4 * 0.01 / len(w) ** 0.5
+    assert w.std() == pytest.approx(0.01, rel=0.01)
+    assert stats.kstest(w / 0.01, "norm").pvalue > 1e-3
+    assert all(float(m.bias.abs().max()) == 0.0 for m in model if isinstance(m, torch.nn.Linear))
+    other = mlp([784, 300, 10], init="small-normal", seed=3)
+    assert torch.equal(model[2].weight, other[2].weight)
+
+
 def test_mlp_output_activation_and_dtype():
     m = mlp([3, 4, 2], "sigmoid", output_activation="sigmoid", dtype=torch.float32)
     assert isinstance(m[-1], ACTIVATIONS["sigmoid"])

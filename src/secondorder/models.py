@@ -193,12 +193,15 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator | None, scheme: st
             bound = (6.0 / (fan_in + layer.out_features)) ** 0.5
             layer.weight.uniform_(-bound, bound, generator=generator)
             layer.bias.zero_()
+        elif scheme == "small-normal":
+            layer.weight.normal_(0.0, 0.01, generator=generator)
+            layer.bias.zero_()
         elif scheme == "zeros":
             layer.weight.zero_()
             layer.bias.zero_()
 
 
-INITIALISATIONS = ("torch", "xavier", "zeros")
+INITIALISATIONS = ("torch", "xavier", "small-normal", "zeros")
 
 
 def mlp(
@@ -218,7 +221,8 @@ def mlp(
     squared error); the softmax of eq. 22 belongs to the cross-entropy loss, not to the model.
 
     ``init`` is ``"torch"`` (PyTorch's default uniform ±1/√fan_in), ``"xavier"`` (Glorot uniform,
-    zero biases) or ``"zeros"``; ``seed`` makes it reproducible.
+    zero biases), ``"small-normal"`` (weights N(0, 0.01²), zero biases: the small random start
+    common in hand-written NumPy networks) or ``"zeros"``; ``seed`` makes it reproducible.
     """
     widths = list(widths)
     if len(widths) < 2:

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from secondorder._validation import closest
+from secondorder.models import INITIALISATIONS
 
 try:
     import tomllib
@@ -112,7 +113,7 @@ MODEL_KINDS = ("logistic", "mlp")
 SAMPLER_KINDS = ("full", "fixed", "reshuffled", "subsample")
 LOSSES = ("cross_entropy", "logistic", "mse")
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "softplus", "identity")
-INITS = ("torch", "xavier", "zeros")
+INITS = INITIALISATIONS
 L2_CONVENTIONS = ("plain", "per-sample")
 
 
