@@ -114,6 +114,34 @@ def _first_below(s: SolverRun, key: str, threshold: float, f_star: float = 0.0) 
     return None
 
 
+def _first_at_least(s: SolverRun, key: str, target: float) -> int | None:
+    for r in s.rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v) and v >= target:
+            return int(r.get("k", 0))
+    return None
+
+
+def _reached_line(tab: paper.PaperTable, entries) -> str:
+    """When each of our solvers first matched the seed's final train accuracy (metrics are
+    recorded every few iterations, so k is the first recorded one at or above it)."""
+    col = next((c for c in tab.columns if c.ours == "train_accuracy"), None)
+    if col is None:
+        return ""
+    bits = []
+    for _, s, key in entries:
+        target = tab.rows[key].get(col.key)
+        if target is None:
+            continue
+        k = _first_at_least(s, "train_accuracy", float(target))
+        bits.append(f"{s.name} ({key}) {'k = ' + str(k) if k is not None else 'not reached'}")
+    if not bits:
+        return ""
+    return "First iteration at which ours matched the seed's final train accuracy: " + (
+        "; ".join(bits) + ".\n"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Our value of a published column
 # ----------------------------------------------------------------------------------------------
@@ -147,10 +175,13 @@ def _group_label(cell: CellRun) -> str:
     return ", ".join(bits)
 
 
-def paper_tables(run: RunData, epsilon: float) -> tuple[str, dict[str, dict[str, list[float]]]]:
-    """Markdown for every published table the spec names, and the |Δ| per table and group."""
+def paper_tables(
+    run: RunData, epsilon: float
+) -> tuple[str, dict[str, dict[str, list[tuple[str, float]]]]]:
+    """Markdown for every published table the spec names, and the |Δ| per table and group,
+    each with the depth ("1L", "2L"; "" for tables not split by depth) of its row."""
     out: list[str] = []
-    diffs: dict[str, dict[str, list[float]]] = {}
+    diffs: dict[str, dict[str, list[tuple[str, float]]]] = {}
     ids = list((run.spec.get("report") or {}).get("paper") or [])
     for tid in ids:
         if tid not in paper.TABLES:
@@ -196,8 +227,9 @@ def paper_tables(run: RunData, epsilon: float) -> tuple[str, dict[str, dict[str,
                     r.append(_fmt(v, col.digits) + mark if v is not None else _not_reached(col, s))
                     if v is not None and seed_v is not None:
                         d = abs(float(v) - float(seed_v))
+                        depth = f"{cell.n_hidden}L" if tab.by_layers else ""
                         diffs.setdefault(tid, {}).setdefault(labels[g], []).append(
-                            d if col.ours != "k_eps" else math.nan
+                            (depth, d if col.ours != "k_eps" else math.nan)
                         )
                         r.append(_fmt(d, col.digits))
                     else:
@@ -223,6 +255,9 @@ def paper_tables(run: RunData, epsilon: float) -> tuple[str, dict[str, dict[str,
                     f"_Our runs stopped after {', '.join(map(str, its))} iterations; the seed's "
                     "Table 3 is after 100._\n"
                 )
+            reached = _reached_line(tab, entries)
+            if reached:
+                out.append(reached)
             if any(c.ours == "s_per_iter" for c in tab.columns):
                 out.append(_relative_costs(tab, entries))
                 out.append(_load_note(run, entries))
@@ -316,23 +351,45 @@ def _not_reached(col: paper.Column, s: SolverRun) -> str:
     return "—"
 
 
-def _convention_paragraph(run: RunData, diffs: dict[str, dict[str, list[float]]]) -> str:
-    """Which swept setting (L2 convention, initialisation, ...) lands closest to Table 3."""
-    per = {}
+def _convention_paragraph(
+    run: RunData, diffs: dict[str, dict[str, list[tuple[str, float]]]]
+) -> str:
+    """Which swept setting (L2 convention, initialisation, ...) lands closest to Table 3,
+    overall and depth by depth."""
+    per: dict[str, float] = {}
+    by_depth: dict[str, dict[str, float]] = {}
     for label, ds in (diffs.get("table3") or {}).items():
-        vals = [d for d in ds if not math.isnan(d)]
+        label = label or "main"
+        vals = [d for _, d in ds if not math.isnan(d)]
         if vals:
-            per[label or "main"] = statistics.fmean(vals)
+            per[label] = statistics.fmean(vals)
+        for depth in sorted({dp for dp, _ in ds}):
+            dvals = [d for dp, d in ds if dp == depth and not math.isnan(d)]
+            if depth and dvals:
+                by_depth.setdefault(depth, {})[label] = statistics.fmean(dvals)
     if len(per) < 2:
         return ""
+
+    def ranked(values: dict[str, float]) -> str:
+        order = sorted(values.items(), key=lambda kv: kv[1])
+        return "; ".join(f"{g}: {v:.4f}" for g, v in order) + f" (closest: **{order[0][0]}**)"
+
     swept = ", ".join(k for k in run.sweep if k not in _DEPTH_KEYS)
     lines = [f"### Which setting explains the seed's Table 3? ({swept})\n"]
     lines.append(
         "Mean absolute difference between our and the seed's Table 3 accuracies (train and dev, "
-        "every row present): "
-        + "; ".join(f"{g}: {v:.4f}" for g, v in sorted(per.items(), key=lambda kv: kv[1]))
-        + f". Closest: **{min(per, key=per.get)}**."
+        f"every row present): {ranked(per)}."
     )
+    if len(by_depth) > 1:
+        for depth, values in sorted(by_depth.items()):
+            if len(values) > 1:
+                lines.append(f"- {depth} rows only: {ranked(values)}.")
+        closest = {min(v, key=v.get) for v in by_depth.values() if len(v) > 1}
+        if len(closest) > 1:
+            lines.append(
+                "\nThe depths point different ways, so no single setting swept here explains "
+                "the whole table."
+            )
     convention = {}
     for label, v in per.items():
         for c in ("per-sample", "plain"):
