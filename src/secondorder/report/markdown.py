@@ -593,7 +593,7 @@ def _seed_figures(numbers: Sequence[int], drawn: list[tuple[CellRun, str, Path]]
                 if k == kind and (fig.n_hidden is None or cell.n_hidden == fig.n_hidden):
                     where = "" if cell.id == "main" else f", {cell.label}"
                     links.append(f"[{kind}{where}]({rel}{p.name})")
-        found = "; ".join(links) if links else "not drawn: this run has no such cell"
+        found = "; ".join(links) if links else f"not in this run (the full `{fig.spec}` draws it)"
         lines.append(f"- **Figure {number}** ({fig.caption}) Ours: {found}.")
     return "\n".join(lines) + "\n"
 
