@@ -124,6 +124,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_options(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--format", choices=["png", "svg"], default="png", help="figure format")
+
+
 def add_commands(subparsers) -> None:
     """Add ``run``, ``resume``, ``report``, ``compare`` and ``list`` to a subparsers object."""
     p = subparsers.add_parser(
@@ -142,9 +148,7 @@ def add_commands(subparsers) -> None:
         metavar="KEY=VALUE",
         help="override a spec value, e.g. --set max_iter=5 --set sampler.batch_size=100",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-report", action="store_true", help="do not write the report")
-    p.add_argument("--format", choices=["png", "svg"], default="png", help="figure format")
+    _add_output_options(p)
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(
@@ -154,9 +158,7 @@ def add_commands(subparsers) -> None:
         "trace is the same as that of an uninterrupted run.",
     )
     p.add_argument("run", help="the run directory")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-report", action="store_true")
-    p.add_argument("--format", choices=["png", "svg"], default="png")
+    _add_output_options(p)
     p.set_defaults(func=cmd_resume)
 
     p = subparsers.add_parser(

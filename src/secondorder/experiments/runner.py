@@ -1124,6 +1124,11 @@ def start_run(
     cache = _DataCache()
     _prepare(spec, run_dir, cache)
     options.log(f"run directory: {run_dir}")
+    return _execute_named(spec, run_dir, options, cache)
+
+
+def _execute_named(spec: Spec, run_dir: Path, options: RunOptions, cache: _DataCache) -> Path:
+    """Run (or continue) every cell; an interruption or failure names the run directory."""
     try:
         _execute(spec, run_dir, options, cache)
     except Interrupted as err:
@@ -1167,11 +1172,4 @@ def resume_run(run_dir: str | os.PathLike[str], options: RunOptions | None = Non
         options.log(f"{run_dir}: already complete; nothing to resume")
         return run_dir
     options.log(f"resuming {run_dir}")
-    cache = _DataCache()
-    try:
-        _execute(spec, run_dir, options, cache)
-    except Interrupted as err:
-        raise Interrupted(run_dir, err.signum) from None
-    except RunErrors as err:
-        raise RunErrors(run_dir, err.n) from None
-    return run_dir
+    return _execute_named(spec, run_dir, options, _DataCache())

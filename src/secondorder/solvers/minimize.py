@@ -142,18 +142,12 @@ class LineSearchMethod:
     def _changed_failure(self, it: Iterate, why: str) -> Outcome:
         label = _NAMES[self.name]
         what = "curvature pairs" if self.name in ("lbfgs", "bfgs") else "conjugate directions"
-        return Outcome(
-            it.theta,
-            it.f,
-            it.g,
-            0.0,
-            False,
-            status="objective_changed",
-            message=(
-                f"objective changed between iterations (reshuffled batches) and the {what} "
-                f"became inconsistent: {label} stopped early ({why}); pass robust=True, or use "
-                "fixed batches"
-            ),
+        return Outcome.stop(
+            it,
+            "objective_changed",
+            f"objective changed between iterations (reshuffled batches) and the {what} "
+            f"became inconsistent: {label} stopped early ({why}); pass robust=True, or use "
+            "fixed batches",
         )
 
     def _reset(self) -> None:
@@ -177,14 +171,8 @@ class LineSearchMethod:
                 dphi0 = _dot(it.g, d)
                 restarted = True
             if not (math.isfinite(dphi0) and dphi0 < 0):
-                return Outcome(
-                    it.theta,
-                    it.f,
-                    it.g,
-                    0.0,
-                    False,
-                    status="stalled",
-                    message=f"no descent direction at iteration {it.k}: ∇fᵀd = {dphi0:.3g}",
+                return Outcome.stop(
+                    it, "stalled", f"no descent direction at iteration {it.k}: ∇fᵀd = {dphi0:.3g}"
                 )
         alpha0 = dr.initial_step(it, d, dphi0)
         ls = self.rule.search(evaluate, it.theta, d, it.f, it.g, dphi0, alpha0, budget)
@@ -232,9 +220,7 @@ class LineSearchMethod:
                 status, msg = "line_search", ls.message
             if retried:
                 msg += " (also after restarting from steepest descent)"
-            return Outcome(
-                it.theta, it.f, it.g, 0.0, False, status=status, message=msg, nonfinite=nonfinite
-            )
+            return Outcome.stop(it, status, msg, nonfinite=nonfinite)
         alpha = ls.alpha
         self.pending = (alpha * d, it.g, ls.g)
         dr.after_step(it, alpha, dphi0, ls.f)

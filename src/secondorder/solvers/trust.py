@@ -49,6 +49,11 @@ class Outcome:
     note: str = ""
     nonfinite: int = 0
 
+    @classmethod
+    def stop(cls, it, status: str, message: str, nonfinite: int = 0) -> Outcome:
+        """Stay at the current iterate and end the run with ``status``."""
+        return cls(it.theta, it.f, it.g, 0.0, False, status, message, nonfinite=nonfinite)
+
 
 class _Scaled:
     """B̂ = S B S and ĝ = S g with S = M^{-1/2} (identity without a preconditioner)."""
@@ -434,13 +439,4 @@ def _rejected(it, note: str, stalled: str | None = None) -> Outcome:
     """A rejected step: stay at the current iterate; ``stalled`` (a message) ends the run."""
     if stalled is None:
         return Outcome(it.theta, it.f, it.g, 0.0, False, note=note, nonfinite=int(bool(note)))
-    return Outcome(
-        it.theta,
-        it.f,
-        it.g,
-        0.0,
-        False,
-        status="stalled",
-        message=stalled,
-        nonfinite=int(bool(note)),
-    )
+    return Outcome.stop(it, "stalled", stalled, nonfinite=int(bool(note)))
