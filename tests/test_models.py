@@ -70,7 +70,9 @@ def test_small_normal_init_is_gaussian_with_std_001_and_zero_bias():
     assert abs(w.mean()) < 4 * 0.01 / len(w) ** 0.5
     assert w.std() == pytest.approx(0.01, rel=0.01)
     assert stats.kstest(w / 0.01, "norm").pvalue > 1e-3
-    assert all(float(m.bias.detach().abs().max()) == 0.0 for m in model if isinstance(m, torch.nn.Linear))
+    assert all(
+        float(m.bias.detach().abs().max()) == 0.0 for m in model if isinstance(m, torch.nn.Linear)
+    )
     other = mlp([784, 300, 10], init="small-normal", seed=3)
     assert torch.equal(model[2].weight, other[2].weight)
 

@@ -106,6 +106,30 @@ def test_compare_overlays_runs(runs, tmp_path):
     _nontrivial_png(tmp_path / "cmp" / "figures" / "loss.png")
 
 
+def test_compare_of_many_series_keeps_the_panels_legible(runs, tmp_path):
+    """Past eight series the legend moves under the panels: no Matplotlib layout warning, and
+    the plotting area keeps most of the figure's width."""
+    import warnings
+
+    ros, fixed = runs
+    copies = []
+    for i in range(3):
+        for run in (ros, fixed):
+            dst = tmp_path / f"{run.name}-{i}"
+            shutil.copytree(run, dst)
+            copies.append(dst)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = write_comparison(copies, tmp_path / "cmp")
+    png = tmp_path / "cmp" / "figures" / "loss.png"
+    _nontrivial_png(png)
+    from matplotlib.image import imread
+
+    img = imread(png)[..., :3]
+    assert img.shape[0] > img.shape[1] * 0.3  # taller than the three-panel default: legend below
+    assert path.read_text().count("| rosenbrock") + path.read_text().count("| logistic") >= 6
+
+
 def test_sweep_report_draws_final_values_against_the_swept_key(tmp_path):
     raw = {
         "name": "sweep",

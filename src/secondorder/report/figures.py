@@ -72,6 +72,20 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+#: more series than this share one legend below the panels instead of one inside each
+_INLINE_LEGEND_MAX = 8
+
+
+def _legend_rows(n_series: int, ncol: int) -> int:
+    return 0 if n_series <= _INLINE_LEGEND_MAX else -(-n_series // ncol)
+
+
+def _shared_legend(fig: Figure, ax, ncol: int) -> None:
+    """One legend under the panels, for figures with many series (a comparison of runs)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8)
+
+
 def _marker(n: int) -> str | None:
     return "o" if n <= 25 else None
 
@@ -106,10 +120,13 @@ def loss_figure(
     the panels show f − f* (clipped at 1e-16 for the log scale). ``show_objective`` adds the
     sampled objective f as a thin dotted line where it differs from the training loss.
     """
-    fig = _figure(3)
+    rows = _legend_rows(len(series), 3)
+    fig = _figure(3, height=4.0 + 0.2 * rows)
     ax_it, ax_t, ax_g = fig.subplots(1, 3)
     any_time = False
-    for label, s, c in series:
+    # past ten series the palette repeats: the line style then tells them apart
+    styles = [_LINESTYLES[(i // len(_PALETTE)) % len(_LINESTYLES)] for i in range(len(series))]
+    for (label, s, c), sty in zip(series, styles):
         key = _loss_key(s)
         ks, vs = s.column(key)
         if not ks:
@@ -118,7 +135,7 @@ def loss_figure(
             vs = _positive([v - f_star for v in vs], 1e-16)
         elif log_y:
             vs = _positive(vs, 1e-300)
-        ax_it.plot(ks, vs, color=c, label=label, marker=_marker(len(ks)), ms=3, lw=1.5)
+        ax_it.plot(ks, vs, color=c, ls=sty, label=label, marker=_marker(len(ks)), ms=3, lw=1.5)
         tk = _time_key(s)
         ts, tv = s.xy(tk, key)
         if ts:
@@ -127,7 +144,7 @@ def loss_figure(
                 tv = _positive([v - f_star for v in tv], 1e-16)
             elif log_y:
                 tv = _positive(tv, 1e-300)
-            ax_t.plot(ts, tv, color=c, label=label, marker=_marker(len(ts)), ms=3, lw=1.5)
+            ax_t.plot(ts, tv, color=c, ls=sty, label=label, marker=_marker(len(ts)), ms=3, lw=1.5)
         if show_objective and key != "f":
             fk, fv = s.column("f")
             if fk:
@@ -136,7 +153,7 @@ def loss_figure(
                 ax_it.plot(fk, fv, color=c, ls=":", lw=0.9, alpha=0.8)
         gk, gv = s.column("grad_norm")
         if gk:
-            ax_g.plot(gk, _positive(gv, 1e-300), color=c, label=label, lw=1.2)
+            ax_g.plot(gk, _positive(gv, 1e-300), color=c, ls=sty, label=label, lw=1.2)
     what = "f − f*" if f_star is not None else "training loss"
     for ax in (ax_it, ax_t):
         if log_y:
@@ -154,9 +171,12 @@ def loss_figure(
     ax_g.grid(True, which="both", alpha=0.3)
     if show_objective:
         ax_it.plot([], [], color="grey", ls=":", lw=0.9, label="sampled objective f")
-    for ax in (ax_it, ax_t, ax_g):
-        if ax.lines:
-            ax.legend(fontsize=8)
+    if rows:
+        _shared_legend(fig, ax_it, 3)
+    else:
+        for ax in (ax_it, ax_t, ax_g):
+            if ax.lines:
+                ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return save(fig, path)
@@ -169,7 +189,8 @@ def accuracy_figure(
     title: str = "",
 ) -> Path:
     """Train (solid), dev (dashed) and test (dotted) accuracy against iteration."""
-    fig = _figure(1, width=6.4, height=4.4)
+    rows = _legend_rows(len(series), 2)
+    fig = _figure(1, width=6.4 if not rows else 9.0, height=4.4 + 0.2 * rows)
     ax = fig.subplots()
     styles = {"train_accuracy": "-", "dev_accuracy": "--", "test_accuracy": ":"}
     used = set()
@@ -188,7 +209,10 @@ def accuracy_figure(
     ax.set_ylabel("accuracy (eq. 30)")
     ax.set_title(title or "accuracy vs iteration")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    if rows:
+        _shared_legend(fig, ax, 2)
+    else:
+        ax.legend(fontsize=8, ncol=2)
     return save(fig, path)
 
 
