@@ -80,6 +80,12 @@ def _legend_rows(n_series: int, ncol: int) -> int:
     return 0 if n_series <= _INLINE_LEGEND_MAX else -(-n_series // ncol)
 
 
+def _legend_width(series: Sequence[Series], ncol: int) -> float:
+    """Inches a shared legend of these labels needs at font size 8 (about 0.06 in a char)."""
+    longest = max((len(label) for label, _, _ in series), default=0)
+    return ncol * (0.06 * longest + 0.6)
+
+
 def _shared_legend(fig: Figure, ax, ncol: int) -> None:
     """One legend under the panels, for figures with many series (a comparison of runs)."""
     handles, labels = ax.get_legend_handles_labels()
@@ -121,7 +127,8 @@ def loss_figure(
     sampled objective f as a thin dotted line where it differs from the training loss.
     """
     rows = _legend_rows(len(series), 3)
-    fig = _figure(3, height=4.0 + 0.2 * rows)
+    width = 5.2 if not rows else max(5.2, _legend_width(series, 3) / 3)
+    fig = _figure(3, width=width, height=4.0 + 0.2 * rows)
     ax_it, ax_t, ax_g = fig.subplots(1, 3)
     any_time = False
     # past ten series the palette repeats: the line style then tells them apart
@@ -190,7 +197,8 @@ def accuracy_figure(
 ) -> Path:
     """Train (solid), dev (dashed) and test (dotted) accuracy against iteration."""
     rows = _legend_rows(len(series), 2)
-    fig = _figure(1, width=6.4 if not rows else 9.0, height=4.4 + 0.2 * rows)
+    width = 6.4 if not rows else max(6.4, _legend_width(series, 2))
+    fig = _figure(1, width=width, height=4.4 + 0.2 * rows)
     ax = fig.subplots()
     styles = {"train_accuracy": "-", "dev_accuracy": "--", "test_accuracy": ":"}
     used = set()
