@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,18 +106,11 @@ def _s_per_iter(s: SolverRun) -> float | None:
     return t / k if t is not None and k > 0 else None
 
 
-def _first_below(s: SolverRun, key: str, threshold: float, f_star: float = 0.0) -> int | None:
+def _first_k(s: SolverRun, key: str, holds: Callable[[float], bool]) -> int | None:
+    """The first recorded iteration whose finite ``key`` value satisfies ``holds``."""
     for r in s.rows:
         v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v) and v - f_star <= threshold:
-            return int(r.get("k", 0))
-    return None
-
-
-def _first_at_least(s: SolverRun, key: str, target: float) -> int | None:
-    for r in s.rows:
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v) and v >= target:
+        if isinstance(v, (int, float)) and math.isfinite(v) and holds(v):
             return int(r.get("k", 0))
     return None
 
@@ -133,7 +126,7 @@ def _reached_line(tab: paper.PaperTable, entries) -> str:
         target = tab.rows[key].get(col.key)
         if target is None:
             continue
-        k = _first_at_least(s, "train_accuracy", float(target))
+        k = _first_k(s, "train_accuracy", lambda v, t=float(target): v >= t)
         bits.append(f"{s.name} ({key}) {'k = ' + str(k) if k is not None else 'not reached'}")
     if not bits:
         return ""
@@ -445,7 +438,7 @@ def results_table(cell: CellRun, epsilon: float) -> str:
     for s in cell.solvers:
         sm = s.summary
         key = "train_loss" if any("train_loss" in r for r in s.rows) else "f"
-        k8 = _first_below(s, key, 1e-8, f_star) if f_star is not None else None
+        k8 = _first_k(s, key, lambda v: v - f_star <= 1e-8) if f_star is not None else None
         rows.append(
             [
                 s.name,
