@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint format data bench clean
+.PHONY: run test test-all lint format data bench bench-solvers clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/curvature.py
+
+bench-solvers: $(STAMP)
+	$(BIN)/python benchmarks/solvers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
