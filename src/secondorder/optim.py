@@ -449,6 +449,17 @@ class _MinimizeOptimizer(torch.optim.Optimizer):
     def _options(self, group: dict) -> tuple[str | None, dict]:
         raise NotImplementedError
 
+    @staticmethod
+    def _loop_options(group: dict) -> dict:
+        """The options every method shares, from torch.optim's names to minimize's."""
+        return {
+            "lr": group["lr"],
+            "max_iter": group["max_iter"],
+            "max_evals": group["max_eval"],
+            "gtol": group["tolerance_grad"],
+            "ftol": group["tolerance_change"],
+        }
+
     def __init__(self, params, defaults: dict) -> None:
         super().__init__(params, defaults)
         self._flat = _FlatParams(_single_group(self, self._label))
@@ -547,14 +558,7 @@ class NLCG(_MinimizeOptimizer):
 
     def _options(self, group):
         ls = "wolfe" if group["line_search_fn"] == "strong_wolfe" else None
-        return ls, {
-            "lr": group["lr"],
-            "max_iter": group["max_iter"],
-            "max_evals": group["max_eval"],
-            "gtol": group["tolerance_grad"],
-            "ftol": group["tolerance_change"],
-            "variant": group["variant"],
-        }
+        return ls, {**self._loop_options(group), "variant": group["variant"]}
 
 
 class NewtonCG(_MinimizeOptimizer):
@@ -610,15 +614,7 @@ class NewtonCG(_MinimizeOptimizer):
         )
 
     def _options(self, group):
-        opts = {
-            "lr": group["lr"],
-            "max_iter": group["max_iter"],
-            "max_evals": group["max_eval"],
-            "gtol": group["tolerance_grad"],
-            "ftol": group["tolerance_change"],
-            "damping": group["damping"],
-            "check_saddle": False,
-        }
+        opts = {**self._loop_options(group), "damping": group["damping"], "check_saddle": False}
         if group["cg_max_iter"] is not None:
             opts["cg_max_iter"] = group["cg_max_iter"]
         if group["cg_tol"] is not None:
