@@ -491,6 +491,12 @@ def exact_case(name: str, widths, N: int, args) -> None:
                 f"  ours: full Hessian {fmt_time(best['ours'])} ({nt} thread(s)); "
                 f"GEMM {rate / 1e9:.1f} G mult-add/s → floor {fmt_time(floor)}"
             )
+            touch = first_touch(P, X.dtype)
+            print(
+                f"  allocating and first writing a P×P result: {fmt_time(touch)}, a cost every "
+                "dense route pays; 30× the fastest autodiff route would leave "
+                f"{fmt_time(best[ad_key] / 30)}"
+            )
             tag = f"{nt} thread{'s' if nt > 1 else ''}"
             at_most(
                 f"{name}: full Hessian vs floor N·P² at GEMM rate ({tag})",
@@ -510,6 +516,18 @@ def exact_case(name: str, widths, N: int, args) -> None:
                     label,
                 )
             gc.collect()
+
+
+def first_touch(P: int, dtype: torch.dtype) -> float:
+    """Seconds to allocate a P×P matrix and write it once (the page faults of fresh memory)."""
+    gc.collect()
+    t = time.perf_counter()
+    A = torch.empty(P, P, dtype=dtype)
+    A.fill_(0.0)
+    seconds = time.perf_counter() - t
+    del A
+    gc.collect()
+    return seconds
 
 
 def min_time(fn: Callable, repeat: int = 2) -> float:
