@@ -51,7 +51,7 @@ def test_logistic_regression_matches_eqs_17_18():
 
 
 def _reference(obj, theta):
-    X, y, w = obj._samples("value")
+    X, y, w = obj.samples("value")
 
     def J(t):
         return obj._weighted_loss(t, X, y, w) + obj._regulariser(t)
@@ -87,8 +87,8 @@ def test_ggn_against_jacobian_reference():
     y = torch.randint(0, 4, (25,))
     obj = ModelObjective(model, "cross_entropy", (X, y), l2=0.1)
     theta = obj.initial_theta() + 0.1 * torch.randn(obj.n_params, dtype=f64)
-    Jac = torch.func.jacrev(lambda t: obj._forward(t, X))(theta)  # (m, k, P)
-    p = torch.softmax(obj._forward(theta, X), 1)
+    Jac = torch.func.jacrev(lambda t: obj.forward(t, X))(theta)  # (m, k, P)
+    p = torch.softmax(obj.forward(theta, X), 1)
     Hz = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     G = torch.einsum("mip,mij,mjq->pq", Jac, Hz, Jac) / 25 + 0.1 * torch.diag(obj.l2_mask)
     ggnv = obj.ggnvp_at(theta)

@@ -24,7 +24,6 @@ objective would all-reduce there. The function changes only when the sampler say
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from secondorder._validation import check_choice, check_positive
+from secondorder.linalg import MemoryError_, check_dense_fits
 from secondorder.losses import Loss, get_loss
 from secondorder.sampling import FullBatch, Sampler
 
@@ -46,39 +46,6 @@ __all__ = [
     "quadratic",
     "rosenbrock",
 ]
-
-
-class MemoryError_(MemoryError):
-    """A dense request that would not fit; the message names the bytes and an alternative."""
-
-
-def _available_bytes() -> int:
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * 2**30
-
-
-def check_dense_fits(
-    shape: tuple[int, ...], dtype: torch.dtype, what: str, *, max_bytes: int | None = None
-) -> int:
-    """Refuse, before allocating, a dense tensor that would exceed ``max_bytes``.
-
-    The default limit is half the memory available now. Returns the number of bytes.
-    """
-    n = 1
-    for s in shape:
-        n *= int(s)
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    limit = _available_bytes() // 2 if max_bytes is None else int(max_bytes)
-    if nbytes > limit:
-        raise MemoryError_(
-            f"{what} of shape {tuple(shape)} in {dtype} needs {nbytes:,} bytes "
-            f"({nbytes / 2**30:.2f} GiB), above the limit of {limit:,} bytes; use matrix-free "
-            "products instead (Objective.hvp / Objective.ggnvp, or the linear operators of "
-            "secondorder.curvature), or raise max_bytes"
-        )
-    return nbytes
 
 
 @dataclass
@@ -130,6 +97,19 @@ class Objective:
         before = self.version
         self._iteration = int(k)
         return self.version != before
+
+    def sampling_state(self) -> dict[str, int]:
+        """Where the objective stands in its sampling: the iteration and the number of
+        evaluations so far (samplers that draw per evaluation depend on it). Together with
+        ``counts`` it is all a checkpoint needs to continue on the same functions."""
+        return {"iteration": self._iteration, "evaluations": self._evaluations}
+
+    def load_sampling_state(self, state: dict[str, int]) -> None:
+        """Restore what :meth:`sampling_state` returned (missing keys are left as they are)."""
+        if "iteration" in state:
+            self._iteration = int(state["iteration"])
+        if "evaluations" in state:
+            self._evaluations = int(state["evaluations"])
 
     # -- evaluations ----------------------------------------------------------------------------
     def value(self, theta: Tensor) -> Tensor:
@@ -371,7 +351,7 @@ class ModelObjective(Objective):
             dtype=self.dtype, device=self.device
         )
         with torch.no_grad():
-            out = self._forward(self._theta0, X[:1])
+            out = self.forward(self._theta0, X[:1])
         if out.ndim != 2:
             raise ValueError(
                 f"the model must map (m, ...) inputs to (m, k) outputs, got {tuple(out.shape)}"
@@ -422,7 +402,8 @@ class ModelObjective(Objective):
                 p.copy_(t.view_as(p))
         return self.model
 
-    def _forward(self, theta: Tensor, X: Tensor) -> Tensor:
+    def forward(self, theta: Tensor, X: Tensor) -> Tensor:
+        """The network's outputs f(X; θ), computed functionally (the model is not modified)."""
         return functional_call(self.model, {**self.unflatten(theta), **self.buffers}, (X,))
 
     @property
@@ -439,8 +420,12 @@ class ModelObjective(Objective):
     def stochastic(self) -> str:
         return self.sampler.changes
 
-    def _samples(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(X, y, w) of the current function: the sampler's samples and eq.-28 weights."""
+    def samples(self, which: str = "value") -> tuple[Tensor, Tensor, Tensor]:
+        """(X, y, w) of the current function: the sampler's samples and eq.-28 weights.
+
+        ``which`` is ``"value"`` (value and gradient) or ``"curvature"`` (Hessian and
+        Gauss–Newton products; the same as ``"value"`` without a ``curvature_sampler``).
+        """
         if which == "curvature" and self.curvature_sampler is None:
             which = "value"
         sampler = self.curvature_sampler if which == "curvature" else self.sampler
@@ -456,7 +441,7 @@ class ModelObjective(Objective):
     # -- the one sum over samples ---------------------------------------------------------------
     def _weighted_loss(self, theta: Tensor, X: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """Σ_i w_i ℓ(f(x_i; θ), y_i): every sum over samples goes through here."""
-        return w @ self.loss.per_sample(self._forward(theta, X), y)
+        return w @ self.loss.per_sample(self.forward(theta, X), y)
 
     def _regulariser(self, theta: Tensor) -> Tensor:
         c = self.l2_coefficient
@@ -467,7 +452,7 @@ class ModelObjective(Objective):
     # -- evaluations -------------------------------------------------------------------------------
     def value(self, theta: Tensor) -> Tensor:
         theta = self.check_theta(theta)
-        X, y, w = self._samples("value")
+        X, y, w = self.samples("value")
         self.counts.f += 1
         self._count_evaluation()
         with torch.no_grad():
@@ -475,7 +460,7 @@ class ModelObjective(Objective):
 
     def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         theta = self.check_theta(theta)
-        X, y, w = self._samples("value")
+        X, y, w = self.samples("value")
         self.counts.f += 1
         self.counts.g += 1
         self._count_evaluation()
@@ -491,7 +476,7 @@ class ModelObjective(Objective):
 
     def hvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         theta = self.check_theta(theta)
-        X, y, w = self._samples("curvature")
+        X, y, w = self.samples("curvature")
         t = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             f = self._weighted_loss(t, X, y, w)
@@ -518,10 +503,10 @@ class ModelObjective(Objective):
         (the graph is built once), H_z v from the loss's closed form, Jᵀ(·) from one backward.
         """
         theta = self.check_theta(theta)
-        X, y, w = self._samples("curvature")
+        X, y, w = self.samples("curvature")
         t = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = self._forward(t, X)
+            out = self.forward(t, X)
             u = torch.zeros_like(out, requires_grad=True)
             (jtu,) = torch.autograd.grad(out, t, u, create_graph=True)
         out_d = out.detach()
@@ -570,9 +555,9 @@ class ModelObjective(Objective):
         handles = [m.register_forward_hook(hook) for m in modules]
         try:
             if modules:
-                X, _, _ = self._samples("value")
+                X, _, _ = self.samples("value")
                 with torch.no_grad():
-                    self._forward(self.check_theta(theta), X)
+                    self.forward(self.check_theta(theta), X)
             recording = False
             yield self
         finally:
@@ -584,7 +569,7 @@ class ModelObjective(Objective):
         """Predicted labels (or values) of the model with parameters θ."""
         theta = self.check_theta(theta)
         with torch.no_grad():
-            return self.loss.predict(self._forward(theta, X.to(self.dtype).to(self.device)))
+            return self.loss.predict(self.forward(theta, X.to(self.dtype).to(self.device)))
 
     def accuracy(self, theta: Tensor, X: Tensor | None = None, y: Tensor | None = None) -> float:
         """Eq. 30: the fraction of samples whose predicted class equals the label
@@ -608,7 +593,7 @@ class ModelObjective(Objective):
 
     def _out_dim(self) -> int:
         with torch.no_grad():
-            return self._forward(self._theta0, self.X[:1]).shape[1]
+            return self.forward(self._theta0, self.X[:1]).shape[1]
 
 
 def _unpack_data(data) -> tuple[Tensor, Tensor]:

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from secondorder._validation import check_positive, check_positive_int
+from secondorder.linalg import check_dense_fits
 from secondorder.losses import Loss, get_loss
-from secondorder.objective import check_dense_fits
 
 __all__ = [
     "Problem",

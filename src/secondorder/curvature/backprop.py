@@ -64,9 +64,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from secondorder._validation import check_choice, check_positive_int
+from secondorder.linalg import check_dense_fits
 from secondorder.losses import CrossEntropy, Loss
 from secondorder.models import Activation, Identity, ReLU, activation_derivatives
-from secondorder.objective import check_dense_fits
 
 from . import autodiff as _ad
 

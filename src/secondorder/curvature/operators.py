@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from secondorder._validation import check_choice, check_positive, check_positive_int
+from secondorder.linalg import check_dense_fits
 from secondorder.losses import Loss
-from secondorder.objective import ModelObjective, Objective, check_dense_fits
+from secondorder.objective import ModelObjective, Objective
 
 __all__ = [
     "CurvatureOperator",

@@ -875,24 +875,22 @@ class _Runner:
 
 
 def _counters(obj) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    counts = getattr(obj, "counts", None)
-    if counts is not None and hasattr(counts, "as_dict"):
-        out["counts"] = counts.as_dict()
-    for attr in ("_evaluations", "_iteration"):
-        if hasattr(obj, attr):
-            out[attr] = int(getattr(obj, attr))
-    return out
+    # the checkpoint keys keep their historical names so that older run directories resume
+    state = obj.sampling_state()
+    return {
+        "counts": obj.counts.as_dict(),
+        "_evaluations": state["evaluations"],
+        "_iteration": state["iteration"],
+    }
 
 
 def _restore_counters(obj, saved: dict[str, Any]) -> None:
-    counts = getattr(obj, "counts", None)
     for k, v in (saved.get("counts") or {}).items():
-        if counts is not None and hasattr(counts, k):
-            setattr(counts, k, v)
-    for attr in ("_evaluations", "_iteration"):
-        if attr in saved and hasattr(obj, attr):
-            setattr(obj, attr, saved[attr])
+        if hasattr(obj.counts, k):
+            setattr(obj.counts, k, v)
+    obj.load_sampling_state(
+        {key: saved[f"_{key}"] for key in ("evaluations", "iteration") if f"_{key}" in saved}
+    )
 
 
 def _result_summary(res, method: str, max_iter: int) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder.linalg import check_dense_fits, dot64, norm64
+
 __all__ = [
     "BFGS",
     "DIRECTIONS",
@@ -54,16 +56,6 @@ __all__ = [
 NLCG_VARIANTS = ("fr", "pr+", "hs", "dy")
 NEWTON_MODIFICATIONS = ("damping", "eigen", "saddle-free")
 CURVATURES = ("hessian", "ggn")
-
-
-def _dot(a: Tensor, b: Tensor) -> float:
-    if a.dtype != torch.float64:
-        a, b = a.to(torch.float64), b.to(torch.float64)
-    return float(torch.dot(a, b))
-
-
-def _norm2(a: Tensor) -> float:
-    return math.sqrt(_dot(a, a))
 
 
 @dataclass
@@ -141,7 +133,7 @@ class Direction:
     # shared first-step heuristics -----------------------------------------------------------
     def _first_step(self, it: Iterate, d: Tensor) -> float:
         """lr·min(1, 1/‖d‖₂): the first step of a method with no curvature scale yet."""
-        n = _norm2(d)
+        n = norm64(d)
         return it.lr * min(1.0, 1.0 / n) if n > 0 else it.lr
 
     def _scaled_step(self, it: Iterate, d: Tensor, dphi0: float) -> float:
@@ -241,7 +233,7 @@ def conjugate_gradient(
     non-positive curvature pᵀ(B + λI)p ≤ 0 (returning the last iterate; on the first step
     from x = 0 it returns −M⁻¹g instead). Also reports xᵀBx for the model reduction."""
     minv = minv or (lambda v: v)
-    gnorm = _norm2(g)
+    gnorm = norm64(g)
     tol = rtol * gnorm
     products = 0
     eps = torch.finfo(g.dtype).eps
@@ -260,18 +252,18 @@ def conjugate_gradient(
         x = x0.clone()
         Ax = A(x)
         r = Ax + g
-        xAx = _dot(x, Ax)
+        xAx = dot64(x, Ax)
     z = minv(r)
     p = -z
-    rz = _dot(r, z)
+    rz = dot64(r, z)
     neg = False
     curv = float("nan")
     j = 0
-    rnorm = _norm2(r)
+    rnorm = norm64(r)
     while j < max_iter and rnorm > tol:
         Ap = A(p)
-        pAp = _dot(p, Ap)
-        pp = _dot(p, p)
+        pAp = dot64(p, Ap)
+        pp = dot64(p, p)
         if pAp - damping * pp < 0:
             curv = (pAp - damping * pp) / pp
             neg = True
@@ -283,17 +275,17 @@ def conjugate_gradient(
                 xAx = float("nan")
             break
         alpha = rz / pAp
-        xAp = _dot(x, Ap)
+        xAp = dot64(x, Ap)
         x = x + alpha * p
         xAx = xAx + 2 * alpha * xAp + alpha * alpha * pAp
         r = r + alpha * Ap
-        rnorm = _norm2(r)
+        rnorm = norm64(r)
         z = minv(r)
-        rz_new = _dot(r, z)
+        rz_new = dot64(r, z)
         p = -z + (rz_new / rz) * p
         rz = rz_new
         j += 1
-    xBx = xAx - damping * _dot(x, x) if math.isfinite(xAx) else float("nan")
+    xBx = xAx - damping * dot64(x, x) if math.isfinite(xAx) else float("nan")
     return CGResult(x, j, rnorm / gnorm if gnorm else 0.0, rnorm <= tol, neg, curv, xBx, products)
 
 
@@ -326,7 +318,7 @@ class NewtonCG(Direction):
         obj = it.objective
         product = obj.hvp_at(it.theta) if self.curvature == "hessian" else obj.ggnvp_at(it.theta)
         g = it.g
-        gnorm = _norm2(g)
+        gnorm = norm64(g)
         rtol = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
         max_iter = self.cg_max_iter or min(2 * g.numel(), 250)
         minv = None if it.precond is None else it.precond.apply
@@ -355,12 +347,12 @@ class NewtonCG(Direction):
             )
         d = res.x
         self.p_prev = d.detach().clone()
-        self._model = (_dot(g, d), res.xBx)
+        self._model = (dot64(g, d), res.xBx)
         return d
 
     @staticmethod
     def _usable(res: CGResult, g: Tensor) -> bool:
-        gx = _dot(g, res.x)
+        gx = dot64(g, res.x)
         if not gx < 0:
             return False
         q = gx + 0.5 * res.xBx if math.isfinite(res.xBx) else gx
@@ -383,7 +375,7 @@ class NewtonCG(Direction):
             if q < 0:
                 rho = (f_new - it.f) / q
             it.info["rho"] = rho
-        floor = self.DAMPING_FLOOR * max(1.0, _norm2(it.g))
+        floor = self.DAMPING_FLOOR * max(1.0, norm64(it.g))
         if rho < 0.25:
             self.damping = max(1.5 * self.damping, floor)
         elif rho > 0.75:
@@ -432,7 +424,7 @@ class NonlinearCG(Direction):
 
     def compute(self, it: Iterate) -> Tensor:
         z = it.minv(it.g)
-        gz = _dot(it.g, z)
+        gz = dot64(it.g, z)
         n = self.restart_every or it.g.numel()
         beta = None
         if self.d_prev is not None and self.gz_prev and not self.fresh and self.since_restart < n:
@@ -440,12 +432,12 @@ class NonlinearCG(Direction):
             if self.variant == "fr":
                 beta = gz / self.gz_prev
             elif self.variant == "pr+":
-                beta = max(0.0, _dot(z, y) / self.gz_prev) if y is not None else None
+                beta = max(0.0, dot64(z, y) / self.gz_prev) if y is not None else None
             elif self.variant == "hs":
-                dy = _dot(dp, y) if y is not None else 0.0
-                beta = _dot(z, y) / dy if dy else None
+                dy = dot64(dp, y) if y is not None else 0.0
+                beta = dot64(z, y) / dy if dy else None
             else:  # dy
-                dy = _dot(dp, y) if y is not None else 0.0
+                dy = dot64(dp, y) if y is not None else 0.0
                 beta = gz / dy if dy else None
             if beta is not None and not math.isfinite(beta):
                 beta = None
@@ -512,7 +504,7 @@ class NonlinearCG(Direction):
 # -- quasi-Newton ------------------------------------------------------------------------------
 def _curvature_ok(s: Tensor, y: Tensor, sy: float) -> bool:
     eps = torch.finfo(s.dtype).eps
-    return math.isfinite(sy) and sy > math.sqrt(eps) * _norm2(s) * _norm2(y)
+    return math.isfinite(sy) and sy > math.sqrt(eps) * norm64(s) * norm64(y)
 
 
 class BFGS(Direction):
@@ -528,23 +520,21 @@ class BFGS(Direction):
         self.updates = 0
 
     def _h0(self, it: Iterate, s: Tensor, y: Tensor, sy: float) -> Tensor:
-        from secondorder.objective import check_dense_fits
-
         n = s.numel()
         check_dense_fits((n, n), s.dtype, "the dense BFGS matrix")
         if it.precond is not None and it.precond.is_diagonal:
             minv = it.precond.inverse_diagonal()
-            gamma = sy / _dot(y, minv * y)
+            gamma = sy / dot64(y, minv * y)
             return torch.diag(gamma * minv)
         if it.precond is not None:
             eye = torch.eye(n, dtype=s.dtype, device=s.device)
             M = torch.stack([it.precond.apply(eye[i]) for i in range(n)], 1)
             M = 0.5 * (M + M.T)
-            return (sy / _dot(y, M @ y)) * M
-        return (sy / _dot(y, y)) * torch.eye(n, dtype=s.dtype, device=s.device)
+            return (sy / dot64(y, M @ y)) * M
+        return (sy / dot64(y, y)) * torch.eye(n, dtype=s.dtype, device=s.device)
 
     def update(self, s, y, it):
-        sy = _dot(s, y)
+        sy = dot64(s, y)
         if not _curvature_ok(s, y, sy):
             self.skipped += 1
             return
@@ -553,7 +543,7 @@ class BFGS(Direction):
         H = self.H
         rho = 1.0 / sy
         Hy = H @ y
-        yHy = _dot(y, Hy)
+        yHy = dot64(y, Hy)
         self.H = (
             H
             - rho * (torch.outer(Hy, s) + torch.outer(s, Hy))
@@ -623,7 +613,7 @@ class LBFGS(Direction):
         self.skipped = 0
 
     def update(self, s, y, it):
-        sy = _dot(s, y)
+        sy = dot64(s, y)
         if not _curvature_ok(s, y, sy):
             self.skipped += 1
             return
@@ -635,9 +625,9 @@ class LBFGS(Direction):
         self.Y.append(y)
         self.rho.append(1.0 / sy)
         if it.precond is not None and it.precond.is_diagonal:
-            self.gamma = sy / _dot(y, it.precond.apply(y))
+            self.gamma = sy / dot64(y, it.precond.apply(y))
         else:
-            self.gamma = sy / _dot(y, y)
+            self.gamma = sy / dot64(y, y)
 
     def compute(self, it: Iterate) -> Tensor:
         if not self.S:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from secondorder.linalg import dot64
+
 __all__ = [
     "Armijo",
     "FixedStep",
@@ -65,12 +67,6 @@ class LineSearchResult:
     calls: int = 0  # trial steps requested (a repeated α is evaluated once but counted here)
 
 
-def _dot64(a: Tensor, b: Tensor) -> float:
-    if a.dtype != torch.float64:
-        a, b = a.to(torch.float64), b.to(torch.float64)
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
-
-
 class LineFunction:
     """φ(α) = f(θ + αd) with its slope φ′(α) = ∇f(θ + αd)ᵀd, memoised per α.
 
@@ -94,7 +90,7 @@ class LineFunction:
         self.d = d
         self.f0 = float(f0)
         self.g0 = g0
-        self.dphi0 = _dot64(g0, d) if dphi0 is None else float(dphi0)
+        self.dphi0 = dot64(g0, d) if dphi0 is None else float(dphi0)
         self.nfev = 0
         self.nonfinite = 0
         self.trials: list[tuple[float, float]] = []
@@ -118,7 +114,7 @@ class LineFunction:
         f, g = self.evaluate(x)
         f = float(f)
         self.nfev += 1
-        dphi = _dot64(g, self.d) if math.isfinite(f) else float("nan")
+        dphi = dot64(g, self.d) if math.isfinite(f) else float("nan")
         if not (math.isfinite(f) and math.isfinite(dphi)):
             self.nonfinite += 1
             f, g, dphi = math.inf, None, float("nan")
@@ -585,7 +581,7 @@ def _prepare(fun, theta: Tensor, d: Tensor, f0, g0):
     evaluate = evaluator(obj)
     if f0 is None or g0 is None:
         f0, g0 = evaluate(theta)
-    dphi0 = _dot64(g0, d)
+    dphi0 = dot64(g0, d)
     if not dphi0 < 0:
         raise ValueError(f"the direction is not a descent direction: ∇fᵀd = {dphi0:.3g} ≥ 0")
     return evaluate, float(f0), g0, dphi0

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from secondorder._validation import check_choice, check_positive, check_positive_int, closest
+from secondorder.linalg import check_dense_fits, dot64
 from secondorder.objective import FunctionObjective, Objective
 from secondorder.solvers.directions import (
     BFGS,
@@ -27,7 +28,6 @@ from secondorder.solvers.directions import (
     NewtonCG,
     NonlinearCG,
     SteepestDescent,
-    _dot,
 )
 from secondorder.solvers.linesearch import evaluator, make_step_rule
 from secondorder.solvers.precondition import PRECONDITIONERS, Preconditioner, make_preconditioner
@@ -158,7 +158,7 @@ class LineSearchMethod:
     def step(self, it: Iterate, evaluate, budget: int | None) -> Outcome:
         dr = self.direction
         d = dr.compute(it)
-        dphi0 = _dot(it.g, d)
+        dphi0 = dot64(it.g, d)
         restarted = False
         if not (math.isfinite(dphi0) and dphi0 < 0):
             if self._broken_by_change():
@@ -168,7 +168,7 @@ class LineSearchMethod:
             if dr.has_memory or isinstance(dr, NewtonCG):
                 self._reset()
                 d = -it.minv(it.g)
-                dphi0 = _dot(it.g, d)
+                dphi0 = dot64(it.g, d)
                 restarted = True
             if not (math.isfinite(dphi0) and dphi0 < 0):
                 return Outcome.stop(
@@ -191,7 +191,7 @@ class LineSearchMethod:
                 retried = True
                 self._reset()
                 d = -it.minv(it.g)
-                dphi0 = _dot(it.g, d)
+                dphi0 = dot64(it.g, d)
                 alpha0 = dr.initial_step(it, d, dphi0)
                 ls = self.rule.search(evaluate, it.theta, d, it.f, it.g, dphi0, alpha0, left)
                 self._spent += ls.nfev
@@ -506,8 +506,6 @@ def _validate(objective, method, line_search, options: dict) -> dict:
     cg_tol = _opt_tol(options, "cg_tol", None)
 
     if method in ("newton", "bfgs"):
-        from secondorder.objective import check_dense_fits
-
         what = "the dense Hessian" if method == "newton" else "the dense BFGS matrix"
         check_dense_fits((objective.n_params, objective.n_params), dtype, what)
     if method == "gd":
@@ -691,8 +689,8 @@ def _run(objective: Objective, theta0: Tensor, cfg: dict) -> Result:
         # the function of iteration k is compared with the one the saved f and g belong to,
         # so the first iteration sees (and counts) a change exactly as an uninterrupted run
         # would, whether the objective is the one the run stopped with or a fresh copy
-        if state.get("evaluations") is not None and hasattr(objective, "_evaluations"):
-            objective._evaluations = int(state["evaluations"])  # samplers drawn per evaluation
+        if state.get("evaluations") is not None:  # samplers that draw per evaluation
+            objective.load_sampling_state({"evaluations": int(state["evaluations"])})
         carried = objective.begin_iteration(k)
         if state.get("version") is not None:
             carried = objective.version != state["version"]
@@ -923,6 +921,6 @@ def _run(objective: Objective, theta0: Tensor, cfg: dict) -> Result:
         "solver": solver.state_dict(),
         "precond": {} if precond is None else precond.state_dict(),
         "version": objective.version,  # the function that f and g belong to
-        "evaluations": getattr(objective, "_evaluations", None),
+        "evaluations": objective.sampling_state()["evaluations"],
     }
     return result

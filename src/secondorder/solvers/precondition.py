@@ -183,11 +183,11 @@ def eq14_diagonal(objective, theta: Tensor, *, chunk_bytes: int = 2**27) -> Tens
     """sqrt(m_s Σ_i w_i (∂ℓ_i/∂θ)²) over the objective's current samples (eq. 14)."""
     from torch.func import grad, vmap
 
-    X, y, w = objective._samples("value")
+    X, y, w = objective.samples("value")
     theta = theta.detach()
 
     def loss_one(t: Tensor, x: Tensor, yy: Tensor) -> Tensor:
-        out = objective._forward(t, x.unsqueeze(0))
+        out = objective.forward(t, x.unsqueeze(0))
         return objective.loss.per_sample(out, yy.unsqueeze(0))[0]
 
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
@@ -214,7 +214,7 @@ def _library_diagonal(objective, theta: Tensor, which: str) -> Tensor | None:
 
     if fn is None or not isinstance(objective, ModelObjective) or objective.regularize_bias:
         return None
-    X, y, w = objective._samples("curvature")
+    X, y, w = objective.samples("curvature")
     if not bool(torch.all(w == w[0])):
         return None  # eq.-28 weights that are not uniform: use the products below
     model = copy.deepcopy(objective.model).to(dtype=objective.dtype, device=objective.device)

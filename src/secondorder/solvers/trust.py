@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from secondorder.solvers.directions import Iterate, _dot, _norm2
+from secondorder.linalg import dot64, norm64
+from secondorder.solvers.directions import Iterate
 
 __all__ = ["ARC", "TrustNCG", "lanczos_extreme", "solve_cubic_tridiagonal", "steihaug"]
 
@@ -87,9 +88,9 @@ class SteihaugResult:
 
 def _to_boundary(z: Tensor, d: Tensor, radius: float) -> tuple[float, float]:
     """The two τ with ‖z + τd‖ = Δ (τ₋ ≤ 0 ≤ τ₊)."""
-    a = _dot(d, d)
-    b = 2.0 * _dot(z, d)
-    c = _dot(z, z) - radius * radius
+    a = dot64(d, d)
+    b = 2.0 * dot64(z, d)
+    c = dot64(z, z) - radius * radius
     disc = math.sqrt(max(b * b - 4 * a * c, 0.0))
     # numerically stable roots
     q = -0.5 * (b + math.copysign(disc, b)) if b != 0 else -0.5 * disc
@@ -103,9 +104,9 @@ def steihaug(product, g: Tensor, radius: float, *, rtol: float, max_iter: int) -
     z = torch.zeros_like(g)
     r = g.clone()
     d = -r
-    gnorm = _norm2(g)
+    gnorm = norm64(g)
     tol = rtol * gnorm
-    rr = _dot(r, r)
+    rr = dot64(r, r)
     zBz = 0.0  # zᵀBz
     eps = torch.finfo(g.dtype).eps
 
@@ -115,11 +116,11 @@ def steihaug(product, g: Tensor, radius: float, *, rtol: float, max_iter: int) -
     j = 0
     while j < max_iter:
         Bd = product(d)
-        dBd = _dot(d, Bd)
-        dd = _dot(d, d)
-        zBd = _dot(z, Bd)
-        gd = _dot(g, d)
-        zg = _dot(z, g)
+        dBd = dot64(d, Bd)
+        dd = dot64(d, d)
+        zBd = dot64(z, Bd)
+        gd = dot64(g, d)
+        zg = dot64(z, g)
         if dBd <= eps * dd:
             lo, hi = _to_boundary(z, d, radius)
             vals = [(model(zg + t * gd, zBz + 2 * t * zBd + t * t * dBd), t) for t in (lo, hi)]
@@ -128,7 +129,7 @@ def steihaug(product, g: Tensor, radius: float, *, rtol: float, max_iter: int) -
             return SteihaugResult(p, m, j + 1, True, True, dBd / dd)
         alpha = rr / dBd
         z_next = z + alpha * d
-        if _norm2(z_next) >= radius:
+        if norm64(z_next) >= radius:
             _, t = _to_boundary(z, d, radius)
             p = z + t * d
             m = model(zg + t * gd, zBz + 2 * t * zBd + t * t * dBd)
@@ -136,13 +137,13 @@ def steihaug(product, g: Tensor, radius: float, *, rtol: float, max_iter: int) -
         zBz = zBz + 2 * alpha * zBd + alpha * alpha * dBd
         z = z_next
         r = r + alpha * Bd
-        rr_new = _dot(r, r)
+        rr_new = dot64(r, r)
         j += 1
         if math.sqrt(rr_new) <= tol:
             break
         d = -r + (rr_new / rr) * d
         rr = rr_new
-    return SteihaugResult(z, model(_dot(z, g), zBz), j, False, False, float("nan"))
+    return SteihaugResult(z, model(dot64(z, g), zBz), j, False, False, float("nan"))
 
 
 class _TrustBase:
@@ -205,7 +206,7 @@ class TrustNCG(_TrustBase):
     def step(self, it: Iterate, evaluate) -> Outcome:
         B = _Scaled(self.product_at(it), it.precond)
         g_hat = B.vec(it.g)
-        gnorm = _norm2(g_hat)
+        gnorm = norm64(g_hat)
         rtol = self.cg_tol if self.cg_tol is not None else min(0.5, math.sqrt(gnorm))
         max_iter = self.cg_max_iter or min(2 * it.g.numel(), 250)
         res = steihaug(B, g_hat, self.radius, rtol=rtol, max_iter=max_iter)
@@ -255,15 +256,15 @@ def _lanczos_step(product, Q: list[Tensor], alphas: list[float], betas: list[flo
     """Extend the Lanczos basis by one vector (full reorthogonalisation); return B q_j."""
     q = Q[-1]
     w = product(q)
-    a = _dot(q, w)
+    a = dot64(q, w)
     w = w - a * q
     if len(Q) > 1:
         w = w - betas[-1] * Q[-2]
     for _ in range(2):  # twice is enough
         for v in Q:
-            w = w - _dot(v, w) * v
+            w = w - dot64(v, w) * v
     alphas.append(a)
-    b = _norm2(w)
+    b = norm64(w)
     betas.append(b)
     return w
 
@@ -286,7 +287,7 @@ def lanczos_extreme(
     from a random start (seeded)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-    q = q / _norm2(q)
+    q = q / norm64(q)
     Q, alphas, betas = [q], [], []
     for _ in range(min(steps, n)):
         w = _lanczos_step(product, Q, alphas, betas)
@@ -365,7 +366,7 @@ class ARC(_TrustBase):
         self.sigma_min = 1e-12
 
     def _subproblem(self, B, g: Tensor, it: Iterate) -> tuple[Tensor, float, int, float]:
-        gnorm = _norm2(g)
+        gnorm = norm64(g)
         kappa = self.cg_tol if self.cg_tol is not None else 0.1
         max_iter = min(self.cg_max_iter or 50, g.numel())
         Q = [g / gnorm]
