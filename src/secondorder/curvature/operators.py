@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder._validation import check_choice, check_positive, check_positive_int
+from secondorder.lanczos import Lanczos
 from secondorder.linalg import check_dense_fits
 from secondorder.losses import Loss
 from secondorder.objective import ModelObjective, Objective
@@ -212,67 +213,6 @@ def _as_matvec(op) -> tuple[Callable[[Tensor], Tensor], int, torch.device]:
     return mv, int(shape[0]), torch.device("cpu")
 
 
-def _lanczos(
-    mv: Callable[[Tensor], Tensor],
-    q0: Tensor,
-    steps: int,
-    *,
-    check: Callable[[np.ndarray, np.ndarray, float], bool] | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[np.ndarray, np.ndarray, Tensor, float]:
-    """Lanczos with full reorthogonalisation (twice, classical Gram–Schmidt).
-
-    Returns (alpha, beta, Q, last beta) with Q of shape (n, m). ``check(alpha, beta, b_last)``
-    may stop early. On breakdown (an invariant subspace) the iteration continues from a fresh
-    random vector orthogonal to Q, with a zero coupling — so small operators are resolved fully.
-    """
-    n = q0.numel()
-    steps = min(steps, n)
-    Q = torch.empty(n, steps, dtype=torch.float64, device=q0.device)
-    alpha = np.zeros(steps)
-    beta = np.zeros(max(steps - 1, 0))
-    q = q0 / q0.norm()
-    b_last = 0.0
-    m = 0
-    scale = 0.0
-    for i in range(steps):
-        Q[:, i] = q
-        w = mv(q)
-        a = float(torch.dot(q, w))
-        alpha[i] = a
-        basis = Q[:, : i + 1]
-        for _ in range(2):
-            w = w - basis @ (basis.T @ w)
-        b = float(w.norm())
-        m = i + 1
-        scale = max(scale, abs(a) + b)
-        b_last = b
-        if check is not None and check(alpha[:m], beta[: m - 1], b):
-            break
-        if i + 1 == steps:
-            break
-        if b <= 1e-13 * max(scale, 1e-300):
-            # breakdown: restart orthogonally to the Krylov basis found so far
-            w = torch.randn(n, dtype=torch.float64, generator=generator).to(q0.device)
-            for _ in range(2):
-                w = w - basis @ (basis.T @ w)
-            beta[i] = 0.0
-            q = w / w.norm()
-            b_last = 0.0
-        else:
-            beta[i] = b
-            q = w / b
-    return alpha[:m], beta[: m - 1], Q[:, :m], b_last
-
-
-def _tridiag_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.linalg import eigh_tridiagonal
-
-    if len(alpha) == 1:
-        return alpha.copy(), np.ones((1, 1))
-    return eigh_tridiagonal(alpha, beta)
-
-
 WHICH = ("SA", "LA", "both")
 
 
@@ -323,25 +263,26 @@ def lanczos_eigs(
 
     state: dict[str, bool] = {"converged": False}
 
-    def check(alpha: np.ndarray, beta: np.ndarray, b: float) -> bool:
-        m = len(alpha)
+    def check(lz: Lanczos) -> bool:
+        m = lz.m
         if m < min(want, n) or (m % 5 and m < n):
             return m >= n
-        theta, S = _tridiag_eigh(alpha, beta)
+        theta, S = lz.ritz()
         idx = pick(theta)
-        res = np.abs(b * S[-1, idx])
+        res = np.abs(lz.residual * S[-1, idx])
         scale = max(1.0, float(np.abs(theta).max()))
         ok = bool(np.all(res <= tol * scale)) and len(idx) >= min(want, n)
         state["converged"] = ok
         return ok or m >= n
 
-    alpha, beta, Q, _ = _lanczos(mv, q0, max_iter, check=check, generator=g)
-    theta, S = _tridiag_eigh(alpha, beta)
-    if not state["converged"] and len(alpha) < n:
+    lz = Lanczos(mv, q0, max_iter, generator=g).run(check)
+    theta, S = lz.ritz()
+    Q = lz.basis
+    if not state["converged"] and lz.m < n:
         import warnings
 
         warnings.warn(
-            f"lanczos_eigs: the wanted Ritz pairs did not reach tol={tol:g} in {len(alpha)} "
+            f"lanczos_eigs: the wanted Ritz pairs did not reach tol={tol:g} in {lz.m} "
             "steps; raise max_iter",
             stacklevel=2,
         )
@@ -393,8 +334,7 @@ def spectral_density(
     nodes, weights = [], []
     for _ in range(n_probes):
         v = (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.float64).to(device)
-        alpha, beta, _, _ = _lanczos(mv, v, n_steps, generator=g)
-        theta, S = _tridiag_eigh(alpha, beta)
+        theta, S = Lanczos(mv, v, n_steps, generator=g).run().ritz()
         nodes.append(theta)
         weights.append(S[0] ** 2 / n_probes)
     nodes_a = np.concatenate(nodes)

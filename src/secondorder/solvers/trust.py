@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from secondorder.lanczos import Lanczos
 from secondorder.linalg import dot64, norm64
 from secondorder.solvers.directions import Iterate
 
@@ -252,50 +253,16 @@ class TrustNCG(_TrustBase):
 
 
 # -- Lanczos and the small cubic problem --------------------------------------------------------
-def _lanczos_step(product, Q: list[Tensor], alphas: list[float], betas: list[float]) -> Tensor:
-    """Extend the Lanczos basis by one vector (full reorthogonalisation); return B q_j."""
-    q = Q[-1]
-    w = product(q)
-    a = dot64(q, w)
-    w = w - a * q
-    if len(Q) > 1:
-        w = w - betas[-1] * Q[-2]
-    for _ in range(2):  # twice is enough
-        for v in Q:
-            w = w - dot64(v, w) * v
-    alphas.append(a)
-    b = norm64(w)
-    betas.append(b)
-    return w
-
-
-def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
-    j = len(alphas)
-    T = torch.zeros(j, j, dtype=torch.float64)
-    T[range(j), range(j)] = torch.tensor(alphas, dtype=torch.float64)
-    if j > 1:
-        off = torch.tensor(betas[: j - 1], dtype=torch.float64)
-        T[range(1, j), range(j - 1)] = off
-        T[range(j - 1), range(1, j)] = off
-    return T
-
-
 def lanczos_extreme(
     product, n: int, *, steps: int = 30, seed: int = 0, dtype=torch.float64, device=None
 ) -> tuple[float, float]:
     """(smallest, largest) Ritz value of a symmetric operator after ``steps`` Lanczos steps
     from a random start (seeded)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-    q = q / norm64(q)
-    Q, alphas, betas = [q], [], []
-    for _ in range(min(steps, n)):
-        w = _lanczos_step(product, Q, alphas, betas)
-        if betas[-1] <= 1e-12 * max(1.0, abs(alphas[-1])):
-            break
-        Q.append(w / betas[-1])
-    ev = torch.linalg.eigvalsh(_tridiagonal(alphas, betas))
-    return float(ev[0]), float(ev[-1])
+    q = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device)
+    lz = Lanczos(lambda v: product(v.to(dtype)).to(torch.float64), q, steps).run()
+    theta, _ = lz.ritz()
+    return float(theta[0]), float(theta[-1])
 
 
 def solve_cubic_tridiagonal(T: Tensor, beta0: float, sigma: float) -> tuple[Tensor, float]:
@@ -369,27 +336,20 @@ class ARC(_TrustBase):
         gnorm = norm64(g)
         kappa = self.cg_tol if self.cg_tol is not None else 0.1
         max_iter = min(self.cg_max_iter or 50, g.numel())
-        Q = [g / gnorm]
-        alphas: list[float] = []
-        betas: list[float] = []
+        lz = Lanczos(lambda v: B(v.to(g.dtype)).to(torch.float64), g, max_iter)
         y = None
-        for j in range(max_iter):
-            w = _lanczos_step(B, Q, alphas, betas)
-            T = _tridiagonal(alphas, betas)
+        while not lz.done:
+            lz.step()
+            T = lz.tridiagonal()
             y, _ = solve_cubic_tridiagonal(T, gnorm, self.sigma)
             ny = float(torch.linalg.norm(y))
-            resid = abs(betas[-1] * float(y[-1]))
-            if resid <= kappa * min(1.0, ny) * gnorm or betas[-1] <= 1e-14 * gnorm:
+            resid = abs(lz.residual * float(y[-1]))
+            if resid <= kappa * min(1.0, ny) * gnorm or lz.residual <= 1e-14 * gnorm:
                 break
-            if j + 1 < max_iter:
-                Q.append(w / betas[-1])
-        T = _tridiagonal(alphas, betas)
+        T = lz.tridiagonal()
         lam_min = float(torch.linalg.eigvalsh(T)[0])
-        k = len(alphas)
-        Y = y.to(dtype=g.dtype, device=g.device)
-        p = torch.zeros_like(g)
-        for i in range(k):
-            p = p + Y[i] * Q[i]
+        k = lz.m
+        p = (lz.basis @ y.to(lz.basis.device)).to(dtype=g.dtype)
         # model value m(p) − f, from the small problem
         y64 = y
         model = (
