@@ -44,7 +44,8 @@ from torch import Tensor
 
 from secondorder.objective import Objective
 from secondorder.solvers.directions import two_loop
-from secondorder.solvers.linesearch import LineFunction, _strong_wolfe
+from secondorder.solvers.line import LineFunction
+from secondorder.solvers.wolfe import strong_wolfe_search
 
 __all__ = ["LBFGS", "NLCG", "NewtonCG"]
 
@@ -314,7 +315,7 @@ class LBFGS(torch.optim.Optimizer):
                     return float(f_), g_
 
                 phi = LineFunction(evaluate, x0, d, loss, g, gtd, step_fn=flat.add)
-                ls = _strong_wolfe(
+                ls = strong_wolfe_search(
                     phi,
                     t,
                     c1=1e-4,
