@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from secondorder.linalg import dot64
+from secondorder.solvers.protocol import Evaluate
 
 __all__ = [
     "Evaluate",
@@ -25,8 +26,6 @@ __all__ = [
     "approximate_wolfe",
     "cubic_minimizer",
 ]
-
-Evaluate = Callable[[Tensor], tuple[float, Tensor]]
 
 
 @dataclass
