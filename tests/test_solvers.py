@@ -4,17 +4,30 @@ resume, stopping rules and argument checks. References: closed forms, scipy, den
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from secondorder._validation import check_positive
 from secondorder.data import two_class_2d
 from secondorder.models import logistic_regression
 from secondorder.objective import FunctionObjective, ModelObjective, quadratic, rosenbrock
 from secondorder.sampling import FixedBatches, ReshuffledBatches
 from secondorder.solvers import METHODS, OptionError, Result, minimize, validate_options
+from secondorder.solvers.protocol import Direction
+from secondorder.solvers.registry import (
+    REGISTRY,
+    MethodEntry,
+    Option,
+    accepted_options,
+    all_options,
+    register,
+    unregister,
+)
 
 D = torch.float64
 X0 = (-1.2, 1.0)
@@ -720,3 +733,83 @@ def test_initial_state_of_another_method_is_refused():
     with pytest.raises(ValueError, match="lbfgs"):
         minimize(obj, start(), method="bfgs", initial_state=res.state)
     assert obj.counts.f == 0
+
+
+# -- the method registry -------------------------------------------------------------------------
+def _docs_text() -> str:
+    return (Path(__file__).resolve().parents[1] / "docs" / "solvers.md").read_text()
+
+
+def _shown(default) -> str:
+    """A default as docs/solvers.md writes it (`name=default`)."""
+    if isinstance(default, str):
+        return f'"{default}"'
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default)
+
+
+def test_docs_list_every_option_of_every_method():
+    """The methods table of docs/solvers.md names every option of each registry entry in its
+    row (with the registry's default where it shows one), and every option a method accepts
+    appears in the docs: docs and registry cannot drift apart."""
+    text = _docs_text()
+    rows = {
+        line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")
+    }
+    for name, entry in REGISTRY.items():
+        row = rows[f'`"{name}"`']
+        for opt in entry.options:
+            assert f"`{opt.name}" in row, (name, opt.name)
+            shown = re.search(rf"`{re.escape(opt.name)}=([^`]*)`", row)
+            if shown is not None:
+                assert shown.group(1) == _shown(opt.default), (name, opt.name, shown.group(1))
+        for option in accepted_options(name):
+            assert re.search(rf"`{re.escape(option)}\b", text), (name, option)
+
+
+class ScaledDescent(Direction):
+    """d = −c·M⁻¹g: the toy method registered by the test below."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def compute(self, it):
+        return -self.scale * it.minv(it.g)
+
+
+def test_a_method_is_one_direction_class_and_one_registry_entry():
+    register(
+        MethodEntry(
+            "scaled-gd",
+            "scaled gradient descent",
+            lambda o: ScaledDescent(o["scale"]),
+            (Option("scale", 0.5, check_positive),),
+        )
+    )
+    try:
+        assert accepted_options("scaled-gd") >= {"scale", "lr", "c1", "preconditioner", "gtol"}
+        cfg = validate_options(2, "scaled-gd", scale=2.0)
+        assert cfg["line_search"] == "armijo" and cfg["check_saddle"] is False
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            validate_options(2, "scaled-gd", scale=-1.0)
+        with pytest.raises(OptionError, match="memory.*scaled-gd.*lbfgs"):
+            validate_options(2, "scaled-gd", memory=3)
+        with pytest.raises(OptionError, match="scale.*gd.*scaled-gd"):
+            validate_options(2, "gd", scale=3)
+        A, b = _spd(4)
+        obj = FunctionObjective(quadratic(A, b), 4, dtype=D)
+        res = minimize(obj, torch.zeros(4, dtype=D), method="scaled-gd", scale=0.25)
+        assert res.success and res.method == "scaled-gd", res.message
+        assert torch.allclose(res.theta, torch.linalg.solve(A, b), atol=1e-6)
+        again = minimize(obj, torch.zeros(4, dtype=D), method="scaled-gd", scale=0.25, max_iter=3)
+        more = minimize(
+            obj, torch.zeros(4, dtype=D), method="scaled-gd", scale=0.25, initial_state=again.state
+        )
+        assert torch.equal(more.theta, res.theta)
+    finally:
+        unregister("scaled-gd")
+    assert "scaled-gd" not in REGISTRY and "scale" not in all_options()
+    with pytest.raises(ValueError, match="method='scaled-gd' is not one of"):
+        validate_options(2, "scaled-gd")

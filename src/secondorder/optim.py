@@ -42,69 +42,15 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from secondorder.objective import Objective
-from secondorder.solvers.directions import two_loop
-from secondorder.solvers.linesearch import LineFunction, _strong_wolfe
+from secondorder._validation import check_choice
+from secondorder.solvers import minimize
+from secondorder.solvers.closure import ClosureObjective, FlatParams, loss_and_grad
+from secondorder.solvers.directions import NLCG_VARIANTS
+from secondorder.solvers.line import LineFunction
+from secondorder.solvers.quasinewton import two_loop
+from secondorder.solvers.wolfe import strong_wolfe_search
 
 __all__ = ["LBFGS", "NLCG", "NewtonCG"]
-
-
-class _FlatParams:
-    """A list of parameters seen as one flat vector."""
-
-    def __init__(self, params: list[Tensor]) -> None:
-        if not params:
-            raise ValueError("the optimizer got an empty parameter list")
-        dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise ValueError(
-                f"all parameters must share one dtype and device, got {sorted(map(str, dtypes))}"
-                f" on {sorted(map(str, devices))}"
-            )
-        for p in params:
-            if torch.is_complex(p) or not p.dtype.is_floating_point:
-                raise ValueError(f"parameters must be real floating tensors, got {p.dtype}")
-        self.params = params
-        self.numels = [p.numel() for p in params]
-        self.n = sum(self.numels)
-        self.dtype = params[0].dtype
-        self.device = params[0].device
-
-    def get(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
-
-    @torch.no_grad()
-    def set(self, x: Tensor) -> None:
-        for p, v in zip(self.params, torch.split(x, self.numels)):
-            p.copy_(v.view_as(p))
-
-    def grad(self) -> Tensor:
-        return torch.cat(
-            [
-                torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                if p.grad is None
-                else (p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1)
-                for p in self.params
-            ]
-        )
-
-    def add(self, x: Tensor, d: Tensor, alpha: float) -> Tensor:
-        """x + αd computed tensor by tensor, exactly as an in-place update of each parameter
-        would round it (vectorised kernels round the tail of a tensor differently)."""
-        return torch.cat(
-            [
-                a.add(b, alpha=alpha)
-                for a, b in zip(torch.split(x, self.numels), torch.split(d, self.numels))
-            ]
-        )
-
-    def zero(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def split(self, v: Tensor) -> list[Tensor]:
-        return [t.view_as(p) for t, p in zip(torch.split(v, self.numels), self.params)]
 
 
 def _single_group(opt: torch.optim.Optimizer, name: str) -> list[Tensor]:
@@ -113,25 +59,22 @@ def _single_group(opt: torch.optim.Optimizer, name: str) -> list[Tensor]:
     return opt.param_groups[0]["params"]
 
 
-def _loss_and_grad(flat: _FlatParams, closure: Callable) -> tuple[Tensor, Tensor]:
-    """Run the closure at the current parameters; the loss and the flat gradient."""
-    flat.zero()
-    with torch.enable_grad():
-        loss = closure()
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
-    if all(p.grad is None for p in flat.params) and loss.requires_grad:
-        grads = torch.autograd.grad(loss, flat.params, allow_unused=True)
-        g = torch.cat(
-            [
-                torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                if gi is None
-                else gi.reshape(-1)
-                for gi, p in zip(grads, flat.params)
-            ]
-        )
-        return loss.detach(), g.detach()
-    return loss.detach(), flat.grad().detach()
+def _check_line_search_fn(line_search_fn: str | None, allowed: str) -> None:
+    if line_search_fn not in (None, allowed):
+        raise ValueError(f"line_search_fn must be None or {allowed!r}, got {line_search_fn!r}")
+
+
+def _loop_defaults(
+    lr: float, max_iter: int, max_eval: int, tolerance_grad: float, tolerance_change: float
+) -> dict:
+    """The options every optimizer here shares, under torch.optim.LBFGS's names."""
+    return {
+        "lr": lr,
+        "max_iter": max_iter,
+        "max_eval": max_eval,
+        "tolerance_grad": tolerance_grad,
+        "tolerance_change": tolerance_change,
+    }
 
 
 class LBFGS(torch.optim.Optimizer):
@@ -162,28 +105,19 @@ class LBFGS(torch.optim.Optimizer):
         line_search_fn: str | None = None,
         on_stall: str = "reset",
     ) -> None:
-        from secondorder._validation import check_choice
-
         check_choice("on_stall", on_stall, ("reset", "warn"))
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr}")
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise ValueError(
-                f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}"
-            )
+        _check_line_search_fn(line_search_fn, "strong_wolfe")
         if max_eval is None:
             max_eval = max_iter * 5 // 4
         defaults = {
-            "lr": lr,
-            "max_iter": max_iter,
-            "max_eval": max_eval,
-            "tolerance_grad": tolerance_grad,
-            "tolerance_change": tolerance_change,
+            **_loop_defaults(lr, max_iter, max_eval, tolerance_grad, tolerance_change),
             "history_size": history_size,
             "line_search_fn": line_search_fn,
         }
         super().__init__(params, defaults)
-        self._flat = _FlatParams(_single_group(self, "LBFGS"))
+        self._flat = FlatParams(_single_group(self, "LBFGS"))
         self.on_stall = on_stall
         self.stalls = 0
 
@@ -231,7 +165,11 @@ class LBFGS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One optimisation step of up to ``max_iter`` iterations; returns the first loss."""
+        """One optimisation step of up to ``max_iter`` iterations; returns the first loss.
+
+        It mirrors ``torch.optim.LBFGS.step`` step by step (the same updates, tests and
+        order of operations, so that the iterates agree bit for bit), which is why it stays
+        one long function; the departures are the stall handling of the module doc."""
         if closure is None:
             raise ValueError("LBFGS.step needs a closure that re-evaluates the loss")
         group = self.param_groups[0]
@@ -248,7 +186,7 @@ class LBFGS(torch.optim.Optimizer):
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
 
-        orig_loss, g = _loss_and_grad(flat, closure)
+        orig_loss, g = loss_and_grad(flat, closure)
         loss = float(orig_loss)
         evals = 1
         state["func_evals"] += 1
@@ -310,11 +248,11 @@ class LBFGS(torch.optim.Optimizer):
 
                 def evaluate(x: Tensor) -> tuple[float, Tensor]:
                     flat.set(x)
-                    f_, g_ = _loss_and_grad(flat, closure)
+                    f_, g_ = loss_and_grad(flat, closure)
                     return float(f_), g_
 
                 phi = LineFunction(evaluate, x0, d, loss, g, gtd, step_fn=flat.add)
-                ls = _strong_wolfe(
+                ls = strong_wolfe_search(
                     phi,
                     t,
                     c1=1e-4,
@@ -336,7 +274,7 @@ class LBFGS(torch.optim.Optimizer):
                 ls_evals = 0
                 opt_cond = False
                 if n_iter != max_iter:
-                    f_, g = _loss_and_grad(flat, closure)
+                    f_, g = loss_and_grad(flat, closure)
                     loss = float(f_)
                     opt_cond = float(g.abs().max()) <= tol_grad
                     ls_evals = 1
@@ -375,70 +313,6 @@ class LBFGS(torch.optim.Optimizer):
         return orig_loss
 
 
-class _ClosureObjective(Objective):
-    """An Objective over the optimizer's flat parameters, evaluated through the closure."""
-
-    def __init__(self, flat: _FlatParams, closure: Callable, name: str) -> None:
-        super().__init__()
-        self.flat = flat
-        self.closure = closure
-        self.name = name
-        self.n_params = flat.n
-        self.dtype = flat.dtype
-        self.device = flat.device
-
-    def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        self.flat.set(theta)
-        self.counts.f += 1
-        self.counts.g += 1
-        return _loss_and_grad(self.flat, self.closure)
-
-    def value(self, theta: Tensor) -> Tensor:
-        return self.value_and_grad(theta)[0]
-
-    def hvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
-        flat = self.flat
-        flat.set(theta)
-        flat.zero()
-        with torch.enable_grad():
-            loss = self.closure()
-            if any(p.grad is not None for p in flat.params):
-                if not all(p.grad is not None and p.grad.requires_grad for p in flat.params):
-                    raise RuntimeError(
-                        f"{self.name} needs the loss's graph for Hessian-vector products: the "
-                        "closure must return the loss without calling backward() (or call "
-                        "backward(create_graph=True))"
-                    )
-                grads = [p.grad for p in flat.params]
-            else:
-                grads = torch.autograd.grad(loss, flat.params, create_graph=True, allow_unused=True)
-        pairs = [(gi, p) for gi, p in zip(grads, flat.params)]
-
-        def product(v: Tensor) -> Tensor:
-            self.counts.hv += 1
-            vs = flat.split(v)
-            outs, ins, vv = [], [], []
-            for (gi, _p), vi in zip(pairs, vs):
-                if gi is not None and gi.requires_grad:
-                    outs.append(gi)
-                    ins.append(vi)
-            if not outs:
-                return torch.zeros_like(v)
-            with torch.enable_grad():
-                hv = torch.autograd.grad(
-                    outs, flat.params, ins, retain_graph=True, allow_unused=True
-                )
-            for h, p in zip(hv, flat.params):
-                vv.append(
-                    torch.zeros(p.numel(), dtype=v.dtype, device=v.device)
-                    if h is None
-                    else h.reshape(-1)
-                )
-            return torch.cat(vv).detach()
-
-        return product
-
-
 class _MinimizeOptimizer(torch.optim.Optimizer):
     """Runs :func:`secondorder.solvers.minimize` for ``max_iter`` iterations per ``step``,
     keeping the solver's state between steps."""
@@ -462,21 +336,19 @@ class _MinimizeOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict) -> None:
         super().__init__(params, defaults)
-        self._flat = _FlatParams(_single_group(self, self._label))
+        self._flat = FlatParams(_single_group(self, self._label))
         self.last_result = None
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
         """Up to ``max_iter`` iterations of the method; returns the loss at the start."""
-        from secondorder.solvers import minimize
-
         if closure is None:
             raise ValueError(f"{self._label}.step needs a closure that re-evaluates the loss")
         group = self.param_groups[0]
         flat = self._flat
-        obj = _ClosureObjective(flat, closure, self._label)
+        obj = ClosureObjective(flat, closure, self._label)
         state = self.state[flat.params[0]]
         theta = flat.get()
-        loss, g = _loss_and_grad(flat, closure)
+        loss, g = loss_and_grad(flat, closure)
         prev = state.get("minimize") or {"method": self._method, "k": 0}
         start = dict(prev)
         start.update(
@@ -533,28 +405,12 @@ class NLCG(_MinimizeOptimizer):
         variant: str = "pr+",
         line_search_fn: str | None = "strong_wolfe",
     ) -> None:
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise ValueError(
-                f"line_search_fn must be None or 'strong_wolfe', got {line_search_fn!r}"
-            )
-        from secondorder._validation import check_choice
-        from secondorder.solvers.directions import NLCG_VARIANTS
-
+        _check_line_search_fn(line_search_fn, "strong_wolfe")
         check_choice("variant", variant, NLCG_VARIANTS)
         if max_eval is None:
             max_eval = max_iter * 5 // 4
-        super().__init__(
-            params,
-            {
-                "lr": lr,
-                "max_iter": max_iter,
-                "max_eval": max_eval,
-                "tolerance_grad": tolerance_grad,
-                "tolerance_change": tolerance_change,
-                "variant": variant,
-                "line_search_fn": line_search_fn,
-            },
-        )
+        defaults = _loop_defaults(lr, max_iter, max_eval, tolerance_grad, tolerance_change)
+        super().__init__(params, {**defaults, "variant": variant, "line_search_fn": line_search_fn})
 
     def _options(self, group):
         ls = "wolfe" if group["line_search_fn"] == "strong_wolfe" else None
@@ -594,18 +450,13 @@ class NewtonCG(_MinimizeOptimizer):
         damping: float = 0.0,
         line_search_fn: str | None = "armijo",
     ) -> None:
-        if line_search_fn not in (None, "armijo"):
-            raise ValueError(f"line_search_fn must be None or 'armijo', got {line_search_fn!r}")
+        _check_line_search_fn(line_search_fn, "armijo")
         if max_eval is None:
             max_eval = max_iter * 10
         super().__init__(
             params,
             {
-                "lr": lr,
-                "max_iter": max_iter,
-                "max_eval": max_eval,
-                "tolerance_grad": tolerance_grad,
-                "tolerance_change": tolerance_change,
+                **_loop_defaults(lr, max_iter, max_eval, tolerance_grad, tolerance_change),
                 "cg_max_iter": cg_max_iter,
                 "cg_tol": cg_tol,
                 "damping": damping,

@@ -116,8 +116,45 @@ def scipy_minimize(
     follows :func:`secondorder.solvers.minimize`: it gets the trace row with ``theta``, may
     return a dict of extra columns, or True to stop (scipy ≥ 1.11 stops on StopIteration).
     """
-    from scipy.optimize import minimize as sp_minimize
+    from scipy.optimize import minimize as sp_minimize  # scipy only when the bridge is used
 
+    objective, theta0 = _checked(objective, theta0, method, callback)
+    m = method.lower()
+    problem = _Problem(objective)
+    x0 = theta0.detach().cpu().to(torch.float64).numpy()
+    recorder = _Recorder(problem, callback, method, x0)
+    kwargs: dict = {"method": method, "callback": recorder.scipy_callback}
+    kwargs["options"] = options or None
+    if bounds is not None:
+        kwargs["bounds"] = bounds
+    if constraints:
+        kwargs["constraints"] = constraints
+    if tol is not None:
+        kwargs["tol"] = tol
+    f_call = problem.fun if m in GRADIENT_METHODS else problem.fun_only
+    if m in GRADIENT_METHODS:
+        kwargs["jac"] = problem.jac
+    if m in HESSP_METHODS:
+        kwargs["hessp"] = problem.hessp
+    if m in HESS_METHODS:
+        kwargs["hess"] = problem.hess
+
+    # the starting row (k = 0): one evaluation that scipy's first call then reuses
+    if m in GRADIENT_METHODS:
+        problem.evaluate(x0)
+        f0 = problem.cache["f"]
+    else:
+        f0 = problem.fun_only(x0)
+    recorder.record(x0, f0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        res = sp_minimize(f_call, x0, **kwargs)
+    return _result(problem, recorder, res, method, options.get("maxiter"))
+
+
+def _checked(objective, theta0, method, callback) -> tuple[Objective, Tensor]:
+    """The objective (a callable wrapped) and θ₀ in its dtype, or the error scipy would give
+    less clearly."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a string naming a scipy method, got {method!r}")
     if not isinstance(objective, Objective):
@@ -137,162 +174,165 @@ def scipy_minimize(
         raise ValueError("theta0 contains NaN or inf values")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-    m = method.lower()
-    dtype, device = objective.dtype, objective.device
-    counts0 = objective.counts.copy()
-    cache: dict = {"x": None, "f": None, "g": None}  # the last value_and_grad
-    values: dict = {"x": None, "f": None}  # the last value alone
-    start = time.perf_counter()
+    return objective, theta0
 
-    def to_torch(x: np.ndarray) -> Tensor:
-        return torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=dtype, device=device)
 
-    def same(x: np.ndarray) -> bool:
-        return cache["x"] is not None and np.array_equal(cache["x"], x)
+class _Problem:
+    """The objective as scipy sees it: float64 NumPy vectors in and out, ``fun`` and ``jac``
+    sharing one ``value_and_grad`` per point (scipy asks for f and g at the same x apart)."""
 
-    def evaluate(x: np.ndarray) -> None:
-        f, g = objective.value_and_grad(to_torch(x))
-        cache.update(x=np.array(x, dtype=np.float64, copy=True), f=float(f), g=g)
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.dtype, self.device = objective.dtype, objective.device
+        self.counts0 = objective.counts.copy()
+        self.cache: dict = {"x": None, "f": None, "g": None}  # the last value_and_grad
+        self.values: dict = {"x": None, "f": None}  # the last value alone
 
-    def fun(x: np.ndarray) -> float:
-        if not same(x):
-            evaluate(x)
-        return cache["f"]
+    def to_torch(self, x: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.asarray(x, dtype=np.float64)).to(
+            dtype=self.dtype, device=self.device
+        )
 
-    def jac(x: np.ndarray) -> np.ndarray:
-        if not same(x):
-            evaluate(x)
-        return cache["g"].detach().cpu().to(torch.float64).numpy()
+    def same(self, x: np.ndarray) -> bool:
+        return self.cache["x"] is not None and np.array_equal(self.cache["x"], x)
 
-    def fun_only(x: np.ndarray) -> float:
-        if same(x) or (values["x"] is not None and np.array_equal(values["x"], x)):
-            return cache["f"] if same(x) else values["f"]
-        f = float(objective.value(to_torch(x)))
+    def evaluate(self, x: np.ndarray) -> None:
+        f, g = self.objective.value_and_grad(self.to_torch(x))
+        self.cache.update(x=np.array(x, dtype=np.float64, copy=True), f=float(f), g=g)
+
+    def fun(self, x: np.ndarray) -> float:
+        if not self.same(x):
+            self.evaluate(x)
+        return self.cache["f"]
+
+    def jac(self, x: np.ndarray) -> np.ndarray:
+        if not self.same(x):
+            self.evaluate(x)
+        return self.cache["g"].detach().cpu().to(torch.float64).numpy()
+
+    def fun_only(self, x: np.ndarray) -> float:
+        values = self.values
+        if self.same(x) or (values["x"] is not None and np.array_equal(values["x"], x)):
+            return self.cache["f"] if self.same(x) else values["f"]
+        f = float(self.objective.value(self.to_torch(x)))
         values.update(x=np.array(x, dtype=np.float64, copy=True), f=f)
         return f
 
-    def hessp(x: np.ndarray, p: np.ndarray) -> np.ndarray:
-        hv = objective.hvp(to_torch(x), to_torch(p))
+    def hessp(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
+        hv = self.objective.hvp(self.to_torch(x), self.to_torch(p))
         return hv.detach().cpu().to(torch.float64).numpy()
 
-    def hess(x: np.ndarray) -> np.ndarray:
-        return objective.hessian(to_torch(x)).detach().cpu().to(torch.float64).numpy()
+    def hess(self, x: np.ndarray) -> np.ndarray:
+        H = self.objective.hessian(self.to_torch(x))
+        return H.detach().cpu().to(torch.float64).numpy()
 
-    def counts() -> tuple[int, int, int]:
-        c = objective.counts
+    def counts(self) -> tuple[int, int, int]:
+        c, c0 = self.objective.counts, self.counts0
         return (
-            c.f - counts0.f,
-            c.g - counts0.g,
-            (c.hv - counts0.hv) + (c.ggnv - counts0.ggnv) + (c.hessian - counts0.hessian),
+            c.f - c0.f,
+            c.g - c0.g,
+            (c.hv - c0.hv) + (c.ggnv - c0.ggnv) + (c.hessian - c0.hessian),
         )
 
-    trace = Trace()
-    state = {"k": 0, "stopped": False}
 
-    def row_for(x: np.ndarray, f: float) -> dict:
-        g = cache["g"] if same(x) else None
-        nfev, ngev, nhev = counts()
-        prev = trace.rows[-1]["theta_np"] if trace.rows else x0
+class _Recorder:
+    """Trace rows, one from each call of scipy's callback, and our callback on them."""
+
+    def __init__(self, problem: _Problem, callback: Callable | None, method: str, x0) -> None:
+        self.problem = problem
+        self.callback = callback
+        self.method = method
+        self.x0 = x0
+        self.trace = Trace()
+        self.k = 0
+        self.stopped = False
+        self.start = time.perf_counter()
+
+    def row_for(self, x: np.ndarray, f: float) -> dict:
+        problem, rows = self.problem, self.trace.rows
+        g = problem.cache["g"] if problem.same(x) else None
+        nfev, ngev, nhev = problem.counts()
+        prev = rows[-1]["theta_np"] if rows else self.x0
         step = float(np.max(np.abs(np.asarray(x) - prev))) if prev is not None else 0.0
         return {
-            "k": state["k"],
+            "k": self.k,
             "f": f,
             "grad_norm": _gnorm(g),
             "step": step,
             "nfev": nfev,
             "ngev": ngev,
             "nhev": nhev,
-            "time": time.perf_counter() - start,
+            "time": time.perf_counter() - self.start,
             "theta_np": np.array(x, copy=True),
         }
 
-    def record(x: np.ndarray, f: float) -> bool:
-        row = row_for(x, f)
+    def record(self, x: np.ndarray, f: float) -> bool:
+        """Append the row of x; True when our callback asks to stop."""
+        row = self.row_for(x, f)
         stop = False
-        if callback is not None:
+        if self.callback is not None:
             info = {k: v for k, v in row.items() if k != "theta_np"}
-            info.update(theta=to_torch(x), objective=objective, method=f"scipy:{method}")
-            out = callback(info)
+            info.update(
+                theta=self.problem.to_torch(x),
+                objective=self.problem.objective,
+                method=f"scipy:{self.method}",
+            )
+            out = self.callback(info)
             if isinstance(out, dict):
                 row.update(out)
             elif out is True:
                 stop = True
-        trace.append(row)
+        self.trace.append(row)
         return stop
 
-    def sp_callback(intermediate_result):
+    def scipy_callback(self, intermediate_result) -> None:
         if hasattr(intermediate_result, "x"):
             x = intermediate_result.x
             f = getattr(intermediate_result, "fun", None)
-            f = fun_only(x) if f is None else float(f)
+            f = self.problem.fun_only(x) if f is None else float(f)
         else:  # methods that pass x alone (TNC, COBYLA, ...)
             x = np.asarray(intermediate_result)
-            f = fun_only(x)
-        state["k"] += 1
-        if record(x, f):
-            state["stopped"] = True
+            f = self.problem.fun_only(x)
+        self.k += 1
+        if self.record(x, f):
+            self.stopped = True
             raise StopIteration
 
-    x0 = theta0.detach().cpu().to(torch.float64).numpy()
-    kwargs: dict = {"method": method, "callback": sp_callback, "options": options or None}
-    if bounds is not None:
-        kwargs["bounds"] = bounds
-    if constraints:
-        kwargs["constraints"] = constraints
-    if tol is not None:
-        kwargs["tol"] = tol
-    if m in GRADIENT_METHODS:
-        kwargs["jac"] = jac
-        f_call = fun
-    else:
-        f_call = fun_only
-    if m in HESSP_METHODS:
-        kwargs["hessp"] = hessp
-    if m in HESS_METHODS:
-        kwargs["hess"] = hess
 
-    # the starting row (k = 0): one evaluation that scipy's first call then reuses
-    if m in GRADIENT_METHODS:
-        evaluate(x0)
-        f0 = cache["f"]
-    else:
-        f0 = fun_only(x0)
-    record(x0, f0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        res = sp_minimize(f_call, x0, **kwargs)
-
-    theta = to_torch(res.x)
+def _result(
+    problem: _Problem, recorder: _Recorder, res, method: str, maxiter: int | None
+) -> Result:
+    """Our Result from scipy's: status in our vocabulary, g at the result where known."""
+    m = method.lower()
+    theta = problem.to_torch(res.x)
     f = float(res.fun) if np.ndim(res.fun) == 0 else float(np.asarray(res.fun).reshape(-1)[0])
-    g = cache["g"] if same(res.x) else None
+    g = problem.cache["g"] if problem.same(res.x) else None
     if g is None and m in GRADIENT_METHODS:
-        f_t, g = objective.value_and_grad(theta)
+        f_t, g = problem.objective.value_and_grad(theta)
         f = float(f_t)
-    nfev, ngev, nhev = counts()
-    for r in trace.rows:
+    nfev, ngev, nhev = problem.counts()
+    for r in recorder.trace.rows:
         r.pop("theta_np", None)
-    maxiter = options.get("maxiter")
-    status = "callback" if state["stopped"] else scipy_status(m, res, maxiter)
+    stopped = recorder.stopped
+    status = "callback" if stopped else scipy_status(m, res, maxiter)
     if status in ("failed", "line_search") and not math.isfinite(f):
         status = "nonfinite"
-    message = str(res.message)
-    if state["stopped"]:
-        message = "the callback asked to stop"
+    message = "the callback asked to stop" if stopped else str(res.message)
     if g is not None and not math.isfinite(_gnorm(g)):
         message += "; the gradient is not finite at the result"
     return Result(
         theta=theta,
         f=f,
         grad_norm=_gnorm(g),
-        nit=int(getattr(res, "nit", state["k"]) or state["k"]),
+        nit=int(getattr(res, "nit", recorder.k) or recorder.k),
         nfev=nfev,
         ngev=ngev,
         nhev=nhev,
         status=status,
         message=message,
         method=f"scipy:{method}",
-        trace=trace,
-        success=bool(res.success) and not state["stopped"],
+        trace=recorder.trace,
+        success=bool(res.success) and not stopped,
         grad=None if g is None else g.detach().clone(),
         info={"scipy": res, "scipy_status": getattr(res, "status", None)},
     )

@@ -20,28 +20,28 @@ pair (s_k, y_k) after a step, and can save and restore its state (for checkpoint
 - :class:`NonlinearCG` — d = −M⁻¹g + β d_prev with β of Fletcher–Reeves ("fr"), Polak–Ribière+
   ("pr+"), Hestenes–Stiefel ("hs") or Dai–Yuan ("dy"); restarts with −M⁻¹g every n
   iterations, when β < 0 (pr+), or when d is not a descent direction.
-- :class:`BFGS` — dense inverse update, H₀ = (yᵀs/yᵀy)I before the first update (NW 6.20);
-  pairs with yᵀs ≤ sqrt(eps)‖s‖‖y‖ are skipped.
-- :class:`LBFGS` — the two-loop recursion over the last ``memory`` pairs, H₀ = γI with
-  γ = sᵀy/yᵀy (or γM⁻¹ with γ = sᵀy/yᵀM⁻¹y when a diagonal preconditioner is given); pairs
-  violating the curvature condition are skipped and counted.
+
+Quasi-Newton directions (BFGS, L-BFGS) are in :mod:`secondorder.solvers.quasinewton` and the
+base class :class:`Direction` in :mod:`secondorder.solvers.protocol`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from secondorder.linalg import check_dense_fits, dot64, norm64
+from secondorder.linalg import dot64, norm64
+from secondorder.solvers.protocol import Direction, Iterate
+from secondorder.solvers.quasinewton import BFGS, LBFGS, two_loop
 
 __all__ = [
     "BFGS",
-    "DIRECTIONS",
+    "CURVATURES",
     "LBFGS",
+    "NEWTON_MODIFICATIONS",
     "NLCG_VARIANTS",
     "Direction",
     "Iterate",
@@ -56,92 +56,6 @@ __all__ = [
 NLCG_VARIANTS = ("fr", "pr+", "hs", "dy")
 NEWTON_MODIFICATIONS = ("damping", "eigen", "saddle-free")
 CURVATURES = ("hessian", "ggn")
-
-
-@dataclass
-class Iterate:
-    """What a rule sees at iteration k: θ, f, g, the preconditioner and a place for notes."""
-
-    objective: Any
-    theta: Tensor
-    f: float
-    g: Tensor
-    k: int
-    precond: Any = None
-    lr: float = 1.0
-    fixed_step: bool = False
-    changed: bool = False
-    point: int = 0  # changes whenever θ moves or the function changes
-    info: dict = field(default_factory=dict)
-    negative_curvature: str | None = None
-
-    def minv(self, v: Tensor) -> Tensor:
-        """M⁻¹ v (v itself without a preconditioner)."""
-        return v if self.precond is None else self.precond.apply(v)
-
-
-class Direction:
-    """Base of the direction rules."""
-
-    name = ""
-    has_memory = False
-
-    def __init__(self) -> None:
-        self.fresh = True  # no step since the start or the last reset
-        self.alpha_prev: float | None = None
-        self.dphi_prev: float | None = None
-        self.f_prev: float | None = None
-
-    # the protocol -------------------------------------------------------------------------
-    def compute(self, it: Iterate) -> Tensor:
-        raise NotImplementedError
-
-    def update(self, s: Tensor, y: Tensor, it: Iterate) -> None:
-        """Take the curvature pair of the last step (called before ``compute``)."""
-
-    def reset(self) -> None:
-        """Forget what was learnt about curvature; the next direction is −M⁻¹g."""
-        self.fresh = True
-
-    def on_change(self, it: Iterate, robust: bool) -> None:
-        """The function changed (a new batch); ``robust`` rules may restart here."""
-
-    def initial_step(self, it: Iterate, d: Tensor, dphi0: float) -> float:
-        """The first trial step α₀ (the fixed step itself without a line search)."""
-        return it.lr
-
-    def after_step(self, it: Iterate, alpha: float, dphi0: float, f_new: float) -> None:
-        self.alpha_prev = alpha
-        self.dphi_prev = dphi0
-        self.f_prev = it.f
-        self.fresh = False
-
-    def state_dict(self) -> dict:
-        return {
-            "fresh": self.fresh,
-            "alpha_prev": self.alpha_prev,
-            "dphi_prev": self.dphi_prev,
-            "f_prev": self.f_prev,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.fresh = state.get("fresh", True)
-        self.alpha_prev = state.get("alpha_prev")
-        self.dphi_prev = state.get("dphi_prev")
-        self.f_prev = state.get("f_prev")
-
-    # shared first-step heuristics -----------------------------------------------------------
-    def _first_step(self, it: Iterate, d: Tensor) -> float:
-        """lr·min(1, 1/‖d‖₂): the first step of a method with no curvature scale yet."""
-        n = norm64(d)
-        return it.lr * min(1.0, 1.0 / n) if n > 0 else it.lr
-
-    def _scaled_step(self, it: Iterate, d: Tensor, dphi0: float) -> float:
-        """α₀ = α_{k−1}·φ′_{k−1}(0)/φ′_k(0) (Nocedal & Wright eq. 3.60)."""
-        if self.fresh or self.alpha_prev is None or not self.dphi_prev or dphi0 >= 0:
-            return self._first_step(it, d)
-        a = self.alpha_prev * self.dphi_prev / dphi0
-        return a if math.isfinite(a) and a > 0 else self._first_step(it, d)
 
 
 class SteepestDescent(Direction):
@@ -167,11 +81,9 @@ class Newton(Direction):
     def __init__(self, modification: str = "damping") -> None:
         super().__init__()
         self.modification = modification
-        self.last_hessian: Tensor | None = None
 
     def compute(self, it: Iterate) -> Tensor:
         H = it.objective.hessian(it.theta)
-        self.last_hessian = H
         g = it.g
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
@@ -214,7 +126,6 @@ class CGResult:
     negative_curvature: bool
     curvature: float  # pᵀBp / pᵀp at detection (nan otherwise)
     xBx: float  # xᵀBx of the returned x (B undamped)
-    products: int
 
 
 def conjugate_gradient(
@@ -235,12 +146,9 @@ def conjugate_gradient(
     minv = minv or (lambda v: v)
     gnorm = norm64(g)
     tol = rtol * gnorm
-    products = 0
     eps = torch.finfo(g.dtype).eps
 
     def A(v: Tensor) -> Tensor:
-        nonlocal products
-        products += 1
         Bv = product(v)
         return Bv + damping * v if damping else Bv
 
@@ -286,13 +194,14 @@ def conjugate_gradient(
         rz = rz_new
         j += 1
     xBx = xAx - damping * dot64(x, x) if math.isfinite(xAx) else float("nan")
-    return CGResult(x, j, rnorm / gnorm if gnorm else 0.0, rnorm <= tol, neg, curv, xBx, products)
+    return CGResult(x, j, rnorm / gnorm if gnorm else 0.0, rnorm <= tol, neg, curv, xBx)
 
 
 class NewtonCG(Direction):
     """Hessian-free Newton (see module doc)."""
 
     name = "newton-cg"
+    restart_on_non_descent = True  # forget the warm start
 
     def __init__(
         self,
@@ -332,7 +241,6 @@ class NewtonCG(Direction):
             cold = conjugate_gradient(
                 product, g, damping=self.damping, minv=minv, rtol=rtol, max_iter=max_iter
             )
-            cold.products += res.products
             cold.iterations += res.iterations
             res = cold
         self.cg_total += res.iterations
@@ -407,7 +315,6 @@ class NonlinearCG(Direction):
     """Nonlinear CG with a choice of β (see module doc); preconditioned with M⁻¹ if given."""
 
     name = "nlcg"
-    has_memory = True
 
     def __init__(self, variant: str = "pr+", restart_every: int | None = None) -> None:
         super().__init__()
@@ -465,11 +372,6 @@ class NonlinearCG(Direction):
             return self._scaled_step(it, d, dphi0)
         return it.lr * 1.01 * a
 
-    def restart_now(self, it: Iterate) -> Tensor:
-        """Forget the previous direction and return −M⁻¹g."""
-        self.reset()
-        return self.compute(it)
-
     def reset(self):
         super().reset()
         self.d_prev = None
@@ -499,182 +401,3 @@ class NonlinearCG(Direction):
         self.y = state.get("y")
         self.since_restart = state.get("since_restart", 0)
         self.restarts = state.get("restarts", 0)
-
-
-# -- quasi-Newton ------------------------------------------------------------------------------
-def _curvature_ok(s: Tensor, y: Tensor, sy: float) -> bool:
-    eps = torch.finfo(s.dtype).eps
-    return math.isfinite(sy) and sy > math.sqrt(eps) * norm64(s) * norm64(y)
-
-
-class BFGS(Direction):
-    """Dense BFGS on the inverse Hessian approximation H (see module doc)."""
-
-    name = "bfgs"
-    has_memory = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.H: Tensor | None = None
-        self.skipped = 0
-        self.updates = 0
-
-    def _h0(self, it: Iterate, s: Tensor, y: Tensor, sy: float) -> Tensor:
-        n = s.numel()
-        check_dense_fits((n, n), s.dtype, "the dense BFGS matrix")
-        if it.precond is not None and it.precond.is_diagonal:
-            minv = it.precond.inverse_diagonal()
-            gamma = sy / dot64(y, minv * y)
-            return torch.diag(gamma * minv)
-        if it.precond is not None:
-            eye = torch.eye(n, dtype=s.dtype, device=s.device)
-            M = torch.stack([it.precond.apply(eye[i]) for i in range(n)], 1)
-            M = 0.5 * (M + M.T)
-            return (sy / dot64(y, M @ y)) * M
-        return (sy / dot64(y, y)) * torch.eye(n, dtype=s.dtype, device=s.device)
-
-    def update(self, s, y, it):
-        sy = dot64(s, y)
-        if not _curvature_ok(s, y, sy):
-            self.skipped += 1
-            return
-        if self.H is None:
-            self.H = self._h0(it, s, y, sy)
-        H = self.H
-        rho = 1.0 / sy
-        Hy = H @ y
-        yHy = dot64(y, Hy)
-        self.H = (
-            H
-            - rho * (torch.outer(Hy, s) + torch.outer(s, Hy))
-            + (rho * rho * yHy + rho) * torch.outer(s, s)
-        )
-        self.H = 0.5 * (self.H + self.H.T)
-        self.updates += 1
-
-    def compute(self, it: Iterate) -> Tensor:
-        if self.H is None:
-            return -it.minv(it.g)
-        return -(self.H @ it.g)
-
-    def initial_step(self, it, d, dphi0):
-        if it.fixed_step:
-            return it.lr
-        return self._first_step(it, d) if self.H is None else it.lr
-
-    def reset(self):
-        super().reset()
-        self.H = None
-
-    def state_dict(self):
-        return {
-            **super().state_dict(),
-            "H": None if self.H is None else self.H.clone(),
-            "skipped": self.skipped,
-            "updates": self.updates,
-        }
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.H = state.get("H")
-        self.skipped = state.get("skipped", 0)
-        self.updates = state.get("updates", 0)
-
-
-def two_loop(q: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[float], h0) -> Tensor:
-    """The L-BFGS two-loop recursion: returns H q for the inverse-Hessian approximation H
-    built from the pairs (S[i], Y[i]), ρ_i = 1/(sᵢᵀyᵢ), oldest first; ``h0`` is a float γ
-    (H₀ = γI) or a callable v ↦ H₀v. ``q`` is overwritten."""
-    n = len(S)
-    a = [0.0] * n
-    for i in range(n - 1, -1, -1):
-        a[i] = float(S[i].dot(q)) * rho[i]
-        q.add_(Y[i], alpha=-a[i])
-    r = h0(q) if callable(h0) else torch.mul(q, h0)
-    for i in range(n):
-        b = float(Y[i].dot(r)) * rho[i]
-        r.add_(S[i], alpha=a[i] - b)
-    return r
-
-
-class LBFGS(Direction):
-    """Limited-memory BFGS (see module doc)."""
-
-    name = "lbfgs"
-    has_memory = True
-
-    def __init__(self, memory: int = 10) -> None:
-        super().__init__()
-        self.memory = memory
-        self.S: list[Tensor] = []
-        self.Y: list[Tensor] = []
-        self.rho: list[float] = []
-        self.gamma = 1.0
-        self.skipped = 0
-
-    def update(self, s, y, it):
-        sy = dot64(s, y)
-        if not _curvature_ok(s, y, sy):
-            self.skipped += 1
-            return
-        if len(self.S) == self.memory:
-            self.S.pop(0)
-            self.Y.pop(0)
-            self.rho.pop(0)
-        self.S.append(s)
-        self.Y.append(y)
-        self.rho.append(1.0 / sy)
-        if it.precond is not None and it.precond.is_diagonal:
-            self.gamma = sy / dot64(y, it.precond.apply(y))
-        else:
-            self.gamma = sy / dot64(y, y)
-
-    def compute(self, it: Iterate) -> Tensor:
-        if not self.S:
-            return -it.minv(it.g)
-        if it.precond is not None:
-            gamma = self.gamma
-
-            def h0(v: Tensor) -> Tensor:
-                return gamma * it.precond.apply(v)
-        else:
-            h0 = self.gamma
-        return two_loop(it.g.neg(), self.S, self.Y, self.rho, h0)
-
-    def initial_step(self, it, d, dphi0):
-        if it.fixed_step:
-            return it.lr
-        return self._first_step(it, d) if not self.S else it.lr
-
-    def reset(self):
-        super().reset()
-        self.S, self.Y, self.rho = [], [], []
-        self.gamma = 1.0
-
-    def state_dict(self):
-        return {
-            **super().state_dict(),
-            "S": [s.clone() for s in self.S],
-            "Y": [y.clone() for y in self.Y],
-            "rho": list(self.rho),
-            "gamma": self.gamma,
-            "skipped": self.skipped,
-        }
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.S = [s.clone() for s in state.get("S", [])]
-        self.Y = [y.clone() for y in state.get("Y", [])]
-        self.rho = list(state.get("rho", []))
-        self.gamma = state.get("gamma", 1.0)
-        self.skipped = state.get("skipped", 0)
-
-
-DIRECTIONS = {
-    "gd": SteepestDescent,
-    "newton": Newton,
-    "newton-cg": NewtonCG,
-    "nlcg": NonlinearCG,
-    "bfgs": BFGS,
-    "lbfgs": LBFGS,
-}

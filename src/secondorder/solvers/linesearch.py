@@ -1,6 +1,7 @@
 """Step rules along a search direction d: fixed step, Armijo backtracking, strong Wolfe.
 
-All three look at φ(α) = f(θ + α d) and share these rules:
+All three search φ(α) = f(θ + αd) (:class:`~secondorder.solvers.line.LineFunction`) and share
+these rules:
 
 - scalars (f, φ′ = ∇fᵀd, the step α) are Python floats, i.e. float64, whatever θ's dtype;
 - every trial evaluates f and ∇f together once (``value_and_grad``); the accepted point's f
@@ -10,28 +11,28 @@ All three look at φ(α) = f(θ + α d) and share these rules:
 - a search that cannot meet its conditions returns the best point seen when it lowers f
   (``success=True, wolfe=False``) and otherwise reports failure with the starting point.
 
-Strong Wolfe (Nocedal & Wright, ch. 3; the bracketing/zoom variant of minFunc, which
-``torch.optim.LBFGS`` also uses): phase 1 extrapolates with safeguarded cubic interpolation
-until a bracket is found, phase 2 zooms with cubic interpolation, moving a trial that lands
-too close to an end of the bracket to 10 % of its width inside. Conditions:
-
-    f(θ + αd) ≤ f(θ) + c1 α ∇fᵀd,   |∇f(θ + αd)ᵀd| ≤ c2 |∇fᵀd|.
-
-Armijo: backtracking from α₀ with the minimiser of the cubic through (0, f, φ′(0)) and
-(α, f(α), φ′(α)), kept in [0.1α, 0.5α] (or a plain factor ``shrink`` with
-``interpolate=False``).
+Strong Wolfe: bracketing and zoom (:mod:`secondorder.solvers.wolfe`). Armijo: backtracking
+from α₀ with the minimiser of the cubic through (0, f, φ′(0)) and (α, f(α), φ′(α)), kept in
+[0.1α, 0.5α] (or a plain factor ``shrink`` with ``interpolate=False``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from secondorder.linalg import dot64
+from secondorder.objective import FunctionObjective, Objective
+from secondorder.solvers.line import (
+    Evaluate,
+    LineFunction,
+    LineSearchResult,
+    approximate_wolfe,
+    cubic_minimizer,
+)
+from secondorder.solvers.wolfe import strong_wolfe_search
 
 __all__ = [
     "Armijo",
@@ -46,143 +47,6 @@ __all__ = [
     "make_step_rule",
     "strong_wolfe",
 ]
-
-Evaluate = Callable[[Tensor], tuple[float, Tensor]]
-
-
-@dataclass
-class LineSearchResult:
-    """The accepted step: α, the point θ + αd with its f and g, and how the search went."""
-
-    alpha: float
-    theta: Tensor
-    f: float
-    g: Tensor
-    success: bool
-    wolfe: bool
-    nfev: int
-    nonfinite: int = 0
-    message: str = ""
-    trials: list[tuple[float, float]] = field(default_factory=list)
-    calls: int = 0  # trial steps requested (a repeated α is evaluated once but counted here)
-
-
-class LineFunction:
-    """φ(α) = f(θ + αd) with its slope φ′(α) = ∇f(θ + αd)ᵀd, memoised per α.
-
-    Non-finite trials come back as (inf, None, nan). ``best`` is the lowest finite point seen
-    (starting with α = 0).
-    """
-
-    def __init__(
-        self,
-        evaluate: Evaluate,
-        theta: Tensor,
-        d: Tensor,
-        f0: float,
-        g0: Tensor,
-        dphi0: float | None = None,
-        step_fn: Callable[[Tensor, Tensor, float], Tensor] | None = None,
-    ) -> None:
-        self.evaluate = evaluate
-        self.step_fn = step_fn
-        self.theta = theta
-        self.d = d
-        self.f0 = float(f0)
-        self.g0 = g0
-        self.dphi0 = dot64(g0, d) if dphi0 is None else float(dphi0)
-        self.nfev = 0
-        self.nonfinite = 0
-        self.trials: list[tuple[float, float]] = []
-        self._memo: dict[float, tuple[float, Tensor | None, float, Tensor]] = {}
-        self.best = (0.0, self.f0, g0, self.dphi0, theta)
-
-    def point(self, alpha: float) -> Tensor:
-        """θ + αd (by ``step_fn`` when given, e.g. to add per parameter tensor)."""
-        if self.step_fn is not None:
-            return self.step_fn(self.theta, self.d, alpha)
-        return torch.add(self.theta, self.d, alpha=alpha)
-
-    def __call__(self, alpha: float) -> tuple[float, Tensor | None, float]:
-        alpha = float(alpha)
-        if alpha == 0.0:
-            return self.f0, self.g0, self.dphi0
-        if alpha in self._memo:
-            f, g, dphi, _ = self._memo[alpha]
-            return f, g, dphi
-        x = self.point(alpha)
-        f, g = self.evaluate(x)
-        f = float(f)
-        self.nfev += 1
-        dphi = dot64(g, self.d) if math.isfinite(f) else float("nan")
-        if not (math.isfinite(f) and math.isfinite(dphi)):
-            self.nonfinite += 1
-            f, g, dphi = math.inf, None, float("nan")
-        elif f < self.best[1]:
-            self.best = (alpha, f, g, dphi, x)
-        self._memo[alpha] = (f, g, dphi, x)
-        self.trials.append((alpha, f))
-        return f, g, dphi
-
-    def result(self, alpha: float, *, success: bool, wolfe: bool, message: str) -> LineSearchResult:
-        """The result at a point already evaluated (α = 0 gives the start)."""
-        if alpha == 0.0:
-            f, g, x = self.f0, self.g0, self.theta
-        else:
-            f, g, _, x = self._memo[float(alpha)]
-        return LineSearchResult(
-            alpha=float(alpha),
-            theta=x,
-            f=f,
-            g=g,
-            success=success,
-            wolfe=wolfe,
-            nfev=self.nfev,
-            nonfinite=self.nonfinite,
-            message=message,
-            trials=list(self.trials),
-        )
-
-    def best_result(self, message: str) -> LineSearchResult:
-        """The best point seen: a success when it lowers f, else a failure at the start."""
-        alpha = self.best[0]
-        if alpha > 0.0 and self.best[1] < self.f0:
-            return self.result(alpha, success=True, wolfe=False, message=message)
-        return self.result(0.0, success=False, wolfe=False, message=message)
-
-
-def cubic_minimizer(
-    x1: float,
-    f1: float,
-    g1: float,
-    x2: float,
-    f2: float,
-    g2: float,
-    bounds: tuple[float, float] | None = None,
-) -> float:
-    """Minimiser of the cubic with values f1, f2 and slopes g1, g2 at x1, x2, kept in
-    ``bounds`` (default: between x1 and x2); the middle of the bounds when the cubic has no
-    real minimiser or the data are not finite."""
-    lo, hi = bounds if bounds is not None else (min(x1, x2), max(x1, x2))
-    if not all(math.isfinite(v) for v in (x1, f1, g1, x2, f2, g2)) or x1 == x2:
-        return 0.5 * (lo + hi)
-    d1 = g1 + g2 - 3.0 * (f1 - f2) / (x1 - x2)
-    disc = d1 * d1 - g1 * g2
-    if disc < 0.0:
-        return 0.5 * (lo + hi)
-    # torch's 0-d sqrt, which can differ from math.sqrt in the last bit: keeps the search
-    # identical to torch.optim.LBFGS's
-    d2 = float(torch.tensor(disc, dtype=torch.float64).sqrt())
-    try:
-        if x1 <= x2:
-            t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2.0 * d2))
-        else:
-            t = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2.0 * d2))
-    except (ZeroDivisionError, OverflowError):
-        return 0.5 * (lo + hi)
-    if not math.isfinite(t):
-        return 0.5 * (lo + hi)
-    return min(max(t, lo), hi)
 
 
 # -- the searches on φ ------------------------------------------------------------------------
@@ -249,7 +113,7 @@ def _armijo(
             break
     out = phi.best_result("")
     if not out.success:
-        approx = _approximate_wolfe(phi, 0.9)
+        approx = approximate_wolfe(phi, 0.9)
         if approx is not None:
             return approx
     what = "no decrease" if not out.success else "no sufficient decrease"
@@ -259,114 +123,6 @@ def _armijo(
         out.message = (
             f"Armijo condition not met after {phi.nfev} trials; took the best point seen{tail}"
         )
-    return out
-
-
-def _strong_wolfe(
-    phi: LineFunction,
-    alpha: float,
-    *,
-    c1: float,
-    c2: float,
-    max_ls: int,
-    xtol: float,
-    d_norm: float,
-    strict: bool = True,
-) -> LineSearchResult:
-    """Bracketing and zoom. ``strict=True`` keeps the low end of the bracket on a point that
-    satisfies the sufficient-decrease condition (Nocedal & Wright's zoom); ``strict=False``
-    orders the ends by f alone, as torch.optim.LBFGS (minFunc) does, which can zoom between two
-    points that both fail it."""
-    f0, g0, dphi0 = phi.f0, phi.g0, phi.dphi0
-    f_new, g_new, dphi_new = phi(alpha)
-    a_prev, f_prev, g_prev, dphi_prev = 0.0, f0, g0, dphi0
-    done = False
-    it = 0
-    bracket: list[list] = []  # entries [α, f, g, φ′]
-    order = None  # (lo, hi) fixed by the phase that built the bracket (strict mode)
-    while it < max_ls:
-        if f_new > f0 + c1 * alpha * dphi0 or (it > 1 and f_new >= f_prev):
-            bracket = [[a_prev, f_prev, g_prev, dphi_prev], [alpha, f_new, g_new, dphi_new]]
-            order = (0, 1)
-            break
-        if abs(dphi_new) <= -c2 * dphi0:
-            bracket = [[alpha, f_new, g_new, dphi_new]]
-            done = True
-            break
-        if dphi_new >= 0:
-            bracket = [[a_prev, f_prev, g_prev, dphi_prev], [alpha, f_new, g_new, dphi_new]]
-            order = (1, 0)
-            break
-        lo_b, hi_b = alpha + 0.01 * (alpha - a_prev), alpha * 10.0
-        nxt = cubic_minimizer(a_prev, f_prev, dphi_prev, alpha, f_new, dphi_new, (lo_b, hi_b))
-        a_prev, f_prev, g_prev, dphi_prev = alpha, f_new, g_new, dphi_new
-        alpha = nxt
-        f_new, g_new, dphi_new = phi(alpha)
-        it += 1
-    if it == max_ls:
-        bracket = [[0.0, f0, g0, dphi0], [alpha, f_new, g_new, dphi_new]]
-        armijo_ok = math.isfinite(f_new) and f_new <= f0 + c1 * alpha * dphi0
-        order = (1, 0) if armijo_ok and f_new < f0 else (0, 1)
-
-    def reorder() -> tuple[int, int]:
-        return (0, 1) if bracket[0][1] <= bracket[-1][1] else (1, 0)
-
-    lo, hi = order if (strict and order is not None) else reorder()
-    insufficient = False
-    while not done and it < max_ls:
-        a, b = bracket[0][0], bracket[1][0]
-        if abs(b - a) * d_norm < xtol:
-            break
-        if math.isfinite(bracket[hi][1]):
-            t = cubic_minimizer(a, bracket[0][1], bracket[0][3], b, bracket[1][1], bracket[1][3])
-        else:  # non-finite end: backtrack half-way towards the best point
-            t = 0.5 * (bracket[lo][0] + bracket[hi][0])
-        top, bottom = max(a, b), min(a, b)
-        eps = 0.1 * (top - bottom)
-        if min(top - t, t - bottom) < eps:
-            if insufficient or t >= top or t <= bottom:
-                t = top - eps if abs(t - top) < abs(t - bottom) else bottom + eps
-                insufficient = False
-            else:
-                insufficient = True
-        else:
-            insufficient = False
-        f_new, g_new, dphi_new = phi(t)
-        it += 1
-        if f_new > f0 + c1 * t * dphi0 or f_new >= bracket[lo][1]:
-            bracket[hi] = [t, f_new, g_new, dphi_new]
-            if not strict:
-                lo, hi = reorder()
-        else:
-            if abs(dphi_new) <= -c2 * dphi0:
-                done = True
-            elif dphi_new * (bracket[hi][0] - bracket[lo][0]) >= 0:
-                bracket[hi] = list(bracket[lo])
-            bracket[lo] = [t, f_new, g_new, dphi_new]
-
-    a_lo, f_lo = bracket[lo][0], bracket[lo][1]
-    tail = f"; {phi.nonfinite} non-finite value(s) met and backtracked" if phi.nonfinite else ""
-    if done:
-        out = phi.result(a_lo, success=True, wolfe=True, message=tail.lstrip("; "))
-    elif a_lo != 0.0 and math.isfinite(f_lo) and f_lo < f0:
-        out = phi.result(
-            a_lo,
-            success=True,
-            wolfe=False,
-            message=f"strong Wolfe conditions not met after {phi.nfev} trials; took the point "
-            f"of lowest f{tail}",
-        )
-    else:
-        out = phi.result(a_lo, success=False, wolfe=False, message="")
-        if phi.nonfinite and phi.nonfinite == phi.nfev:
-            out.message = (
-                f"line search failed: non-finite values at every trial ({phi.nfev} trials)"
-            )
-        else:
-            out.message = (
-                f"line search failed: no decrease along the direction after {phi.nfev} trials{tail}"
-            )
-    out.calls = it + 1
     return out
 
 
@@ -449,7 +205,7 @@ class StrongWolfe(StepRule):
         xtol = self.xtol
         if xtol is None:
             xtol = torch.finfo(theta.dtype).eps * max(1.0, float(theta.abs().max()))
-        out = _strong_wolfe(
+        out = strong_wolfe_search(
             phi,
             alpha0,
             c1=self.c1,
@@ -466,59 +222,8 @@ class StrongWolfe(StepRule):
                     "point seen"
                 )
                 return best
-            out = _approximate_wolfe(phi, self.c2) or out
+            out = approximate_wolfe(phi, self.c2) or out
         return out
-
-
-def _approximate_wolfe(phi: LineFunction, c2: float, extra: int = 3) -> LineSearchResult | None:
-    """The search at the limit of f's precision (after Hager & Zhang 2005).
-
-    When every trial's f lies within rounding noise (32·eps·|f(0)|) of f(0), f no longer
-    resolves the decrease but the slope φ′ still does: a trial whose f is within the noise and
-    whose slope meets the curvature condition |φ′(α)| ≤ c2|φ′(0)| is accepted; failing that,
-    up to ``extra`` secant steps on φ′ look for one. This lets the gradient still be driven
-    down (useful in float32)."""
-    noise = 32.0 * torch.finfo(phi.theta.dtype).eps * abs(phi.f0)
-
-    def ok(alpha: float) -> bool:
-        f, _g, dphi, x = phi._memo[alpha]
-        return (
-            math.isfinite(f)
-            and f <= phi.f0 + noise
-            and abs(dphi) <= c2 * abs(phi.dphi0)
-            and not torch.equal(x, phi.theta)
-        )
-
-    for n_secant in range(extra + 1):
-        good = [a for a in phi._memo if a > 0 and ok(a)]
-        if good:
-            best = min(good, key=lambda a: abs(phi._memo[a][2]))
-            return phi.result(
-                best,
-                success=True,
-                wolfe=False,
-                message="approximate Wolfe step: f is flat to rounding error along d, the slope "
-                "meets the curvature condition",
-            )
-        if n_secant == extra:
-            break
-        flat = sorted(
-            a
-            for a, (f, _g, dphi, _x) in phi._memo.items()
-            if a > 0 and math.isfinite(f) and abs(f - phi.f0) <= noise and math.isfinite(dphi)
-        )
-        if not flat:
-            return None
-        a2 = flat[-1]
-        s2 = phi._memo[a2][2]
-        a1, s1 = (flat[-2], phi._memo[flat[-2]][2]) if len(flat) > 1 else (0.0, phi.dphi0)
-        if not s2 > s1:
-            return None  # no positive curvature along d to aim the secant with
-        alpha = a2 - s2 * (a2 - a1) / (s2 - s1)
-        if not (math.isfinite(alpha) and alpha > 0) or alpha in phi._memo:
-            return None
-        phi(alpha)
-    return None
 
 
 def _budget(max_ls: int, budget: int | None) -> int:
@@ -569,8 +274,6 @@ def evaluator(objective) -> Evaluate:
 
 # -- functional forms ------------------------------------------------------------------------
 def _prepare(fun, theta: Tensor, d: Tensor, f0, g0):
-    from secondorder.objective import FunctionObjective, Objective
-
     if isinstance(fun, Objective):
         obj = fun
     elif callable(fun):

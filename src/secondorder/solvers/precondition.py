@@ -30,6 +30,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.func import grad, vmap
+
+from secondorder import curvature
+from secondorder._validation import check_choice
+from secondorder.objective import ModelObjective, Objective
 
 __all__ = ["PRECONDITIONERS", "Preconditioner", "make_preconditioner"]
 
@@ -137,27 +142,22 @@ def _floor(diag: Tensor) -> Tensor:
     return diag.clamp_min(delta)
 
 
-def make_preconditioner(spec, objective, *, method: str, every: int = 1) -> Preconditioner | None:
+def make_preconditioner(spec, objective, *, every: int = 1) -> Preconditioner | None:
     """Validate ``spec`` (see module doc) without evaluating anything."""
     if spec is None:
         return None
     if isinstance(spec, str):
-        from secondorder._validation import check_choice
-
         check_choice("preconditioner", spec, PRECONDITIONERS)
         if spec == "eq14" and not hasattr(objective, "loss"):
             raise ValueError(
                 "preconditioner='eq14' needs per-sample gradients, so a ModelObjective "
                 f"(model, loss, data); got {type(objective).__name__}"
             )
-        if spec == "ggn-diag":
-            from secondorder.objective import Objective
-
-            if type(objective).ggnvp_at is Objective.ggnvp_at:
-                raise ValueError(
-                    f"preconditioner='ggn-diag' needs Gauss-Newton products, which "
-                    f"{type(objective).__name__} does not offer; use 'hessian-diag'"
-                )
+        if spec == "ggn-diag" and type(objective).ggnvp_at is Objective.ggnvp_at:
+            raise ValueError(
+                f"preconditioner='ggn-diag' needs Gauss-Newton products, which "
+                f"{type(objective).__name__} does not offer; use 'hessian-diag'"
+            )
         return Preconditioner(spec, every=every)
     if isinstance(spec, Tensor):
         d = spec.detach().to(dtype=objective.dtype, device=objective.device).reshape(-1)
@@ -181,8 +181,6 @@ def make_preconditioner(spec, objective, *, method: str, every: int = 1) -> Prec
 # -- diagonals --------------------------------------------------------------------------------
 def eq14_diagonal(objective, theta: Tensor, *, chunk_bytes: int = 2**27) -> Tensor:
     """sqrt(m_s Σ_i w_i (∂ℓ_i/∂θ)²) over the objective's current samples (eq. 14)."""
-    from torch.func import grad, vmap
-
     X, y, w = objective.samples("value")
     theta = theta.detach()
 
@@ -205,13 +203,7 @@ def _library_diagonal(objective, theta: Tensor, which: str) -> Tensor | None:
     """diag from ``secondorder.curvature`` (second-order backpropagation for MLPs) when it
     exists and computes the same function: a ModelObjective whose current samples carry equal
     weights and whose L2 term covers weight matrices only. None otherwise."""
-    try:
-        from secondorder import curvature
-    except ImportError:
-        return None
     fn = getattr(curvature, f"{which}_diagonal", None)
-    from secondorder.objective import ModelObjective
-
     if fn is None or not isinstance(objective, ModelObjective) or objective.regularize_bias:
         return None
     X, y, w = objective.samples("curvature")

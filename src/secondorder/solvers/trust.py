@@ -32,29 +32,9 @@ from torch import Tensor
 
 from secondorder.lanczos import Lanczos
 from secondorder.linalg import dot64, norm64
-from secondorder.solvers.directions import Iterate
+from secondorder.solvers.protocol import Iterate, Outcome
 
 __all__ = ["ARC", "TrustNCG", "lanczos_extreme", "solve_cubic_tridiagonal", "steihaug"]
-
-
-@dataclass
-class Outcome:
-    """One iteration's result, as the loop of :func:`minimize` consumes it."""
-
-    theta: Tensor
-    f: float
-    g: Tensor
-    step: float
-    moved: bool
-    status: str | None = None
-    message: str = ""
-    note: str = ""
-    nonfinite: int = 0
-
-    @classmethod
-    def stop(cls, it, status: str, message: str, nonfinite: int = 0) -> Outcome:
-        """Stay at the current iterate and end the run with ``status``."""
-        return cls(it.theta, it.f, it.g, 0.0, False, status, message, nonfinite=nonfinite)
 
 
 class _Scaled:
