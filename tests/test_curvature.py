@@ -255,7 +255,7 @@ def test_float32_is_preserved_and_close():
 def test_diagonal_paths_match_torch_func(monkeypatch, widths, act, out_act, loss):
     """Every route of the diagonal (the implicit cross-entropy H_Z, the K-GEMM and its
     fallback, the x ⊙ x row blocks, several chunks) against torch.func.hessian."""
-    from secondorder.curvature import backprop
+    from secondorder.curvature import diagonal as backprop
 
     g = torch.Generator().manual_seed(len(widths))
     model = make_mlp(widths, act, out_act, seed=len(widths))
@@ -276,7 +276,7 @@ def test_diagonal_paths_match_torch_func(monkeypatch, widths, act, out_act, loss
 def test_dense_outputs_start_uninitialised_and_are_fully_written(monkeypatch):
     """The dense results are allocated with torch.empty and every entry is written (the first
     chunk overwrites): poison fresh memory with NaN and compare, over several chunks."""
-    from secondorder.curvature import backprop
+    from secondorder.curvature import blocks as backprop
 
     empty = torch.empty
 
@@ -306,7 +306,7 @@ def test_pair_gemm_layer_blocks(monkeypatch, min_units, band):
     """The whole-block assembly of wide layers (pairs j ≤ j′, row bands, four-way copies) in
     every combination with the row-band one of narrow layers, over several chunks, exactly
     symmetric; GGN too."""
-    from secondorder.curvature import backprop
+    from secondorder.curvature import blocks as backprop
 
     monkeypatch.setattr(backprop, "_PAIR_MIN_UNITS", min_units)
     monkeypatch.setattr(backprop, "_PAIR_MAX_BAND", band)

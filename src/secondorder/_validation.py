@@ -7,6 +7,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+from torch import Tensor
+
 
 def closest(name: str, choices: Iterable[str]) -> str:
     """Return a ' (did you mean 'x'?)' hint for a misspelt ``name``, or ''."""
@@ -50,3 +53,38 @@ def check_positive_int(arg: str, value: Any, *, allow_zero: bool = False) -> int
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{arg} must be an integer {bound}, got {value}")
     return value
+
+
+def first_index(mask: Tensor) -> tuple[int, ...] | int:
+    """The index of the first True entry of ``mask`` (an int for a 1-D mask)."""
+    pos = tuple(int(i) for i in torch.nonzero(mask)[0].tolist())
+    return pos[0] if len(pos) == 1 else pos
+
+
+def check_finite(arg: str, t: Tensor) -> None:
+    """Raise ValueError when ``t`` holds NaN or inf, naming the first bad sample (row), how
+    many entries are bad and the full index of the first one.
+
+    A finite sum proves every entry finite (a NaN or an inf entry makes the sum NaN or ±inf)
+    at the cost of one read; only a non-finite sum, from a bad entry or an overflow, pays for
+    the elementwise test. Integer tensors are always finite.
+    """
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return
+    sample = int(bad.reshape(len(t), -1).any(1).nonzero()[0, 0])
+    raise ValueError(
+        f"{arg} contains NaN or inf values (first in sample {sample}): {int(bad.sum())} "
+        f"non-finite in all, the first at index {first_index(bad)}"
+    )
+
+
+def check_same_length(X: Tensor, y: Tensor) -> None:
+    """Raise ValueError unless ``y`` holds one target per sample (first dimension) of ``X``."""
+    if X.ndim < 1 or y.ndim < 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(
+            "y must hold one target per sample of X: X and y must have the same number of "
+            f"samples (first dimension), got X {tuple(X.shape)} and y {tuple(y.shape)}"
+        )

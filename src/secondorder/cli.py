@@ -111,9 +111,11 @@ def _cmd_gradtest(args: argparse.Namespace) -> int:
         print(r.table())
         print()
     if args.plot:
+        from secondorder.report.diagnostics_figures import plot_gradient_test
+
         for r in results:
             path = args.plot if len(results) == 1 else args.plot.replace(".", f"-{r.kind}.", 1)
-            print(f"plot written to {r.plot(path)}")
+            print(f"plot written to {plot_gradient_test(r, path)}")
     return 0 if all(r.passed for r in results) else 1
 
 
@@ -145,7 +147,9 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     )
     print(report.to_text())
     if args.plot:
-        print(f"\nspectrum plot written to {report.plot_spectrum(args.plot)}")
+        from secondorder.report.diagnostics_figures import plot_saddle_report
+
+        print(f"\nspectrum plot written to {plot_saddle_report(report, args.plot)}")
     return 0
 
 

@@ -78,34 +78,13 @@ class TaylorTest:
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
-        """Save a log-log plot of the error against ε with the reference slope."""
-        import matplotlib
+        """Save a log-log plot of the error against ε with the reference slope (see
+        :func:`secondorder.report.diagnostics_figures.plot_gradient_test`); returns the path."""
+        # Kept for callers of this method: the drawing lives in the report layer, which
+        # imports the core, so the core imports it only here, when a figure is asked for.
+        from secondorder.report.diagnostics_figures import plot_gradient_test
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 4.0))
-        eps = np.asarray(self.eps)
-        err = np.maximum(np.asarray(self.errors), np.finfo(float).tiny)
-        ax.loglog(eps, err, "o-", label=f"measured (order {self.order:.2f})")
-        used = np.asarray(self.used, dtype=bool)
-        if used.any():
-            e0, r0 = eps[used][0], err[used][0]
-            ax.loglog(
-                eps,
-                r0 * (eps / e0) ** self.expected_order,
-                "--",
-                label=f"slope {self.expected_order:g}",
-            )
-        ax.set_xlabel("ε (step along the random direction)")
-        ax.set_ylabel("Taylor remainder |error|")
-        ax.set_title(f"{self.kind} test")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return plot_gradient_test(self, path)
 
 
 def _default_eps(dtype: torch.dtype) -> list[float]:

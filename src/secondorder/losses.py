@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from secondorder._validation import check_choice
+from secondorder._validation import check_choice, check_finite
 
 __all__ = ["LOSSES", "Loss", "get_loss"]
 
@@ -28,6 +28,9 @@ class Loss:
     name: str = ""
     #: whether targets are integer class labels (else float targets with the output's shape)
     classification: bool = True
+    #: ℓ = logsumexp(z) − z_y: ∂ℓ/∂z = p − e_y and H_z = diag p − ppᵀ with p = softmax(z),
+    #: so curvature kernels may work from p alone and never form H_z
+    softmax_output: bool = False
 
     def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
         """ℓ_i for every sample, shape (m,)."""
@@ -45,9 +48,30 @@ class Loss:
         """H_z v for every sample (v of shape (m, k)), without forming H_z."""
         return torch.einsum("mij,mj->mi", self.hessian_output(out, y), v)
 
+    def output_derivatives_fm(
+        self, out: Tensor, y: Tensor, weight: float, grad: bool
+    ) -> tuple[Tensor | None, Tensor]:
+        """Feature-major output ``out`` of shape (k, m): (weight·∂ℓ/∂z as (k, m), or None
+        without ``grad``; weight·H_z as (k, k, m)), for kernels that keep samples last."""
+        g = self.grad_output(out.T, y).T * weight if grad else None
+        H = self.hessian_output(out.T, y).permute(1, 2, 0) * weight
+        return g, H.contiguous()
+
     def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
         """Validate targets against the model's output width; return them in canonical form."""
         raise NotImplementedError
+
+    def prepare_targets(
+        self, y: Tensor, out_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """``y`` on ``device``, finite, checked by :meth:`check_targets` for a model with
+        ``out_dim`` outputs; float targets in ``dtype``."""
+        y = y.to(device)
+        check_finite("y", y)
+        y = self.check_targets(y, out_dim)
+        if torch.is_floating_point(y):
+            y = y.to(dtype)
+        return y
 
     def predict(self, out: Tensor) -> Tensor:
         """Predicted labels (classification) or values (regression) from model outputs."""
@@ -56,6 +80,7 @@ class Loss:
 
 class CrossEntropy(Loss):
     name = "cross_entropy"
+    softmax_output = True
 
     def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
         return torch.logsumexp(out, dim=1) - out.gather(1, y[:, None]).squeeze(1)
@@ -72,6 +97,19 @@ class CrossEntropy(Loss):
     def hessian_output_matvec(self, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
         p = torch.softmax(out, dim=1)
         return p * v - p * (p * v).sum(1, keepdim=True)
+
+    def output_derivatives_fm(
+        self, out: Tensor, y: Tensor, weight: float, grad: bool
+    ) -> tuple[Tensor | None, Tensor]:
+        p = torch.softmax(out, 0)  # once, for both
+        g = None
+        if grad:
+            g = p * weight
+            g[y, torch.arange(len(y), device=y.device)] -= weight
+        pw = p * weight
+        H = torch.mul(pw[:, None, :], p[None, :, :]).neg_()  # w(diag p − p pᵀ)
+        H.diagonal(dim1=0, dim2=1).add_(pw.T)
+        return g, H
 
     def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
         _check_labels(y, out_dim, arg)

@@ -18,6 +18,7 @@ from secondorder._validation import check_choice, check_positive_int
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "Composed",
     "Identity",
     "ReLU",
     "Sigmoid",
@@ -31,9 +32,13 @@ __all__ = [
 
 
 class Activation(nn.Module):
-    """An elementwise activation σ that also knows σ′ and σ″."""
+    """An elementwise activation σ that also knows σ′ and σ″, and what the curvature kernels
+    may skip: ``is_identity`` (σ(z) = z, the layer stays linear) and ``is_piecewise_linear``
+    (σ″ ≡ 0 almost everywhere, so no σ″ terms)."""
 
     name: str = ""
+    is_identity: bool = False
+    is_piecewise_linear: bool = False
 
     def forward(self, z: Tensor) -> Tensor:  # noqa: D102
         raise NotImplementedError
@@ -101,6 +106,7 @@ class ReLU(Activation):
     """σ(z) = max(z, 0); σ′ = [z > 0]; σ″ = 0 (almost everywhere)."""
 
     name = "relu"
+    is_piecewise_linear = True
 
     def forward(self, z: Tensor) -> Tensor:
         return torch.relu(z)
@@ -136,6 +142,8 @@ class Identity(Activation):
     """σ(z) = z; σ′ = 1; σ″ = 0."""
 
     name = "identity"
+    is_identity = True
+    is_piecewise_linear = True
 
     def forward(self, z: Tensor) -> Tensor:
         return z
@@ -145,6 +153,43 @@ class Identity(Activation):
 
     def second_derivative(self, z: Tensor) -> Tensor:
         return torch.zeros_like(z)
+
+
+class Composed(Activation):
+    """Consecutive elementwise activations, applied first to last and composed:
+    (f∘g)′ = f′(g)·g′ and (f∘g)″ = f″(g)·g′² + f′(g)·g″."""
+
+    def __init__(self, acts: Sequence[Activation]) -> None:
+        super().__init__()
+        self._acts = list(acts)
+        self.name = "∘".join(a.name or type(a).__name__ for a in reversed(self._acts))
+
+    @property
+    def is_identity(self) -> bool:  # type: ignore[override]
+        return all(a.is_identity for a in self._acts)
+
+    @property
+    def is_piecewise_linear(self) -> bool:  # type: ignore[override]
+        return all(a.is_piecewise_linear for a in self._acts)
+
+    def forward(self, z: Tensor) -> Tensor:
+        for a in self._acts:
+            z = a.forward(z)
+        return z
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s, d1, d2 = self._acts[0].derivatives(z)
+        for a in self._acts[1:]:
+            s, e1, e2 = a.derivatives(s)
+            d2 = e2 * d1 * d1 + e1 * d2
+            d1 = e1 * d1
+        return s, d1, d2
+
+    def derivative(self, z: Tensor) -> Tensor:
+        return self.derivatives(z)[1]
+
+    def second_derivative(self, z: Tensor) -> Tensor:
+        return self.derivatives(z)[2]
 
 
 ACTIVATIONS: dict[str, type[Activation]] = {

@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from secondorder._validation import check_choice, check_positive
+from secondorder._validation import check_choice, check_finite, check_positive, check_same_length
+from secondorder.functional import FlatModel
 from secondorder.linalg import MemoryError_, check_dense_fits
 from secondorder.losses import Loss, get_loss
+from secondorder.models import ReLU
 from secondorder.sampling import FullBatch, Sampler
 
 __all__ = [
@@ -320,48 +321,29 @@ class ModelObjective(Objective):
         self.l2 = check_positive("l2", l2, allow_zero=True)
         check_choice("l2_convention", l2_convention, L2_CONVENTIONS)
         X, y = _unpack_data(data)
-        params = dict(model.named_parameters())
-        if not params:
-            raise ValueError("model has no parameters to optimise")
-        first = next(iter(params.values()))
-        self.dtype = dtype or (X.dtype if torch.is_floating_point(X) else first.dtype)
+        flat = FlatModel(model, "optimise", device)
+        self.dtype = dtype or (X.dtype if torch.is_floating_point(X) else flat.params[0].dtype)
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {self.dtype}")
-        self.device = torch.device(device) if device is not None else first.device
+        self.device = flat.device
         X = X.to(dtype=self.dtype, device=self.device)
         if X.ndim < 2 or X.shape[0] == 0:
             raise ValueError(
                 f"X must have shape (m, n_features, ...) with m >= 1, got {tuple(X.shape)}"
             )
-        finite = torch.isfinite(X)
-        if not bool(finite.all()):
-            bad = int((~finite).reshape(len(X), -1).any(1).nonzero()[0, 0])
-            raise ValueError(f"X contains NaN or inf values (first in sample {bad})")
-        if y.shape[0] != X.shape[0]:
-            raise ValueError(
-                f"X and y must have the same number of samples, got {X.shape[0]} and {y.shape[0]}"
-            )
-        self.model = model
-        self.names = list(params)
-        self.shapes = [p.shape for p in params.values()]
-        self.numels = [p.numel() for p in params.values()]
-        self.n_params = sum(self.numels)
-        self.buffers = {k: v.to(self.device) for k, v in model.named_buffers()}
-        self._theta0 = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(
-            dtype=self.dtype, device=self.device
-        )
+        check_finite("X", X)
+        check_same_length(X, y)
+        self.model, self.flat = model, flat
+        self.names, self.shapes, self.numels = flat.names, flat.shapes, flat.numels
+        self.n_params, self.buffers = flat.n_params, flat.buffers
+        self._theta0 = flat.theta0(self.dtype, self.device)
         with torch.no_grad():
             out = self.forward(self._theta0, X[:1])
         if out.ndim != 2:
             raise ValueError(
                 f"the model must map (m, ...) inputs to (m, k) outputs, got {tuple(out.shape)}"
             )
-        y = y.to(self.device)
-        if torch.is_floating_point(y) and not bool(torch.isfinite(y).all()):
-            raise ValueError("y contains NaN or inf values")
-        self.y = self.loss.check_targets(y, out.shape[1])
-        if torch.is_floating_point(self.y):
-            self.y = self.y.to(self.dtype)
+        self.y = self.loss.prepare_targets(y, out.shape[1], self.dtype, self.device)
         self.X = X
         self.m = X.shape[0]
         self.sampler = sampler or FullBatch(self.m)
@@ -374,12 +356,7 @@ class ModelObjective(Objective):
         if self.l2_m < 1:
             raise ValueError(f"l2_m must be a positive integer, got {l2_m}")
         self.regularize_bias = bool(regularize_bias)
-        self.l2_mask = torch.cat(
-            [
-                torch.full((n,), float(len(s) >= 2 or self.regularize_bias), dtype=self.dtype)
-                for n, s in zip(self.numels, self.shapes)
-            ]
-        ).to(self.device)
+        self.l2_mask = flat.l2_mask(self.dtype, self.device, bias=self.regularize_bias)
         self._cache: dict[tuple[str, int], tuple] = {}
 
     # -- parameters -------------------------------------------------------------------------------
@@ -389,10 +366,7 @@ class ModelObjective(Objective):
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Views of θ shaped like the model's parameters, by name."""
-        return {
-            n: t.view(s)
-            for n, t, s in zip(self.names, torch.split(theta, self.numels), self.shapes)
-        }
+        return self.flat.unflatten(theta)
 
     def load_into_model(self, theta: Tensor) -> nn.Module:
         """Copy θ into the model's parameters (e.g. after training) and return the model."""
@@ -404,7 +378,7 @@ class ModelObjective(Objective):
 
     def forward(self, theta: Tensor, X: Tensor) -> Tensor:
         """The network's outputs f(X; θ), computed functionally (the model is not modified)."""
-        return functional_call(self.model, {**self.unflatten(theta), **self.buffers}, (X,))
+        return self.flat.forward(theta, X)
 
     @property
     def l2_coefficient(self) -> float:
@@ -532,11 +506,7 @@ class ModelObjective(Objective):
         same), so derivative tests use it to measure Taylor orders without the O(ε) remainders
         of the kinks a step of size ε may cross.
         """
-        from secondorder.models import ReLU as _OurReLU
-
-        modules = [
-            m for m in self.model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU, _OurReLU))
-        ]
+        modules = [m for m in self.model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU, ReLU))]
         masks: dict[int, Tensor] = {}
         recording = True
 

@@ -12,28 +12,25 @@ through the functions here, which differentiate a flat-parameter function with `
 - The Gauss–Newton matrix G = Σ_i J_iᵀ H_{out,i} J_i uses per-sample output Jacobians
   (``vmap(jacrev)``), chunked over samples.
 
-The objective is the one of :class:`secondorder.objective.ModelObjective` with the full batch:
-J(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i) + (l2/2)·‖W‖², where ‖W‖² covers the parameters with two
-or more dimensions (weight matrices and kernels, not biases).
+The objective is the one of :class:`secondorder.objective.ModelObjective` with the full batch,
+as a :class:`secondorder.curvature.request.CurvatureRequest` holds it (``prepare`` and
+``parameter_groups`` are re-exported here for callers of this engine).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from secondorder._validation import check_positive, check_positive_int
+from secondorder._validation import check_positive_int
+from secondorder.functional import parameter_groups
 from secondorder.linalg import check_dense_fits
-from secondorder.losses import Loss, get_loss
+
+from .request import CurvatureRequest, prepare
 
 __all__ = [
-    "Problem",
     "autodiff_ggn",
     "autodiff_ggn_diagonal",
     "autodiff_hessian",
@@ -46,214 +43,6 @@ __all__ = [
 
 #: default bytes for the temporaries of one chunk (columns or samples)
 CHUNK_BYTES = 2**28
-
-
-@dataclass
-class Problem:
-    """A validated curvature request: the model, its data and loss, and the flat θ layout.
-
-    ``weight = 1/N`` per sample; ``l2_mask`` is 1 on the entries of parameters with two or more
-    dimensions, 0 elsewhere. ``theta`` and ``l2_mask`` are formed on first use (from the
-    parameters as they are then; every curvature function uses them at once or not at all).
-    """
-
-    model: nn.Module
-    X: Tensor
-    y: Tensor
-    loss: Loss
-    l2: float
-    names: list[str]
-    shapes: list[torch.Size]
-    numels: list[int]
-    params: tuple[Tensor, ...]  # detached
-    out_dim: int
-
-    @cached_property
-    def theta(self) -> Tensor:
-        return torch.cat([p.reshape(-1) for p in self.params])
-
-    @cached_property
-    def l2_mask(self) -> Tensor:
-        mask = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
-        start = 0
-        for n, shape in zip(self.numels, self.shapes):
-            if len(shape) >= 2:
-                mask[start : start + n] = 1.0
-            start += n
-        return mask
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(self.numels))
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return functools.reduce(torch.promote_types, (p.dtype for p in self.params))
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        return {
-            n: t.view(s)
-            for n, t, s in zip(self.names, torch.split(theta, self.numels), self.shapes)
-        }
-
-    def forward(self, theta: Tensor, X: Tensor) -> Tensor:
-        buffers = dict(self.model.named_buffers())
-        return functional_call(self.model, {**self.unflatten(theta), **buffers}, (X,))
-
-    def regulariser(self, theta: Tensor) -> Tensor:
-        if self.l2 == 0.0:
-            return theta.new_zeros(())
-        return 0.5 * self.l2 * (self.l2_mask * theta * theta).sum()
-
-    def objective(self, X: Tensor | None = None, y: Tensor | None = None) -> Callable:
-        """θ ↦ (1/N)·Σ ℓ_i over (X, y) (all data by default; N = all samples) + L2 term."""
-        X = self.X if X is None else X
-        y = self.y if y is None else y
-        scale = 1.0 / self.n_samples
-
-        def fn(theta: Tensor) -> Tensor:
-            data = scale * self.loss.per_sample(self.forward(theta, X), y).sum()
-            return data + self.regulariser(theta)
-
-        return fn
-
-    def add_l2_diagonal(self, H: Tensor, rows: slice | None = None) -> None:
-        """Add l2 to the diagonal entries of weight parameters (of a block starting at rows)."""
-        if self.l2 == 0.0:
-            return
-        start = 0 if rows is None else rows.start
-        n = H.shape[0] if rows is None else rows.stop - rows.start
-        H.diagonal().add_(self.l2 * self.l2_mask[start : start + n])
-
-
-def _as_tensor(value, arg: str) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    try:
-        return torch.as_tensor(value)
-    except Exception as exc:  # noqa: BLE001 - report the argument's type
-        raise TypeError(f"{arg} must be a tensor or array, got {type(value).__name__}") from exc
-
-
-def _check_finite(X: Tensor) -> None:
-    """Raise on NaN or inf in X. A finite sum proves every entry finite (a NaN or an inf
-    entry makes the sum NaN or ±inf) at the cost of one read; only a non-finite sum, from a bad
-    entry or an overflow, pays for the elementwise test."""
-    if X.is_floating_point() and bool(torch.isfinite(X.sum())):
-        return
-    finite = torch.isfinite(X)
-    if not bool(finite.all()):
-        bad = int((~finite).reshape(len(X), -1).any(1).nonzero()[0, 0])
-        raise ValueError(f"X contains NaN or inf values (first in sample {bad})")
-
-
-def prepare(
-    model: nn.Module,
-    X,
-    y,
-    loss: str | Loss,
-    l2: float,
-    *,
-    check_finite: bool = True,
-    probe: Callable[[Tensor], int] | None = None,
-) -> Problem:
-    """Validate a curvature request and return it in the model's dtype and device.
-
-    Errors name the argument and what was expected: the model must be an ``nn.Module`` with
-    parameters; X a tensor of shape (N, features…) with N ≥ 1 and finite values; y holds N
-    targets of the kind the loss needs (class labels in range, 0/1 labels, or float targets of
-    the output's shape); l2 ≥ 0; the loss one of ``secondorder.losses.LOSSES``. With
-    ``check_finite=False`` the caller takes over the NaN/inf test of X (``_check_finite``).
-    ``probe(X)`` replaces applying the model to one sample: it returns the output width or
-    raises ValueError (for a structure known in advance).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    loss_obj = get_loss(loss)
-    l2 = check_positive("l2", l2, allow_zero=True)
-    params = dict(model.named_parameters())
-    if not params:
-        raise ValueError("model has no parameters to differentiate")
-    first = next(iter(params.values()))
-    dtype, device = first.dtype, first.device
-    if not dtype.is_floating_point:
-        raise ValueError(f"the model's parameters must be floating point, got {dtype}")
-    X = _as_tensor(X, "X")
-    y = _as_tensor(y, "y")
-    if X.ndim < 2 or X.shape[0] == 0:
-        raise ValueError(
-            f"X must have shape (N, n_features, ...) with N >= 1 samples, got {tuple(X.shape)}"
-        )
-    if y.ndim == 0 or y.shape[0] != X.shape[0]:
-        raise ValueError(
-            f"y must hold one target per sample of X: X has {X.shape[0]} samples, y has shape "
-            f"{tuple(y.shape)}"
-        )
-    X = X.to(dtype=dtype, device=device)
-    if check_finite:
-        _check_finite(X)
-    if probe is not None:
-        out_dim = probe(X)
-    else:
-        with torch.no_grad():
-            try:
-                out = model(X[:1])
-            except Exception as exc:
-                raise ValueError(
-                    f"the model cannot be applied to X of shape {tuple(X.shape)}: {exc}"
-                ) from exc
-        if out.ndim != 2:
-            raise ValueError(
-                f"the model must map X of shape (N, ...) to outputs (N, k), got {tuple(out.shape)}"
-            )
-        out_dim = out.shape[1]
-    y = y.to(device)
-    if torch.is_floating_point(y) and not bool(torch.isfinite(y).all()):
-        raise ValueError("y contains NaN or inf values")
-    y = loss_obj.check_targets(y, out_dim)
-    if torch.is_floating_point(y):
-        y = y.to(dtype)
-    names = list(params)
-    shapes = [p.shape for p in params.values()]
-    numels = [p.numel() for p in params.values()]
-    detached = tuple(p.detach() for p in params.values())
-    return Problem(model, X, y, loss_obj, l2, names, shapes, numels, detached, out_dim)
-
-
-def parameter_groups(model: nn.Module) -> list[tuple[str, int, int]]:
-    """The blocks of θ for a generic model: one per module that owns parameters directly.
-
-    Returns ``(module name, start, stop)`` ranges of the flat θ (the order of
-    ``model.parameters()``). When the modules' parameters are not contiguous in that order,
-    every parameter is its own block.
-    """
-    params = list(model.parameters())
-    starts = [0]
-    for p in params:
-        starts.append(starts[-1] + p.numel())
-    owner: dict[int, str] = {}
-    for name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            owner.setdefault(id(p), name or type(module).__name__)
-    runs: list[list] = []
-    for i, p in enumerate(params):
-        o = owner[id(p)]
-        if runs and runs[-1][0] == o:
-            runs[-1][2] = starts[i + 1]
-        else:
-            runs.append([o, starts[i], starts[i + 1]])
-    if len({r[0] for r in runs}) == len(runs):
-        return [(o, a, b) for o, a, b in runs]
-    names = [n for n, _ in model.named_parameters()]
-    return [(names[i], starts[i], starts[i + 1]) for i in range(len(params))]
 
 
 # -- Hessian rows by batched Hessian-vector products --------------------------------------------
@@ -349,7 +138,7 @@ def hessian_rows(
     raise RuntimeError(f"no Hessian-vector product route works for this model: {last}")
 
 
-def _column_chunk(problem: Problem, chunk_columns: int | None) -> int:
+def _column_chunk(problem: CurvatureRequest, chunk_columns: int | None) -> int:
     if chunk_columns is not None:
         return check_positive_int("chunk_columns", chunk_columns)
     # one batched product holds a few P-vectors and the tangents of the activations; the
@@ -375,7 +164,7 @@ def _symmetrize_(H: Tensor, tile: int = 2048) -> Tensor:
 
 
 def autodiff_hessian(
-    problem: Problem,
+    problem: CurvatureRequest,
     *,
     max_bytes: int | None = None,
     chunk_columns: int | None = None,
@@ -396,7 +185,7 @@ def autodiff_hessian(
 
 
 def autodiff_hessian_diagonal(
-    problem: Problem, *, chunk_columns: int | None = None, route: str = "auto"
+    problem: CurvatureRequest, *, chunk_columns: int | None = None, route: str = "auto"
 ) -> Tensor:
     """The Hessian diagonal from chunked Hessian-vector products (P products in all)."""
     P = problem.n_params
@@ -412,7 +201,7 @@ def autodiff_hessian_diagonal(
 
 
 def autodiff_hessian_blocks(
-    problem: Problem,
+    problem: CurvatureRequest,
     groups: Sequence[tuple[int, int]],
     pairs: Sequence[tuple[int, int]],
     *,
@@ -452,7 +241,7 @@ def autodiff_hessian_blocks(
 # -- Gauss–Newton matrix ------------------------------------------------------------------------
 
 
-def _sample_chunk(problem: Problem, chunk_size: int | None) -> int:
+def _sample_chunk(problem: CurvatureRequest, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return check_positive_int("chunk_size", chunk_size)
     item = problem.theta.element_size()
@@ -460,7 +249,7 @@ def _sample_chunk(problem: Problem, chunk_size: int | None) -> int:
     return int(max(1, min(problem.n_samples, CHUNK_BYTES // per_sample)))
 
 
-def _output_jacobians(problem: Problem, X: Tensor) -> Tensor:
+def _output_jacobians(problem: CurvatureRequest, X: Tensor) -> Tensor:
     """Per-sample Jacobians ∂f(x_i)/∂θ, shape (n, k, P)."""
     theta = problem.theta.detach()
 
@@ -474,7 +263,7 @@ def _output_jacobians(problem: Problem, X: Tensor) -> Tensor:
         return J
 
 
-def _ggn_chunks(problem: Problem, chunk_size: int | None):
+def _ggn_chunks(problem: CurvatureRequest, chunk_size: int | None):
     n = _sample_chunk(problem, chunk_size)
     w = 1.0 / problem.n_samples
     for a in range(0, problem.n_samples, n):
@@ -487,7 +276,7 @@ def _ggn_chunks(problem: Problem, chunk_size: int | None):
 
 
 def autodiff_ggn(
-    problem: Problem, *, max_bytes: int | None = None, chunk_size: int | None = None
+    problem: CurvatureRequest, *, max_bytes: int | None = None, chunk_size: int | None = None
 ) -> Tensor:
     """G = (1/N) Σ_i J_iᵀ H_{out,i} J_i (+ l2 on weight diagonals), J_i by ``vmap(jacrev)``."""
     P = problem.n_params
@@ -501,7 +290,7 @@ def autodiff_ggn(
     return G
 
 
-def autodiff_ggn_diagonal(problem: Problem, *, chunk_size: int | None = None) -> Tensor:
+def autodiff_ggn_diagonal(problem: CurvatureRequest, *, chunk_size: int | None = None) -> Tensor:
     """diag(G) from per-sample output Jacobians."""
     d = torch.zeros(problem.n_params, dtype=problem.dtype, device=problem.device)
     for J, Hout in _ggn_chunks(problem, chunk_size):

@@ -33,9 +33,11 @@ from torch import Tensor, nn
 from secondorder._validation import check_positive, check_positive_int
 from secondorder.losses import Loss
 
-from . import autodiff as _ad
-from .backprop import _chunks, _second_order_pass, analyse_mlp, hessian, hessian_blocks
+from .backprop import hessian, hessian_blocks
+from .backward import sample_chunks, second_order_pass
 from .operators import HessianOperator, SpectralDensity, lanczos_eigs, spectral_density
+from .request import CurvatureRequest, prepare
+from .structure import MLPStructure, analyse_mlp, theta_blocks
 
 __all__ = ["ActivationCurvature", "LayerCurvature", "SaddleReport", "saddle_report"]
 
@@ -67,7 +69,8 @@ class LayerCurvature:
 
 @dataclass
 class SaddleReport:
-    """What :func:`saddle_report` found; ``to_text()`` prints it, ``plot_spectrum`` draws it."""
+    """What :func:`saddle_report` found; ``to_text()`` prints it (the figure is drawn by
+    :func:`secondorder.report.diagnostics_figures.plot_saddle_report`)."""
 
     verdict: str
     lambda_min: float
@@ -136,37 +139,13 @@ class SaddleReport:
         return spectral_density(self._operator, n_probes=n_probes, n_steps=n_steps)
 
     def plot_spectrum(self, path: str | Path, *, bins: int = 80, n_probes: int = 8) -> Path:
-        """Save the Hessian spectrum (histogram of the eigenvalues when they were computed
-        densely, else an SLQ density) with a log-scale y axis; returns the path."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        """Save the Hessian spectrum with a log-scale y axis (see
+        :func:`secondorder.report.diagnostics_figures.plot_saddle_report`); returns the path."""
+        # Kept for callers of this method: the drawing lives in the report layer, which
+        # imports the core, so the core imports it only here, when a figure is asked for.
+        from secondorder.report.diagnostics_figures import plot_saddle_report
 
-        path = Path(path)
-        fig = Figure(figsize=(6.4, 4.0))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        if self.eigenvalues is not None:
-            ax.hist(self.eigenvalues, bins=bins, color="tab:blue", alpha=0.8, log=True)
-            ax.set_ylabel("number of eigenvalues")
-            kind = "eigenvalue histogram"
-        else:
-            sd = self.spectral_density(n_probes=n_probes)
-            floor = max(float(sd.density.max()) * 1e-10, 1e-300)
-            ax.plot(sd.grid, np.maximum(sd.density, floor), color="tab:blue")
-            ax.set_yscale("log")
-            ax.set_ylabel("spectral density")
-            kind = "SLQ spectral density"
-        ax.axvline(
-            self.lambda_min, color="tab:red", ls="--", lw=1, label=f"λ_min = {self.lambda_min:.3g}"
-        )
-        ax.axvline(0.0, color="0.5", lw=0.8)
-        ax.set_xlabel("eigenvalue of the Hessian")
-        ax.set_title(f"{kind}: {self.verdict}")
-        ax.legend(loc="upper right")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        return path
+        return plot_saddle_report(self, path, bins=bins, n_probes=n_probes)
 
 
 def _load_theta(model: nn.Module, theta) -> nn.Module:
@@ -211,77 +190,22 @@ def saddle_report(
     check_positive_int("dense_limit", dense_limit)
     if theta is not None:
         model = _load_theta(model, theta)
-    problem = _ad.prepare(model, X, y, loss, l2)
+    problem = prepare(model, X, y, loss, l2)
     eps = torch.finfo(problem.dtype).eps
     notes: list[str] = []
     struct, reason = analyse_mlp(model)
-
     activations: list[ActivationCurvature] = []
     if struct is not None:
-        counts = [[0, 0, math.inf] for _ in struct.layers]
-        for Xc, yc in _chunks(problem, struct, None):
-            ps = _second_order_pass(struct, Xc, yc, problem.loss, 1.0 / problem.n_samples, None)
-            for c, r in zip(counts, ps.resid):
-                if r is not None:
-                    c[0] += int((r < 0).sum())
-                    c[1] += r.numel()
-                    c[2] = min(c[2], float(r.min()))
-        for l, (layer, c) in enumerate(zip(struct.layers, counts)):
-            if layer.activation is None:
-                continue
-            n_pairs = problem.n_samples * layer.n_out
-            frac = c[0] / n_pairs if n_pairs else 0.0
-            most = c[2] if c[1] else 0.0
-            activations.append(ActivationCurvature(l, layer.activation_name, n_pairs, frac, most))
+        activations = _activation_curvature(problem, struct)
     else:
         notes.append(f"no σ″ statistics and autodiff curvature: {reason}")
-
     op = HessianOperator(model, problem.X, problem.y, problem.loss, l2)
     value, grad = op.objective.value_and_grad(op.theta)
-    n_params = op.shape[0]
-    groups = (
-        [(layer.params.start, layer.params.stop) for layer in struct.layers]
-        if struct is not None
-        else [(a, b) for _, a, b in _ad.parameter_groups(model)]
-    )
-    names = (
-        [f"Linear {layer.name}" for layer in struct.layers]
-        if struct is not None
-        else [n for n, _, _ in _ad.parameter_groups(model)]
-    )
-    H = None
-    eigenvalues = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if n_params <= dense_limit:
-            H = hessian(model, problem.X, problem.y, problem.loss, l2).double()
-            evals, evecs = torch.linalg.eigh(H)
-            lam_min, lam_max = float(evals[0]), float(evals[-1])
-            direction = evecs[:, 0].clone()
-            eigenvalues = evals.cpu().numpy()
-            method = "dense"
-        else:
-            vals, vecs = lanczos_eigs(op, k=1, which="both", max_iter=max_iter, seed=seed)
-            lam_min, lam_max = float(vals[0]), float(vals[-1])
-            direction = vecs[:, 0].clone()
-            method = "lanczos"
-        layers: list[LayerCurvature] = []
-        for i, ((a, b), name) in enumerate(zip(groups, names)):
-            n = b - a
-            if n <= dense_limit:
-                block = (
-                    H[a:b, a:b]
-                    if H is not None
-                    else hessian_blocks(
-                        model, problem.X, problem.y, problem.loss, l2, pairs=[(i, i)]
-                    )[(i, i)].double()
-                )
-                ev = torch.linalg.eigvalsh(block)
-                layers.append(LayerCurvature(i, name, n, float(ev[0]), float(ev[-1]), "dense"))
-            else:
-                sub = _BlockOperator(op, a, b)
-                v, _ = lanczos_eigs(sub, k=1, which="both", max_iter=max_iter, seed=seed)
-                layers.append(LayerCurvature(i, name, n, float(v[0]), float(v[-1]), "lanczos"))
+        spectrum = _extreme_eigenpairs(problem, op, dense_limit, max_iter, seed)
+        layers = _layer_curvature(problem, struct, op, spectrum.H, dense_limit, max_iter, seed)
+    lam_min, lam_max = spectrum.lambda_min, spectrum.lambda_max
     scale = max(1.0, abs(lam_min), abs(lam_max))
     tol = math.sqrt(eps) * scale if tol is None else check_positive("tol", tol)
     grad_tol = 10 * math.sqrt(eps) if grad_tol is None else check_positive("grad_tol", grad_tol)
@@ -302,19 +226,106 @@ def saddle_report(
         verdict=verdict,
         lambda_min=lam_min,
         lambda_max=lam_max,
-        direction=direction.to(problem.dtype),
+        direction=spectrum.direction.to(problem.dtype),
         grad_norm=gnorm,
         loss=float(value),
         tol=float(tol),
         grad_tol=float(grad_tol),
-        method=method,
-        n_params=n_params,
+        method=spectrum.method,
+        n_params=op.shape[0],
         activations=activations,
         layers=layers,
-        eigenvalues=eigenvalues,
+        eigenvalues=spectrum.eigenvalues,
         notes=notes,
         _operator=op,
     )
+
+
+def _activation_curvature(
+    problem: CurvatureRequest, struct: MLPStructure
+) -> list[ActivationCurvature]:
+    """Per activation layer, the sign statistics of σ″(Z)·∂J/∂X (eq. 87) over all samples."""
+    counts = [[0, 0, math.inf] for _ in struct.layers]
+    for Xc, yc in sample_chunks(problem, struct, None):
+        ps = second_order_pass(struct, Xc, yc, problem.loss, 1.0 / problem.n_samples, None)
+        for c, r in zip(counts, ps.resid):
+            if r is not None:
+                c[0] += int((r < 0).sum())
+                c[1] += r.numel()
+                c[2] = min(c[2], float(r.min()))
+    out: list[ActivationCurvature] = []
+    for l, (layer, c) in enumerate(zip(struct.layers, counts)):
+        if layer.activation is None:
+            continue
+        n_pairs = problem.n_samples * layer.n_out
+        frac = c[0] / n_pairs if n_pairs else 0.0
+        most = c[2] if c[1] else 0.0
+        out.append(ActivationCurvature(l, layer.activation_name, n_pairs, frac, most))
+    return out
+
+
+@dataclass
+class _Spectrum:
+    """The extreme eigenpairs of the whole Hessian (and the dense Hessian when formed)."""
+
+    lambda_min: float
+    lambda_max: float
+    direction: Tensor
+    method: str
+    H: Tensor | None = None
+    eigenvalues: np.ndarray | None = None
+
+
+def _extreme_eigenpairs(
+    problem: CurvatureRequest, op: HessianOperator, dense_limit: int, max_iter, seed
+) -> _Spectrum:
+    """λ_min, λ_max and the unit eigenvector of λ_min: dense when P ≤ dense_limit, else by
+    Lanczos on the operator."""
+    if op.shape[0] <= dense_limit:
+        H = hessian(problem.model, problem.X, problem.y, problem.loss, problem.l2).double()
+        evals, evecs = torch.linalg.eigh(H)
+        return _Spectrum(
+            float(evals[0]),
+            float(evals[-1]),
+            evecs[:, 0].clone(),
+            "dense",
+            H,
+            evals.cpu().numpy(),
+        )
+    vals, vecs = lanczos_eigs(op, k=1, which="both", max_iter=max_iter, seed=seed)
+    return _Spectrum(float(vals[0]), float(vals[-1]), vecs[:, 0].clone(), "lanczos")
+
+
+def _layer_curvature(
+    problem: CurvatureRequest,
+    struct: MLPStructure | None,
+    op: HessianOperator,
+    H: Tensor | None,
+    dense_limit: int,
+    max_iter,
+    seed,
+) -> list[LayerCurvature]:
+    """The extreme eigenvalues of every layer's diagonal block: dense (from H when it was
+    formed) when the block has at most dense_limit rows, else by Lanczos on the block."""
+    p = problem
+    layers: list[LayerCurvature] = []
+    for i, (name, a, b) in enumerate(theta_blocks(p.model, struct)):
+        n = b - a
+        if n <= dense_limit:
+            block = (
+                H[a:b, a:b]
+                if H is not None
+                else hessian_blocks(p.model, p.X, p.y, p.loss, p.l2, pairs=[(i, i)])[
+                    (i, i)
+                ].double()
+            )
+            ev = torch.linalg.eigvalsh(block)
+            layers.append(LayerCurvature(i, name, n, float(ev[0]), float(ev[-1]), "dense"))
+        else:
+            sub = _BlockOperator(op, a, b)
+            v, _ = lanczos_eigs(sub, k=1, which="both", max_iter=max_iter, seed=seed)
+            layers.append(LayerCurvature(i, name, n, float(v[0]), float(v[-1]), "lanczos"))
+    return layers
 
 
 class _BlockOperator:

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from secondorder._validation import check_choice, check_positive_int
+from secondorder._validation import (
+    check_choice,
+    check_finite,
+    check_positive_int,
+    check_same_length,
+    first_index,
+)
 
 __all__ = ["DataError", "Dataset", "Splits", "from_arrays", "stratified_split"]
 
@@ -47,11 +53,7 @@ class Dataset:
                 f"Dataset needs tensors for X and y, got {type(self.X).__name__} and "
                 f"{type(self.y).__name__}; use from_arrays() to convert arrays"
             )
-        if self.X.ndim < 1 or self.y.ndim < 1 or self.X.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                "X and y must have the same first dimension (number of samples), got "
-                f"X {tuple(self.X.shape)} and y {tuple(self.y.shape)}"
-            )
+        check_same_length(self.X, self.y)
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -182,11 +184,6 @@ def _as_tensor(arg: str, value: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _first_index(mask: torch.Tensor) -> tuple[int, ...] | int:
-    pos = tuple(int(i) for i in torch.nonzero(mask)[0].tolist())
-    return pos[0] if len(pos) == 1 else pos
-
-
 def from_arrays(
     X: Any,
     y: Any,
@@ -216,9 +213,23 @@ def from_arrays(
         )
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
-
     Xt = _as_tensor("X", X)
     yt = _as_tensor("y", y)
+    _check_features(Xt, yt)
+    if task == "classification":
+        yt, K = _class_labels(yt, n_classes)
+    else:
+        yt, K = _regression_targets(yt), None
+    if dtype is None:
+        dtype = Xt.dtype if Xt.is_floating_point() else torch.get_default_dtype()
+    Xt = Xt.to(dtype)
+    yt = yt if task == "classification" else yt.to(dtype)
+    return Dataset(Xt, yt, K, name)
+
+
+def _check_features(Xt: torch.Tensor, yt: torch.Tensor) -> None:
+    """X of shape (m, n_features...) with m >= 1, at least one feature and finite values, and
+    one entry of y per sample."""
     if Xt.ndim < 2:
         raise ValueError(f"X must have shape (m, n_features...), got {tuple(Xt.shape)}")
     m = Xt.shape[0]
@@ -228,76 +239,55 @@ def from_arrays(
         raise ValueError(f"X has no features: shape {tuple(Xt.shape)}")
     if yt.ndim == 0:
         raise ValueError(f"y must have shape (m,) with m = {m} samples, got a scalar")
-    if yt.shape[0] != m:
+    check_same_length(Xt, yt)
+    check_finite("X", Xt)
+
+
+def _class_labels(yt: torch.Tensor, n_classes: int | None) -> tuple[torch.Tensor, int]:
+    """Whole-number labels >= 0 (below ``n_classes`` when given) as int64, and the number of
+    classes."""
+    if yt.ndim != 1:
         raise ValueError(
-            "X and y must have the same first dimension (number of samples), got "
-            f"X {tuple(Xt.shape)} and y {tuple(yt.shape)}"
+            "y must be 1-D class labels of shape (m,) for task='classification', "
+            f"got shape {tuple(yt.shape)}"
         )
-    if Xt.is_floating_point():
-        bad = ~torch.isfinite(Xt)
-        n_bad = int(bad.sum())
-        if n_bad:
+    if yt.is_floating_point():
+        bad = ~torch.isfinite(yt)
+        if bad.any():
+            i = first_index(bad)
             raise ValueError(
-                f"X contains {n_bad} non-finite value(s) (NaN or inf); the first is at index "
-                f"{_first_index(bad)}"
+                f"y must hold integer class labels; y[{i}] = {yt[i].item()} is not finite"
             )
+        bad = yt != torch.round(yt)
+        if bad.any():
+            i = first_index(bad)
+            raise ValueError(
+                f"y must hold integer class labels; y[{i}] = {yt[i].item()} is not a whole "
+                "number (use task='regression' for real-valued targets)"
+            )
+    labels = yt.to(torch.int64)
+    if (labels < 0).any():
+        i = first_index(labels < 0)
+        raise ValueError(f"y must hold class labels >= 0; found {labels[i].item()} at index {i}")
+    if n_classes is not None and (labels >= n_classes).any():
+        i = first_index(labels >= n_classes)
+        raise ValueError(
+            f"y has label {labels[i].item()} at index {i}, outside 0..{n_classes - 1} "
+            f"for n_classes={n_classes}"
+        )
+    return labels, (n_classes if n_classes is not None else int(labels.max()) + 1)
 
-    if task == "classification":
-        if yt.ndim != 1:
-            raise ValueError(
-                "y must be 1-D class labels of shape (m,) for task='classification', "
-                f"got shape {tuple(yt.shape)}"
-            )
-        if yt.is_floating_point():
-            bad = ~torch.isfinite(yt)
-            if bad.any():
-                i = _first_index(bad)
-                raise ValueError(
-                    f"y must hold integer class labels; y[{i}] = {yt[i].item()} is not finite"
-                )
-            bad = yt != torch.round(yt)
-            if bad.any():
-                i = _first_index(bad)
-                raise ValueError(
-                    f"y must hold integer class labels; y[{i}] = {yt[i].item()} is not a whole "
-                    "number (use task='regression' for real-valued targets)"
-                )
-        labels = yt.to(torch.int64)
-        if (labels < 0).any():
-            i = _first_index(labels < 0)
-            raise ValueError(
-                f"y must hold class labels >= 0; found {labels[i].item()} at index {i}"
-            )
-        if n_classes is not None and (labels >= n_classes).any():
-            i = _first_index(labels >= n_classes)
-            raise ValueError(
-                f"y has label {labels[i].item()} at index {i}, outside 0..{n_classes - 1} "
-                f"for n_classes={n_classes}"
-            )
-        K = n_classes if n_classes is not None else int(labels.max()) + 1
-    else:
-        if yt.ndim == 1:
-            yt = yt.unsqueeze(1)
-        if yt.ndim != 2:
-            raise ValueError(
-                "y must have shape (m,) or (m, k) for task='regression', "
-                f"got shape {tuple(yt.shape)}"
-            )
-        if yt.is_floating_point():
-            bad = ~torch.isfinite(yt)
-            n_bad = int(bad.sum())
-            if n_bad:
-                raise ValueError(
-                    f"y contains {n_bad} non-finite target(s) (NaN or inf); the first is at "
-                    f"index {_first_index(bad)}"
-                )
-        K = None
 
-    if dtype is None:
-        dtype = Xt.dtype if Xt.is_floating_point() else torch.get_default_dtype()
-    Xt = Xt.to(dtype)
-    yt = labels if task == "classification" else yt.to(dtype)
-    return Dataset(Xt, yt, K, name)
+def _regression_targets(yt: torch.Tensor) -> torch.Tensor:
+    """Finite targets of shape (m, k); a 1-D y becomes (m, 1)."""
+    if yt.ndim == 1:
+        yt = yt.unsqueeze(1)
+    if yt.ndim != 2:
+        raise ValueError(
+            f"y must have shape (m,) or (m, k) for task='regression', got shape {tuple(yt.shape)}"
+        )
+    check_finite("y", yt)
+    return yt
 
 
 def _stratified_counts(counts: np.ndarray, n_take: int) -> np.ndarray:
