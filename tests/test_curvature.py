@@ -29,6 +29,7 @@ from secondorder.curvature import (
 from secondorder.losses import get_loss
 from secondorder.models import ACTIVATIONS, logistic_regression, mlp
 from secondorder.objective import MemoryError_
+from secondorder.report.diagnostics_figures import plot_saddle_report
 
 f64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -596,7 +597,7 @@ def test_saddle_report_symmetric_point_and_theta(tmp_path):
     r_theta = saddle_report(moved, X, y, "logistic", theta=theta)
     assert r_theta.lambda_min == pytest.approx(r.lambda_min, rel=1e-12)
     assert not torch.equal(torch.nn.utils.parameters_to_vector(moved.parameters()), theta)
-    assert r.plot_spectrum(tmp_path / "dense.png").stat().st_size > 0
+    assert plot_saddle_report(r, tmp_path / "dense.png").stat().st_size > 0
 
 
 def test_saddle_report_logistic_regression_is_convex(tmp_path):
@@ -609,7 +610,7 @@ def test_saddle_report_logistic_regression_is_convex(tmp_path):
     assert r.activations == []
     r2 = saddle_report(model, X, y, "logistic", dense_limit=3)
     assert r2.verdict == "locally convex" and r2.method == "lanczos"
-    path = r2.plot_spectrum(tmp_path / "slq.png")
+    path = plot_saddle_report(r2, tmp_path / "slq.png")
     assert path.exists() and path.stat().st_size > 0
 
 

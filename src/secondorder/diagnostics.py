@@ -77,15 +77,6 @@ class TaylorTest:
             lines.append(f"measured order {self.order:.3f} (points marked * used)  {verdict}")
         return "\n".join(lines)
 
-    def plot(self, path: str) -> str:
-        """Save a log-log plot of the error against ε with the reference slope (see
-        :func:`secondorder.report.diagnostics_figures.plot_gradient_test`); returns the path."""
-        # Kept for callers of this method: the drawing lives in the report layer, which
-        # imports the core, so the core imports it only here, when a figure is asked for.
-        from secondorder.report.diagnostics_figures import plot_gradient_test
-
-        return plot_gradient_test(self, path)
-
 
 def _default_eps(dtype: torch.dtype) -> list[float]:
     if dtype == torch.float64:

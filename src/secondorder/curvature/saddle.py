@@ -24,7 +24,6 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,15 +136,6 @@ class SaddleReport:
         if self._operator is None:
             raise ValueError("this report holds no Hessian operator")
         return spectral_density(self._operator, n_probes=n_probes, n_steps=n_steps)
-
-    def plot_spectrum(self, path: str | Path, *, bins: int = 80, n_probes: int = 8) -> Path:
-        """Save the Hessian spectrum with a log-scale y axis (see
-        :func:`secondorder.report.diagnostics_figures.plot_saddle_report`); returns the path."""
-        # Kept for callers of this method: the drawing lives in the report layer, which
-        # imports the core, so the core imports it only here, when a figure is asked for.
-        from secondorder.report.diagnostics_figures import plot_saddle_report
-
-        return plot_saddle_report(self, path, bins=bins, n_probes=n_probes)
 
 
 def _load_theta(model: nn.Module, theta) -> nn.Module:
