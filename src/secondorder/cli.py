@@ -1,6 +1,8 @@
 """The ``secondorder`` command line.
 
-Subcommands import what they need lazily, so ``secondorder --help`` stays fast.
+Subcommands import what they need when they run (torch-heavy modules, SciPy, Matplotlib), not
+when the parser is built, so ``secondorder --help`` stays fast; these are the only
+function-local imports of the package's own modules here.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from secondorder import __version__
+from secondorder.cli_experiments import add_commands
 
 __all__ = ["main"]
 
@@ -227,8 +232,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from secondorder import __version__
-
     parser = argparse.ArgumentParser(
         prog="secondorder",
         description="Second-order optimisation and exact curvature for neural networks.",
@@ -268,12 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from secondorder.experiments.commands import add_commands
-    except ImportError:  # the experiments package is optional in a partial install
-        pass
-    else:
-        add_commands(sub)
+    add_commands(sub)
     return parser
 
 
