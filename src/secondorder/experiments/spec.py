@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from secondorder.data import DataError, fashion_mnist
 from secondorder.experiments.bundled import bundled_specs, load_raw, resolve_spec_path
 from secondorder.experiments.overrides import (
@@ -194,11 +196,8 @@ def _validate_device(spec: dict[str, Any], errors: list[str]) -> None:
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         errors.append(f"device: {device!r} is not 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            errors.append(f"device: {device!r} requested but CUDA is not available here")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        errors.append(f"device: {device!r} requested but CUDA is not available here")
 
 
 def _validate_solvers(spec: dict[str, Any], errors: list[str]) -> None:
