@@ -261,7 +261,8 @@ def test_a_crash_mid_write_leaves_the_old_file(tmp_path):
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     import numpy as np
 
-    from secondorder.experiments.runner import _rng_state, _set_rng_state
+    from secondorder.experiments.checkpoint import rng_state as _rng_state
+    from secondorder.experiments.checkpoint import set_rng_state as _set_rng_state
 
     io.torch_save(tmp_path / "rng.pt", _rng_state(None))
     first = (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist())  # noqa: NPY002

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from secondorder.experiments import io
-from secondorder.experiments.paper import TABLES, paper_row_key
 from secondorder.experiments.runner import RunOptions, start_run
 from secondorder.experiments.spec import load_spec, spec_from_dict, to_toml
 from secondorder.report import (
@@ -20,6 +19,7 @@ from secondorder.report import (
     write_comparison,
     write_report,
 )
+from secondorder.report.paper import TABLES, paper_row_key
 
 QUIET = RunOptions(progress=False, log=lambda msg: None)
 

@@ -1,20 +1,37 @@
 """The ``secondorder`` command line.
 
-Subcommands import what they need lazily, so ``secondorder --help`` stays fast.
+``import secondorder`` already loads torch and the core; the experiments and the report (which
+add Matplotlib, about a second) are imported only by the subcommands that need them, so
+``secondorder --help`` does not wait for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+
+import torch
+
+from secondorder import __version__
+from secondorder.cli_experiments import add_commands
+from secondorder.data import (
+    DataError,
+    find_fashion_mnist,
+    from_arrays,
+    load_fashion_mnist,
+    two_class_2d,
+)
+from secondorder.diagnostics import gradient_test
+from secondorder.models import logistic_regression, mlp
+from secondorder.objective import ModelObjective
+from secondorder.solvers import minimize
 
 __all__ = ["main"]
 
 
 def _dtype(name: str):
-    import torch
-
     table = {"float32": torch.float32, "float64": torch.float64}
     if name not in table:
         raise argparse.ArgumentTypeError(f"--dtype must be float32 or float64, got {name!r}")
@@ -35,36 +52,36 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
-def _build_problem(args: argparse.Namespace):
-    """A ModelObjective from the --model/--data options shared by several subcommands."""
-    import torch
-
-    from secondorder.data import from_arrays, load_fashion_mnist, two_class_2d
-    from secondorder.models import logistic_regression, mlp
-    from secondorder.objective import ModelObjective
-
+def _cli_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(X, y, number of classes) from --data and --samples (random data: Gaussian inputs with
+    uniformly drawn labels, sized by --model and --widths)."""
     dtype = args.dtype
     gen = torch.Generator().manual_seed(args.seed)
     if args.data == "fashion-mnist":
         train = load_fashion_mnist(dtype=dtype).train
-        X, y = train.X[: args.samples], train.y[: args.samples]
-        n_classes = 10
-    elif args.data == "two-class-2d":
+        return train.X[: args.samples], train.y[: args.samples], 10
+    if args.data == "two-class-2d":
         train = two_class_2d(seed=args.seed, dtype=dtype).train
-        X, y = train.X[: args.samples], train.y[: args.samples]
-        n_classes = 2
-    else:
-        n_in = 2 if args.model == "logistic" else (args.widths[0] if args.widths else 20)
-        n_classes = 2 if args.model == "logistic" else (args.widths[-1] if args.widths else 3)
-        X = torch.randn(args.samples, n_in, generator=gen, dtype=dtype)
-        y = torch.randint(0, n_classes, (args.samples,), generator=gen)
-        data = from_arrays(X, y, n_classes=n_classes)
-        X, y = data.X, data.y
+        return train.X[: args.samples], train.y[: args.samples], 2
+    n_in = 2 if args.model == "logistic" else (args.widths[0] if args.widths else 20)
+    n_classes = 2 if args.model == "logistic" else (args.widths[-1] if args.widths else 3)
+    X = torch.randn(args.samples, n_in, generator=gen, dtype=dtype)
+    y = torch.randint(0, n_classes, (args.samples,), generator=gen)
+    data = from_arrays(X, y, n_classes=n_classes)
+    return data.X, data.y, n_classes
+
+
+def _build_problem(args: argparse.Namespace):
+    """A ModelObjective from the --model/--data options shared by several subcommands, made
+    by the experiments' model and objective builders (the command line supplies the data)."""
+    # imported here: the experiments package loads Matplotlib (see the module doc)
+    from secondorder.experiments.problems import make_model, model_objective
+
+    X, y, n_classes = _cli_data(args)
     if args.model == "logistic":
         if n_classes != 2:
             raise SystemExit("error: --model logistic needs two classes (use --data two-class-2d)")
-        model = logistic_regression(X.shape[1], seed=args.seed, dtype=dtype)
-        loss = "logistic"
+        table, widths, loss = {"kind": "logistic", "seed": args.seed}, None, "logistic"
     else:
         widths = args.widths or [X.shape[1], 32, n_classes]
         if widths[0] != X.shape[1] or widths[-1] != n_classes:
@@ -72,9 +89,10 @@ def _build_problem(args: argparse.Namespace):
                 f"error: --widths must start with the input width {X.shape[1]} and end with the "
                 f"number of classes {n_classes}, got {widths}"
             )
-        model = mlp(widths, args.activation, seed=args.seed, dtype=dtype)
+        table = {"kind": "mlp", "activation": args.activation, "seed": args.seed}
         loss = args.loss
-    return ModelObjective(model, loss, (X, y), l2=args.l2, dtype=dtype)
+    model = make_model(table, widths, X.shape[1], args.dtype)
+    return model_objective(model, loss, (X, y), l2=args.l2, dtype=args.dtype)
 
 
 def _add_problem_options(p: argparse.ArgumentParser) -> None:
@@ -154,8 +172,6 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from secondorder.data import DataError, find_fashion_mnist, load_fashion_mnist
-
     try:
         where = find_fashion_mnist(args.root)
         if where is None:
@@ -180,16 +196,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """A short tour: derivative tests, then logistic regression fitted by several solvers."""
-    import time
-
-    import torch
-
-    from secondorder.data import two_class_2d
-    from secondorder.diagnostics import gradient_test
-    from secondorder.models import logistic_regression, mlp
-    from secondorder.objective import ModelObjective
-    from secondorder.solvers import minimize
-
     f64 = torch.float64
     data = two_class_2d(seed=args.seed, dtype=f64)
     logistic = ModelObjective(logistic_regression(2, dtype=f64), "logistic", data.train)
@@ -231,8 +237,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from secondorder import __version__
-
     parser = argparse.ArgumentParser(
         prog="secondorder",
         description="Second-order optimisation and exact curvature for neural networks.",
@@ -272,12 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from secondorder.experiments.commands import add_commands
-    except ImportError:  # the experiments package is optional in a partial install
-        pass
-    else:
-        add_commands(sub)
+    add_commands(sub)
     return parser
 
 

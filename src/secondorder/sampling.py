@@ -36,6 +36,8 @@ __all__ = [
     "FixedBatches",
     "FullBatch",
     "ReshuffledBatches",
+    "SAMPLERS",
+    "SAMPLER_CLASSES",
     "SampleWeights",
     "Sampler",
     "Subsample",
@@ -213,15 +215,19 @@ class Subsample(Sampler):
         return {"kind": "subsample", "m": self.m, "size": self.size, "seed": self.seed}
 
 
-SAMPLERS = ("full", "fixed", "reshuffled", "subsample")
+#: every sampler by the name a spec's ``[sampler] kind`` gives it
+SAMPLER_CLASSES: dict[str, type[Sampler]] = {
+    "full": FullBatch,
+    "fixed": FixedBatches,
+    "reshuffled": ReshuffledBatches,
+    "subsample": Subsample,
+}
+SAMPLERS = tuple(SAMPLER_CLASSES)
 
 
 def make_sampler(kind: str, m: int, **options) -> Sampler:
     """A sampler by name: ``"full"``, ``"fixed"``, ``"reshuffled"`` or ``"subsample"``."""
     check_choice("sampler", kind, SAMPLERS)
-    if kind == "full":
-        if options:
-            raise TypeError(f"sampler 'full' takes no options, got {sorted(options)}")
-        return FullBatch(m)
-    cls = {"fixed": FixedBatches, "reshuffled": ReshuffledBatches, "subsample": Subsample}[kind]
-    return cls(m, **options)
+    if kind == "full" and options:
+        raise TypeError(f"sampler 'full' takes no options, got {sorted(options)}")
+    return SAMPLER_CLASSES[kind](m, **options)

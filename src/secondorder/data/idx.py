@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from secondorder.data.dataset import DataError
+from secondorder.data.download import atomic_write_bytes
 
 __all__ = ["IDX_TYPES", "read_idx", "write_idx"]
 
@@ -108,8 +109,6 @@ def write_idx(
     path: str | os.PathLike[str], array: np.ndarray, *, compress: bool | None = None
 ) -> Path:
     """Write ``array`` as an idx file (gzipped when ``compress`` or the name ends in ``.gz``)."""
-    from secondorder.data.download import atomic_write_bytes
-
     path = Path(path)
     array = np.asarray(array)
     if array.ndim < 1 or array.ndim > 255:

@@ -1,10 +1,9 @@
 """Atomic file writes for run directories: JSON, CSV, text and torch files.
 
-Every whole-file write goes to a temporary file in the destination directory, is flushed and
-``fsync``-ed, and only then renamed onto the final name with :func:`os.replace` (atomic on POSIX
-when source and destination share a file system). A crash, a ``SIGKILL`` or an exception in the
-middle of a write therefore leaves either the old file or the new one, never a mixture; the
-temporary file is removed when an exception interrupts the write.
+Every whole-file write goes through :func:`secondorder.data.download.atomic_write`: a temporary
+file in the destination directory, flushed and ``fsync``-ed, then renamed onto the final name
+with :func:`os.replace`. A crash, a ``SIGKILL`` or an exception in the middle of a write
+therefore leaves either the old file or the new one, never a mixture.
 
 Traces are JSON Lines files appended one row at a time (:func:`append_jsonl`); a line cut short by
 a crash is ignored by :func:`read_jsonl` and the runner rewrites the file from its checkpoint on
@@ -13,16 +12,20 @@ resume.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+
+from secondorder.data.download import atomic_write, atomic_write_bytes, fsync_directory
 
 __all__ = [
     "append_jsonl",
@@ -39,49 +42,6 @@ __all__ = [
     "write_json",
     "write_jsonl",
 ]
-
-
-def fsync_directory(directory: str | os.PathLike[str]) -> None:
-    """Flush a directory entry (after a rename) to disk where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], *, binary: bool):
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    If ``write`` raises, the temporary file is deleted and ``path`` keeps its old content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        mode = "wb" if binary else "w"
-        kwargs = {} if binary else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda f: f.write(data), binary=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -101,25 +61,15 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    try:
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            return value.item() if value.numel() == 1 and value.ndim == 0 else value.tolist()
-        if isinstance(value, (torch.dtype, torch.device)):
-            return str(value)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 and value.ndim == 0 else value.tolist()
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     return str(value)
 
 
@@ -202,8 +152,6 @@ def write_csv(
 
 def torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
     """``torch.save`` atomically."""
-    import torch
-
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
@@ -214,10 +162,6 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
     load with the safe ``weights_only`` loader; a file that needs more (another writer's) is
     read with the full unpickler — only load run directories you trust.
     """
-    import pickle
-
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):

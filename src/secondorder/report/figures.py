@@ -24,7 +24,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from secondorder.report import SolverRun
+from secondorder.experiments.io import atomic_write
+from secondorder.report.rundata import SolverRun
+from secondorder.report.text import value_label
 
 __all__ = [
     "accuracy_figure",
@@ -64,8 +66,6 @@ def _figure(ncols: int, nrows: int = 1, width: float = 5.2, height: float = 4.0)
 
 def save(fig: Figure, path: str | Path) -> Path:
     """Write the figure (format from the suffix) atomically and return the path."""
-    from secondorder.experiments.io import atomic_write
-
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
     atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=110), binary=True)
@@ -288,16 +288,8 @@ def _axis_values(values: Sequence[Any]) -> tuple[list[float], list[str] | None, 
         xs = [float(v) for v in values]
         log = min(xs) > 0 and max(xs) / min(xs) >= 10
         return xs, None, log
-    labels = [_label(v) for v in values]
+    labels = [value_label(v) for v in values]
     return list(range(len(values))), labels, False
-
-
-def _label(v: Any) -> str:
-    if isinstance(v, list):
-        return "[" + ", ".join(_label(x) for x in v) + "]"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
 
 
 def sweep_figure(
@@ -315,14 +307,14 @@ def sweep_figure(
     ``groups`` is a list of (group label, {solver: [(value, train loss, test accuracy)]}), one
     row of panels per combination of the other swept keys."""
     xs_all, labels, log = _axis_values(list(values))
-    pos = {_label(v): x for v, x in zip(values, xs_all)}
+    pos = {value_label(v): x for v, x in zip(values, xs_all)}
     fig = _figure(2, nrows=max(1, len(groups)), height=3.8)
     axes = np.atleast_2d(fig.subplots(max(1, len(groups)), 2, squeeze=False))
     for row, (glabel, by_solver) in enumerate(groups):
         ax_l, ax_a = axes[row]
         for i, (solver, points) in enumerate(by_solver.items()):
             c = (solver_colours or {}).get(solver, colour(i))
-            pts = sorted((pos[_label(v)], tl, ta) for v, tl, ta in points)
+            pts = sorted((pos[value_label(v)], tl, ta) for v, tl, ta in points)
             xl = [p[0] for p in pts if p[1] is not None]
             yl = [p[1] for p in pts if p[1] is not None]
             xa = [p[0] for p in pts if p[2] is not None]

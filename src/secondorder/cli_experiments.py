@@ -1,4 +1,5 @@
-"""The experiment subcommands of the ``secondorder`` command line.
+"""The experiment subcommands of the ``secondorder`` command line: where running
+(:mod:`secondorder.experiments`) and reporting (:mod:`secondorder.report`) meet.
 
 ``add_commands(subparsers)`` adds:
 
@@ -8,6 +9,10 @@
   directories;
 - ``compare RUN1 RUN2 ... [--out DIR]`` — several runs side by side;
 - ``list`` — the bundled specs with a one-line description.
+
+The command bodies import the experiments and the report when they run, not when the parser is
+built: those pull in SciPy and Matplotlib, about a second that ``secondorder --help`` need not
+wait for.
 """
 
 from __future__ import annotations
@@ -130,6 +135,13 @@ def _add_output_options(p) -> None:
     p.add_argument("--format", choices=["png", "svg"], default="png", help="figure format")
 
 
+def _add_report_options(p, out_help: str, epsilon_help: str | None) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--format", choices=["png", "svg"], default="png")
+    p.add_argument("--epsilon", type=float, default=None, help=epsilon_help)
+
+
 def add_commands(subparsers) -> None:
     """Add ``run``, ``resume``, ``report``, ``compare`` and ``list`` to a subparsers object."""
     p = subparsers.add_parser(
@@ -167,20 +179,14 @@ def add_commands(subparsers) -> None:
         description="Read run directories (never live objects) and write report.md with "
         "figures: to RUN/report unless --out is given.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--format", choices=["png", "svg"], default="png")
-    p.add_argument("--epsilon", type=float, default=None, help="ε of eq. 29 (default: spec's)")
+    _add_report_options(p, "output directory", "ε of eq. 29 (default: spec's)")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
         "compare",
         help="put several runs side by side (one table, overlaid curves)",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--out", default=None, help="output directory (default ./comparison)")
-    p.add_argument("--format", choices=["png", "svg"], default="png")
-    p.add_argument("--epsilon", type=float, default=None)
+    _add_report_options(p, "output directory (default ./comparison)", None)
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("list", help="list the bundled specs")

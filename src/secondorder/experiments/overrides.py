@@ -1,0 +1,133 @@
+"""Dotted overrides of a raw spec: ``--set KEY=VALUE``, ``[sweep]`` points and ``[quick]``.
+
+``solvers.K`` sets K on every solver (``solvers.options.K`` only on those that already list
+option K, or on all when none does); ``solvers[NAME].K`` or ``solvers[INDEX].K`` on one.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from secondorder._validation import closest
+from secondorder.experiments.schema import SpecError
+from secondorder.experiments.spec_toml import tomllib
+
+__all__ = ["apply_override", "apply_quick", "flatten_overrides", "parse_override"]
+
+_SOLVER_SELECTOR = re.compile(r"^solvers(?:\[([^\]]+)\])?$")
+
+
+def _split_key(key: str) -> list[str]:
+    """``'solvers[L-BFGS].options.memory'`` → ``['solvers[L-BFGS]', 'options', 'memory']``;
+    dots inside brackets are kept."""
+    parts, depth, cur = [], 0, ""
+    for ch in key:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "." and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if any(not p for p in parts):
+        raise SpecError(f"{key!r}: not a dotted key such as 'sampler.batch_size'")
+    return parts
+
+
+def _set_path(table: dict[str, Any], parts: list[str], value: Any, key: str) -> None:
+    for p in parts[:-1]:
+        nxt = table.get(p)
+        if nxt is None:
+            nxt = table[p] = {}
+        if not isinstance(nxt, dict):
+            raise SpecError(f"{key}: {p!r} is not a table, cannot set {parts[-1]!r} inside it")
+        table = nxt
+    table[parts[-1]] = copy.deepcopy(value)
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` of a raw spec to ``value`` in place (see the module doc)."""
+    parts = _split_key(key)
+    m = _SOLVER_SELECTOR.match(parts[0])
+    if m is None or (len(parts) == 1 and m.group(1) is None):
+        _set_path(raw, parts, value, key)  # includes replacing the whole solvers list
+        return
+    solvers = raw.get("solvers")
+    if not isinstance(solvers, list) or not solvers:
+        raise SpecError(f"{key}: the spec has no [[solvers]] to set")
+    if len(parts) < 2:
+        raise SpecError(f"{key}: name a key inside the solver, e.g. 'solvers.options.memory'")
+    sel = m.group(1)
+    rest = parts[1:]
+    if sel is None:
+        targets = solvers
+        if rest[0] == "options" and len(rest) == 2:
+            having = [s for s in solvers if rest[1] in (s.get("options") or {})]
+            targets = having or solvers
+    else:
+        if sel.lstrip("-").isdigit():
+            i = int(sel)
+            if not -len(solvers) <= i < len(solvers):
+                raise SpecError(f"{key}: solver index {i} is out of range (0..{len(solvers) - 1})")
+            targets = [solvers[i]]
+        else:
+            names = [s.get("name", s.get("method")) for s in solvers]
+            if sel not in names:
+                raise SpecError(
+                    f"{key}: no solver named {sel!r}; names are {names}{closest(sel, names)}"
+                )
+            targets = [solvers[names.index(sel)]]
+    for s in targets:
+        _set_path(s, rest, value, key)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'sampler.batch_size=10'`` → ``('sampler.batch_size', 10)``; the value is read as a TOML
+    value, or as a plain string when it is not one."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. max_iter=5")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key, parsed
+
+
+def apply_quick(raw: dict[str, Any], source: str) -> None:
+    quick = raw.get("quick") or {}
+    if not isinstance(quick, dict):
+        raise SpecError("quick: expected a table", source)
+    quick = dict(quick)
+    only = quick.pop("only_solvers", None)
+    for k, v in flatten_overrides(quick):
+        try:
+            apply_override(raw, k, v)
+        except SpecError as err:
+            raise SpecError(f"quick.{k}: {err.errors[0]}", source) from None
+    if only is not None:
+        solvers = raw.get("solvers") or []
+        names = [s.get("name", s.get("method")) for s in solvers]
+        for n in only:
+            if n not in names:
+                raise SpecError(
+                    f"quick.only_solvers: no solver named {n!r}{closest(n, names)}", source
+                )
+        raw["solvers"] = [s for s in solvers if s.get("name", s.get("method")) in only]
+
+
+def flatten_overrides(table: dict[str, Any], prefix: str = ""):
+    """Dotted keys of an override table. Quoted dotted keys stay as written; nested tables
+    (``[quick.data]``) are flattened, except ``sweep`` and ``options`` which are values."""
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v and k not in ("sweep", "options") and "." not in k:
+            yield from flatten_overrides(v, key)
+        else:
+            yield key, v

@@ -1,0 +1,88 @@
+"""Which solver methods and option names a spec may give: the one place where the spec checker
+reads the solvers' own tables (``secondorder.solvers.minimize``).
+
+Only names are checked here; option values are checked later against the real objective
+(``secondorder.solvers.validate_options``, in the runner's preflight), before any training.
+"""
+
+from __future__ import annotations
+
+from secondorder._validation import closest
+from secondorder.experiments.schema import did_you_mean, fmt_path
+from secondorder.solvers.minimize import (
+    ALL_OPTIONS,
+    COMMON_OPTIONS,
+    LINE_SEARCH_OPTIONS,
+    METHOD_OPTIONS,
+    METHODS,
+    PRECONDITIONER_OPTIONS,
+)
+
+__all__ = ["METHODS", "SCIPY_METHODS", "check_option_names", "method_ok", "our_methods"]
+
+#: methods of ``scipy.optimize.minimize`` reached through the scipy bridge as ``scipy:<name>``
+SCIPY_METHODS = (
+    "Nelder-Mead",
+    "Powell",
+    "CG",
+    "BFGS",
+    "Newton-CG",
+    "L-BFGS-B",
+    "TNC",
+    "SLSQP",
+    "trust-constr",
+    "dogleg",
+    "trust-ncg",
+    "trust-exact",
+    "trust-krylov",
+)
+
+
+def method_ok(method: str, where: str, errors: list[str]) -> None:
+    """Append an error when ``method`` is neither ours nor ``scipy:<a scipy method>``."""
+    if method.startswith("scipy:"):
+        name = method[6:]
+        lower = {m.lower(): m for m in SCIPY_METHODS}
+        if name.lower() not in lower:
+            errors.append(
+                f"{where}: {method!r}: scipy method {name!r} is not one of "
+                f"{list(SCIPY_METHODS)}{closest(name, SCIPY_METHODS)}"
+            )
+        return
+    methods = our_methods()
+    if method not in methods:
+        errors.append(
+            f"{where}: {method!r} is not one of {list(methods)} (or 'scipy:<name>')"
+            f"{closest(method, methods)}"
+        )
+
+
+def our_methods() -> tuple[str, ...]:
+    """Our methods, as accepted by ``secondorder.solvers.minimize``."""
+    return tuple(METHODS)
+
+
+def check_option_names(method: str, options: dict, where: str, errors: list[str]) -> None:
+    """Option names against the solvers' own tables;
+    values are checked later, against the real objective, before any training."""
+    per_method = METHOD_OPTIONS
+    if method not in per_method:
+        return
+    reserved = {"callback", "initial_state", "max_iter"}
+    allowed = set(COMMON_OPTIONS) | set(per_method[method])
+    if method != "newton":
+        allowed |= set(PRECONDITIONER_OPTIONS)
+    if method not in ("trust-ncg", "arc"):
+        allowed |= set(LINE_SEARCH_OPTIONS)
+    every = set(ALL_OPTIONS)
+    for name in options:
+        if name in reserved:
+            errors.append(
+                f"{fmt_path(where, name)}: set by the runner (use the solver's max_iter key)"
+            )
+        elif name not in every:
+            errors.append(f"{fmt_path(where, name)}: unknown option{did_you_mean(name, every)}")
+        elif name not in allowed:
+            owners = [m for m, opts in per_method.items() if name in opts]
+            why = f" (it is an option of {', '.join(owners)})" if owners else ""
+            errors.append(f"{fmt_path(where, name)}: does not apply to method {method!r}{why}")
