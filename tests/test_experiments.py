@@ -534,3 +534,37 @@ def test_fashion_mnist_quick_reaches_the_seed_range(tmp_path):
     assert dev["Gradient"] < min(dev["NLCG"], dev["L-BFGS"])
     assert dev["Newton-CG (GGN)"] > 0.83
     assert json.dumps(summary)
+
+
+def test_a_method_registered_with_the_solvers_is_accepted_by_specs(tmp_path):
+    from secondorder.experiments.rundir import read_summary
+    from secondorder.solvers.directions import SteepestDescent
+    from secondorder.solvers.registry import MethodEntry, Option, register, unregister
+
+    class HalvedDescent(SteepestDescent):
+        def compute(self, it):
+            return 0.5 * super().compute(it)
+
+    register(
+        MethodEntry(
+            "halved-gd",
+            "halved descent",
+            lambda o: HalvedDescent(),
+            (Option("halve", True, lambda name, v: bool(v)),),
+        )
+    )
+    try:
+        raw = _rosenbrock(max_iter=5)
+        raw["solvers"] = [{"name": "H", "method": "halved-gd", "options": {"halve": True}}]
+        spec = spec_from_dict(raw)
+        bad = _rosenbrock()
+        bad["solvers"] = [{"name": "H", "method": "halved-gd", "options": {"memory": 3}}]
+        with pytest.raises(SpecError, match=r"memory: does not apply to method 'halved-gd'"):
+            spec_from_dict(bad)
+        start_run(spec, tmp_path / "run", QUIET)
+        entry = read_summary(tmp_path / "run")["cells"]["main"]["solvers"]["H"]
+        assert entry["method"] == "halved-gd" and entry["nit"] == 5
+    finally:
+        unregister("halved-gd")
+    with pytest.raises(SpecError, match="'halved-gd' is not one of"):
+        spec_from_dict(raw)

@@ -68,7 +68,6 @@ from secondorder.experiments.schema import (
     slugify,
 )
 from secondorder.experiments.spec_solvers import (
-    METHODS,
     SCIPY_METHODS,
     check_option_names,
     method_ok,
@@ -98,6 +97,7 @@ from secondorder.experiments.spec_tables import (  # noqa: F401 - the names stay
     TOP,
 )
 from secondorder.experiments.spec_toml import read_toml, to_toml, tomllib
+from secondorder.solvers import METHODS  # noqa: F401 - public here as before
 
 __all__ = [
     "METHODS",

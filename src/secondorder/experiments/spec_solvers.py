@@ -1,5 +1,6 @@
-"""Which solver methods and option names a spec may give: the one place where the spec checker
-reads the solvers' own tables (``secondorder.solvers.minimize``).
+"""Which solver methods and option names a spec may give, read from the solvers' method
+registry (:mod:`secondorder.solvers.registry`): a method registered there is accepted by specs
+with exactly the options ``minimize`` accepts.
 
 Only names are checked here; option values are checked later against the real objective
 (``secondorder.solvers.validate_options``, in the runner's preflight), before any training.
@@ -9,16 +10,9 @@ from __future__ import annotations
 
 from secondorder._validation import closest
 from secondorder.experiments.schema import did_you_mean, fmt_path
-from secondorder.solvers.minimize import (
-    ALL_OPTIONS,
-    COMMON_OPTIONS,
-    LINE_SEARCH_OPTIONS,
-    METHOD_OPTIONS,
-    METHODS,
-    PRECONDITIONER_OPTIONS,
-)
+from secondorder.solvers.registry import REGISTRY, accepted_options, all_options
 
-__all__ = ["METHODS", "SCIPY_METHODS", "check_option_names", "method_ok", "our_methods"]
+__all__ = ["SCIPY_METHODS", "check_option_names", "method_ok", "our_methods"]
 
 #: methods of ``scipy.optimize.minimize`` reached through the scipy bridge as ``scipy:<name>``
 SCIPY_METHODS = (
@@ -58,23 +52,18 @@ def method_ok(method: str, where: str, errors: list[str]) -> None:
 
 
 def our_methods() -> tuple[str, ...]:
-    """Our methods, as accepted by ``secondorder.solvers.minimize``."""
-    return tuple(METHODS)
+    """Our methods, as accepted by ``secondorder.solvers.minimize`` (the live registry)."""
+    return tuple(REGISTRY)
 
 
 def check_option_names(method: str, options: dict, where: str, errors: list[str]) -> None:
     """Option names against the solvers' own tables;
     values are checked later, against the real objective, before any training."""
-    per_method = METHOD_OPTIONS
-    if method not in per_method:
+    if method not in REGISTRY:
         return
     reserved = {"callback", "initial_state", "max_iter"}
-    allowed = set(COMMON_OPTIONS) | set(per_method[method])
-    if method != "newton":
-        allowed |= set(PRECONDITIONER_OPTIONS)
-    if method not in ("trust-ncg", "arc"):
-        allowed |= set(LINE_SEARCH_OPTIONS)
-    every = set(ALL_OPTIONS)
+    allowed = accepted_options(method)
+    every = all_options()
     for name in options:
         if name in reserved:
             errors.append(
@@ -83,6 +72,6 @@ def check_option_names(method: str, options: dict, where: str, errors: list[str]
         elif name not in every:
             errors.append(f"{fmt_path(where, name)}: unknown option{did_you_mean(name, every)}")
         elif name not in allowed:
-            owners = [m for m, opts in per_method.items() if name in opts]
+            owners = [m for m, e in REGISTRY.items() if name in e.option_names]
             why = f" (it is an option of {', '.join(owners)})" if owners else ""
             errors.append(f"{fmt_path(where, name)}: does not apply to method {method!r}{why}")
