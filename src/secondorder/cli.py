@@ -16,6 +16,7 @@ import torch
 
 from secondorder import __version__
 from secondorder.cli_experiments import add_commands
+from secondorder.curvature import saddle_report
 from secondorder.data import (
     DataError,
     find_fashion_mnist,
@@ -23,7 +24,7 @@ from secondorder.data import (
     load_fashion_mnist,
     two_class_2d,
 )
-from secondorder.diagnostics import gradient_test
+from secondorder.diagnostics import gradient_test, hessian_test
 from secondorder.models import logistic_regression, mlp
 from secondorder.objective import ModelObjective
 from secondorder.solvers import minimize
@@ -117,8 +118,7 @@ def _add_problem_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_gradtest(args: argparse.Namespace) -> int:
-    from secondorder.diagnostics import gradient_test, hessian_test
-
+    """Gradient test (eq. 31), and the Hessian Taylor test with --hessian."""
     if args.samples < 1:
         raise SystemExit("error: --samples must be a positive integer")
     objective = _build_problem(args)
@@ -139,15 +139,11 @@ def _cmd_gradtest(args: argparse.Namespace) -> int:
 
 def _cmd_curvature(args: argparse.Namespace) -> int:
     """Convexity / saddle report (Appendix C) at the initial or a trained point."""
-    from secondorder.curvature import saddle_report
-
     if args.samples < 1:
         raise SystemExit("error: --samples must be a positive integer")
     objective = _build_problem(args)
     theta = objective.initial_theta()
     if args.train_iters:
-        from secondorder.solvers import minimize
-
         res = minimize(objective, theta, method="lbfgs", max_iter=args.train_iters)
         theta = res.theta
         print(
