@@ -41,9 +41,14 @@ def start() -> torch.Tensor:
     return torch.tensor(X0, dtype=D)
 
 
+# the mini-batch first-order references take a fixed step lr and do not converge to a gtol;
+# they are checked against torch.optim step for step in tests/test_firstorder.py
+FULL_BATCH_METHODS = [m for m in METHODS if m not in ("sgd", "adam")]
+
+
 # -- Rosenbrock -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("b", [100.0, 50.0])
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "gd"])
+@pytest.mark.parametrize("method", [m for m in FULL_BATCH_METHODS if m != "gd"])
 def test_rosenbrock_converges(method, b):
     obj = rosen_obj(b)
     res = minimize(obj, start(), method=method)
@@ -168,7 +173,7 @@ def _grad_eq17(data, theta):
 
 def test_logistic_regression_all_methods_agree(two_class):
     thetas, accs = {}, {}
-    for method in METHODS:
+    for method in FULL_BATCH_METHODS:
         obj = _logreg(two_class)
         res = minimize(obj, obj.initial_theta(), method=method, max_iter=5000)
         assert res.success, (method, res.message)
@@ -309,7 +314,7 @@ def _spd(n=6, seed=0):
     return A, b
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FULL_BATCH_METHODS)
 def test_quadratic_known_minimiser(method):
     A, b = _spd()
     res = minimize(quadratic(A, b), torch.zeros(6, dtype=D), method=method, max_iter=20000)

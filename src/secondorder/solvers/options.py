@@ -116,7 +116,7 @@ def _validate(objective, method: str, line_search, options: dict) -> dict:
 def _line_search(entry: MethodEntry, line_search) -> str | None:
     """The step rule's name (None: a fixed step, or a trust-region method)."""
     if line_search is DEFAULT:
-        return entry.line_search
+        return None if entry.line_search == "fixed" else entry.line_search
     if entry.trust_region is not None and line_search is not None:
         raise OptionError(
             f"method={entry.name!r} takes no line search (it adapts its {entry.trust_region} "
@@ -145,7 +145,11 @@ def _check_names(entry: MethodEntry, ls: str | None, options: dict) -> None:
             if name in LINE_SEARCH_OPTIONS:
                 why = " (it configures a line search, which this method does not use)"
             if name in PRECONDITIONER_OPTIONS:
-                why = " (Newton's method uses the exact Hessian)"
+                why = (
+                    " (Newton's method uses the exact Hessian)"
+                    if entry.dense_hessian
+                    else " (the method scales its steps itself)"
+                )
             raise OptionError(f"option {name!r} does not apply to method={entry.name!r}{why}")
     if ls is None and entry.trust_region is None:
         for name in ("c1", "c2", "max_ls"):
@@ -186,7 +190,7 @@ def _loop_options(cfg: dict, entry: MethodEntry, options: dict, dtype: torch.dty
 
 def _step_rule(cfg: dict, entry: MethodEntry, ls: str | None, options: dict) -> None:
     """``lr`` (or ``step_size``) and, for line-search methods, the step rule itself."""
-    lr = options.get("lr", options.get("step_size", 1.0))
+    lr = options.get("lr", options.get("step_size", entry.lr))
     cfg["lr"] = check_positive("lr" if "lr" in options else "step_size", lr)
     c1 = check_positive("c1", options.get("c1", 1e-4))
     c2 = check_positive("c2", options.get("c2", entry.wolfe_c2))

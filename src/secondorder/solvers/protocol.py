@@ -75,6 +75,8 @@ class Direction:
     name = ""
     #: on a direction that is not a descent direction, reset and step along −M⁻¹g instead
     restart_on_non_descent = False
+    #: False for momentum methods, whose step may point uphill for the current batch
+    requires_descent = True
 
     def __init__(self) -> None:
         self.fresh = True  # no step since the start or the last reset

@@ -28,6 +28,7 @@ from secondorder.solvers.directions import (
     NonlinearCG,
     SteepestDescent,
 )
+from secondorder.solvers.firstorder import Adam, MomentumSGD
 from secondorder.solvers.quasinewton import BFGS, LBFGS
 from secondorder.solvers.trust import ARC, TrustNCG
 
@@ -151,7 +152,9 @@ class MethodEntry:
     ``robust_note`` says how robust mode keeps it consistent), ``trust_region`` (what it
     adapts instead of a step length), ``dense`` (the P×P matrix it allocates, checked to fit
     before the run), ``dense_hessian`` (works on the exact dense Hessian: no preconditioner,
-    the saddle check uses its eigenvalues), ``wolfe_c2`` (the default curvature constant)."""
+    the saddle check uses its eigenvalues), ``wolfe_c2`` (the default curvature constant),
+    ``lr`` (the default step size, the fixed step of a method whose ``line_search`` is
+    ``"fixed"``), ``preconditioned`` (accepts ``preconditioner=``)."""
 
     name: str
     label: str
@@ -165,6 +168,8 @@ class MethodEntry:
     dense: str | None = None
     dense_hessian: bool = False
     wolfe_c2: float = 0.9
+    lr: float = 1.0
+    preconditioned: bool = True
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -202,7 +207,7 @@ def accepted_options(method: str) -> frozenset[str]:
     and the method's own."""
     entry = method_entry(method)
     names = set(COMMON_OPTIONS) | entry.option_names
-    if not entry.dense_hessian:
+    if entry.preconditioned and not entry.dense_hessian:
         names |= PRECONDITIONER_OPTIONS
     if entry.trust_region is None:
         names |= LINE_SEARCH_OPTIONS
@@ -321,6 +326,52 @@ register(
         line_search=None,
         second_order=True,
         trust_region="cubic regulariser σ",
+    )
+)
+
+
+def _nonnegative(arg: str, value: Any) -> float:
+    return check_positive(arg, value, allow_zero=True)
+
+
+register(
+    MethodEntry(
+        "sgd",
+        "SGD",
+        lambda o: MomentumSGD(o["momentum"], o["dampening"], o["nesterov"], o["weight_decay"]),
+        (
+            Option("momentum", 0.0, below(1.0)),
+            Option("dampening", 0.0, below(1.0)),
+            Option("nesterov", False, check_bool),
+            Option("weight_decay", 0.0, _nonnegative),
+        ),
+        line_search="fixed",
+        lr=1e-3,
+    )
+)
+register(
+    MethodEntry(
+        "adam",
+        "Adam",
+        lambda o: Adam(
+            o["beta1"],
+            o["beta2"],
+            o["eps"],
+            o["weight_decay"],
+            o["decoupled_weight_decay"],
+            o["amsgrad"],
+        ),
+        (
+            Option("beta1", 0.9, below(1.0)),
+            Option("beta2", 0.999, below(1.0)),
+            Option("eps", 1e-8, check_positive),
+            Option("weight_decay", 0.0, _nonnegative),
+            Option("decoupled_weight_decay", False, check_bool),
+            Option("amsgrad", False, check_bool),
+        ),
+        line_search="fixed",
+        lr=1e-3,
+        preconditioned=False,
     )
 )
 

@@ -1,0 +1,132 @@
+"""SGD and Adam in ``minimize`` against torch.optim.SGD / torch.optim.Adam, step for step
+(float64), on a full batch and on reshuffled mini-batches, and their exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secondorder import ModelObjective, minimize, mlp
+from secondorder.objective import FunctionObjective, quadratic
+from secondorder.sampling import ReshuffledBatches
+from secondorder.solvers import OptionError, validate_options
+
+D = torch.float64
+STEPS = 25
+
+
+def _objective(sampler: bool) -> ModelObjective:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 5, generator=g, dtype=D)
+    y = torch.randint(0, 3, (120,), generator=g)
+    model = mlp([5, 7, 3], "tanh", seed=1, dtype=D)
+    return ModelObjective(
+        model,
+        "cross_entropy",
+        (X, y),
+        l2=0.01,
+        sampler=ReshuffledBatches(120, 20, seed=3) if sampler else None,
+    )
+
+
+def _torch_reference(make_opt, sampler: bool, steps: int = STEPS) -> torch.Tensor:
+    """θ after ``steps`` torch.optim steps, each on the batch minimize sees at that iteration."""
+    obj = _objective(sampler)
+    theta = torch.nn.Parameter(obj.initial_theta())
+    opt = make_opt([theta])
+    for k in range(steps):
+        obj.begin_iteration(k)
+        _, grad = obj.value_and_grad(theta.detach())
+        opt.zero_grad()
+        theta.grad = grad.clone()
+        opt.step()
+    return theta.detach()
+
+
+CASES = [
+    ("sgd", {"lr": 0.1}, lambda p: torch.optim.SGD(p, lr=0.1)),
+    (
+        "sgd",
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    ),
+    (
+        "sgd",
+        {"lr": 0.05, "momentum": 0.8, "nesterov": True},
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True),
+    ),
+    (
+        "sgd",
+        {"lr": 0.05, "momentum": 0.9, "dampening": 0.5},
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.5),
+    ),
+    ("adam", {"lr": 0.01}, lambda p: torch.optim.Adam(p, lr=0.01)),
+    (
+        "adam",
+        {"lr": 0.02, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 1e-2},
+        lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2),
+    ),
+    (
+        "adam",
+        {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    ),
+    ("adam", {"lr": 0.01, "amsgrad": True}, lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("sampler", [False, True], ids=["full-batch", "reshuffled"])
+@pytest.mark.parametrize("method,options,make_opt", CASES)
+def test_matches_torch_optim_step_for_step(method, options, make_opt, sampler):
+    obj = _objective(sampler)
+    res = minimize(obj, obj.initial_theta(), method=method, max_iter=STEPS, gtol=None, **options)
+    assert res.nit == STEPS and res.status == "max_iter", res.message
+    ref = _torch_reference(make_opt, sampler)
+    torch.testing.assert_close(res.theta, ref, rtol=1e-12, atol=1e-13)
+    assert not bool(torch.equal(res.theta, obj.initial_theta()))
+    assert all(row["step"] == options["lr"] for row in res.trace.rows[1:])
+
+
+@pytest.mark.parametrize("method,options", [(c[0], c[1]) for c in CASES])
+def test_resume_continues_exactly(method, options):
+    obj = _objective(True)
+    whole = minimize(obj, obj.initial_theta(), method=method, max_iter=12, gtol=None, **options)
+    obj = _objective(True)
+    first = minimize(obj, obj.initial_theta(), method=method, max_iter=5, gtol=None, **options)
+    obj = _objective(True)
+    rest = minimize(
+        obj,
+        obj.initial_theta(),
+        method=method,
+        max_iter=7,
+        gtol=None,
+        initial_state=first.state,
+        **options,
+    )
+    assert torch.equal(rest.theta, whole.theta)
+
+
+def test_momentum_converges_on_a_quadratic_to_the_solution():
+    g = torch.Generator().manual_seed(4)
+    Q = torch.randn(6, 6, generator=g, dtype=D)
+    A = Q @ Q.T + 6 * torch.eye(6, dtype=D)
+    b = torch.randn(6, generator=g, dtype=D)
+    obj = FunctionObjective(quadratic(A, b), 6, dtype=D)
+    L = float(torch.linalg.eigvalsh(A)[-1])
+    for method, opts in (("sgd", {"lr": 1 / L, "momentum": 0.5}), ("adam", {"lr": 0.05})):
+        res = minimize(obj, torch.zeros(6, dtype=D), method=method, max_iter=20000, **opts)
+        assert res.success, (method, res.message)
+        torch.testing.assert_close(res.theta, torch.linalg.solve(A, b), atol=1e-7, rtol=0)
+
+
+def test_options_are_checked_before_any_evaluation():
+    with pytest.raises(ValueError, match="momentum must lie in"):
+        validate_options(4, "sgd", momentum=1.5)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        validate_options(4, "sgd", nesterov=True)
+    with pytest.raises(OptionError, match="'beta1' does not apply to method='sgd'.*adam"):
+        validate_options(4, "sgd", beta1=0.9)
+    with pytest.raises(OptionError, match="preconditioner.*scales its steps itself"):
+        validate_options(4, "adam", preconditioner="hessian-diag")
+    cfg = validate_options(4, "adam")
+    assert cfg["line_search"] is None and cfg["lr"] == 1e-3
