@@ -130,3 +130,34 @@ def test_options_are_checked_before_any_evaluation():
         validate_options(4, "adam", preconditioner="hessian-diag")
     cfg = validate_options(4, "adam")
     assert cfg["line_search"] is None and cfg["lr"] == 1e-3
+
+
+def test_trace_counts_samples_and_epochs_across_a_resume():
+    obj = _objective(False)
+    res = minimize(obj, obj.initial_theta(), method="adam", lr=0.01, max_iter=4, gtol=None)
+    assert [r["epochs"] for r in res.trace.rows] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(120, 5, generator=g, dtype=D), torch.randint(0, 3, (120,), generator=g)
+
+    def minibatch():  # one batch of 30 per iteration: four iterations make an epoch
+        model = mlp([5, 7, 3], "tanh", seed=1, dtype=D)
+        sampler = ReshuffledBatches(120, 30, n_batches=1, seed=3)
+        return ModelObjective(model, "cross_entropy", (X, y), sampler=sampler)
+
+    obj = minibatch()
+    first = minimize(obj, obj.initial_theta(), method="sgd", lr=0.1, max_iter=6, gtol=None)
+    assert first.trace.rows[-1]["samples"] == 180 and first.trace.rows[-1]["epochs"] == 1.5
+    obj = minibatch()
+    rest = minimize(
+        obj,
+        obj.initial_theta(),
+        method="sgd",
+        lr=0.1,
+        max_iter=2,
+        gtol=None,
+        initial_state=first.state,
+    )
+    assert rest.trace.rows[-1]["epochs"] == 2.0
+    plain = FunctionObjective(quadratic(torch.eye(2, dtype=D)), 2, dtype=D)
+    res = minimize(plain, torch.ones(2, dtype=D), method="gd", max_iter=3)
+    assert "epochs" not in res.trace.rows[-1]

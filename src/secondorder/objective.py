@@ -93,6 +93,17 @@ class Objective:
         """When the function may change: ``"never"``, ``"iteration"`` or ``"evaluation"``."""
         return "never"
 
+    @property
+    def n_samples(self) -> int | None:
+        """m, the number of training samples the objective sums over (None: not a sum)."""
+        return None
+
+    @property
+    def batch_size(self) -> int | None:
+        """How many samples make the current function (m for the full batch; None: not a
+        sum over samples). Solvers count epochs with it: samples seen / m."""
+        return None
+
     def begin_iteration(self, k: int) -> bool:
         """Tell the objective that iteration ``k`` starts; return whether the function changed."""
         before = self.version
@@ -393,6 +404,14 @@ class ModelObjective(Objective):
     @property
     def stochastic(self) -> str:
         return self.sampler.changes
+
+    @property
+    def n_samples(self) -> int:
+        return self.m
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.samples("value")[0].shape[0])
 
     def samples(self, which: str = "value") -> tuple[Tensor, Tensor, Tensor]:
         """(X, y, w) of the current function: the sampler's samples and eq.-28 weights.

@@ -36,6 +36,7 @@ _CARRIED = {
     "nonfinite": 0,
     "neg": [],
     "neg_first": None,
+    "samples": 0,
 }
 
 
@@ -76,6 +77,7 @@ class _Loop:
         self.neg_first: str | None = self.base["neg_first"]
         self.nonfinite = int(self.base["nonfinite"])
         self.changes = int(self.base["changes"])
+        self.samples = int(self.base["samples"])  # drawn by the sampler for the steps taken
 
     def counts(self) -> tuple[int, int, int]:
         """Cumulative (nfev, ngev, nhev); nhev counts every curvature product."""
@@ -106,6 +108,10 @@ class _Loop:
             "nhev": nhev,
             "time": self.elapsed(),
         }
+        m = self.objective.n_samples
+        if m:  # a sum over samples: how much data the steps so far have seen
+            row["samples"] = self.samples
+            row["epochs"] = self.samples / m
         row.update(extra)
         if self.cfg["trace_theta"]:
             row["theta"] = self.theta.detach().clone()
@@ -235,6 +241,7 @@ def _iterate(loop: _Loop) -> None:
             )
             return
     changed, loop.carried = changed or loop.carried, False
+    batch = loop.objective.batch_size
     it = Iterate(
         objective=loop.objective,
         theta=loop.theta,
@@ -265,6 +272,7 @@ def _iterate(loop: _Loop) -> None:
         loop.point += 1
     loop.k += 1
     loop.iterations += 1
+    loop.samples += batch or 0
     extra = dict(it.info)
     extra.pop("ls_note", None)
     if changed:
@@ -399,6 +407,7 @@ def _result(loop: _Loop, message: str) -> Result:
         "nonfinite": loop.nonfinite,
         "neg": list(loop.neg_iters),
         "neg_first": loop.neg_first,
+        "samples": loop.samples,
         "solver": loop.solver.state_dict(),
         "precond": {} if precond is None else precond.state_dict(),
         "version": loop.objective.version,  # the function that f and g belong to
