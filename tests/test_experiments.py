@@ -568,3 +568,29 @@ def test_a_method_registered_with_the_solvers_is_accepted_by_specs(tmp_path):
         unregister("halved-gd")
     with pytest.raises(SpecError, match="'halved-gd' is not one of"):
         spec_from_dict(raw)
+
+
+def test_specs_take_any_torch_optimizer_and_the_first_order_references(tmp_path):
+    from secondorder.experiments.rundir import read_summary
+
+    raw = _logistic(max_iter=6)
+    raw["solvers"] = [
+        {"name": "Adam", "method": "adam", "options": {"lr": 0.01}},
+        {"name": "RMSprop", "method": "torch:RMSprop", "options": {"lr": 0.01, "alpha": 0.9}},
+    ]
+    spec = spec_from_dict(raw)
+    for options, match in (
+        ({"alpah": 0.9}, r"alpah: unknown option; did you mean 'alpha'\?"),
+        ({"memory": 3}, r"memory: does not apply to method 'torch:RMSprop'"),
+    ):
+        bad = _logistic()
+        bad["solvers"] = [{"name": "R", "method": "torch:RMSprop", "options": options}]
+        with pytest.raises(SpecError, match=match):
+            spec_from_dict(bad)
+    bad["solvers"] = [{"name": "R", "method": "torch:RMSpro"}]
+    with pytest.raises(SpecError, match=r"no optimiser 'RMSpro' \(did you mean 'RMSprop'\?\)"):
+        spec_from_dict(bad)
+    start_run(spec, tmp_path / "run", QUIET)
+    solvers = read_summary(tmp_path / "run")["cells"]["main"]["solvers"]
+    assert solvers["RMSprop"]["method"] == "torch:RMSprop" and solvers["RMSprop"]["nit"] == 6
+    assert solvers["Adam"]["nit"] == 6

@@ -161,3 +161,114 @@ def test_trace_counts_samples_and_epochs_across_a_resume():
     plain = FunctionObjective(quadratic(torch.eye(2, dtype=D)), 2, dtype=D)
     res = minimize(plain, torch.ones(2, dtype=D), method="gd", max_iter=3)
     assert "epochs" not in res.trace.rows[-1]
+
+
+TORCH_CASES = [
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01}),
+    ("RMSprop", {"lr": 0.01, "momentum": 0.5, "centered": True}),
+    ("NAdam", {"lr": 0.01}),
+]
+
+
+@pytest.mark.parametrize("sampler", [False, True], ids=["full-batch", "reshuffled"])
+@pytest.mark.parametrize("name,options", TORCH_CASES)
+def test_any_torch_optimizer_matches_its_own_loop(name, options, sampler):
+    obj = _objective(sampler)
+    res = minimize(
+        obj, obj.initial_theta(), method=f"torch:{name}", max_iter=STEPS, gtol=None, **options
+    )
+    assert res.nit == STEPS and res.method == f"torch:{name}"
+    ref = _torch_reference(lambda p: getattr(torch.optim, name)(p, **options), sampler)
+    torch.testing.assert_close(res.theta, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_torch_sgd_equals_our_sgd_and_lbfgs_gets_a_closure():
+    obj = _objective(True)
+    ours = minimize(obj, obj.initial_theta(), method="sgd", lr=0.05, momentum=0.9, max_iter=10)
+    obj = _objective(True)
+    theirs = minimize(
+        obj, obj.initial_theta(), method="torch:SGD", lr=0.05, momentum=0.9, max_iter=10
+    )
+    torch.testing.assert_close(ours.theta, theirs.theta, rtol=1e-12, atol=1e-13)
+    # torch.optim.LBFGS, one step() per iteration, against the same loop written by hand
+    obj = _objective(False)
+    res = minimize(
+        obj,
+        obj.initial_theta(),
+        method="torch:LBFGS",
+        max_iter=3,
+        gtol=None,
+        history_size=5,
+        line_search_fn="strong_wolfe",
+    )
+    ref_obj = _objective(False)
+    p = torch.nn.Parameter(ref_obj.initial_theta())
+    opt = torch.optim.LBFGS([p], history_size=5, line_search_fn="strong_wolfe")
+
+    def closure():
+        f, g = ref_obj.value_and_grad(p.detach())
+        p.grad = g.clone()
+        return f
+
+    for _ in range(3):
+        opt.step(closure)
+    torch.testing.assert_close(res.theta, p.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_torch_optimizer_resumes_and_refuses_bad_input_before_evaluating():
+    obj = _objective(True)
+    whole = minimize(obj, obj.initial_theta(), method="torch:Adam", lr=0.01, max_iter=9, gtol=None)
+    obj = _objective(True)
+    first = minimize(obj, obj.initial_theta(), method="torch:Adam", lr=0.01, max_iter=4, gtol=None)
+    state = first.state
+    obj = _objective(True)
+    rest = minimize(
+        obj,
+        obj.initial_theta(),
+        method="torch:Adam",
+        lr=0.01,
+        max_iter=5,
+        gtol=None,
+        initial_state=state,
+    )
+    torch.testing.assert_close(rest.theta, whole.theta, rtol=0, atol=0)
+    obj = _objective(False)
+    with pytest.raises(ValueError, match=r"no optimiser 'Adamm' \(did you mean 'Adam'\?\)"):
+        minimize(obj, obj.initial_theta(), method="torch:Adamm")
+    with pytest.raises(ValueError, match="torch.optim.Adam: .*beta"):
+        minimize(obj, obj.initial_theta(), method="torch:Adam", betas=(1.5, 0.9))
+    with pytest.raises(OptionError, match="did you mean 'lr_decay'"):
+        minimize(obj, obj.initial_theta(), method="torch:Adagrad", lr_decy=0.1)
+    assert obj.counts.f == 0 and obj.counts.g == 0
+
+
+def test_a_torch_argument_named_like_a_loop_option_is_prefixed():
+    # torch.optim.LBFGS(max_iter=1): one inner iteration per step(); here optimizer_max_iter
+    obj = _objective(False)
+    res = minimize(
+        obj,
+        obj.initial_theta(),
+        method="torch:LBFGS",
+        max_iter=4,
+        gtol=None,
+        optimizer_max_iter=1,
+        trace_theta=True,
+    )
+    assert res.nit == 4
+    # from a fresh state its one iteration is the gradient step lr·min(1, 1/‖g‖₁)·g
+    theta0 = obj.initial_theta()
+    g = _objective(False).value_and_grad(theta0)[1]
+    first = theta0 - min(1.0, 1.0 / float(g.abs().sum())) * g
+    torch.testing.assert_close(res.trace.rows[1]["theta"], first, rtol=1e-12, atol=1e-14)
+    ref_obj = _objective(False)
+    p = torch.nn.Parameter(ref_obj.initial_theta())
+    opt = torch.optim.LBFGS([p], max_iter=1)
+
+    def closure():
+        f, grad = ref_obj.value_and_grad(p.detach())
+        p.grad = grad.clone()
+        return f
+
+    for _ in range(4):
+        opt.step(closure)
+    torch.testing.assert_close(res.theta, p.detach(), rtol=1e-12, atol=1e-13)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from secondorder._validation import closest
 from secondorder.experiments.schema import did_you_mean, fmt_path
-from secondorder.solvers.registry import REGISTRY, accepted_options, all_options
+from secondorder.solvers.registry import REGISTRY, accepted_options, all_options, method_entry
 
 __all__ = ["SCIPY_METHODS", "check_option_names", "method_ok", "our_methods"]
 
@@ -43,6 +43,12 @@ def method_ok(method: str, where: str, errors: list[str]) -> None:
                 f"{list(SCIPY_METHODS)}{closest(name, SCIPY_METHODS)}"
             )
         return
+    if method.startswith("torch:"):
+        try:
+            method_entry(method)
+        except ValueError as err:
+            errors.append(f"{where}: {method!r}: {err}")
+        return
     methods = our_methods()
     if method not in methods:
         errors.append(
@@ -59,11 +65,13 @@ def our_methods() -> tuple[str, ...]:
 def check_option_names(method: str, options: dict, where: str, errors: list[str]) -> None:
     """Option names against the solvers' own tables;
     values are checked later, against the real objective, before any training."""
-    if method not in REGISTRY:
-        return
+    try:
+        entry = method_entry(method)
+    except ValueError:
+        return  # an unknown method is reported by method_ok
     reserved = {"callback", "initial_state", "max_iter"}
     allowed = accepted_options(method)
-    every = all_options()
+    every = all_options() | entry.option_names
     for name in options:
         if name in reserved:
             errors.append(

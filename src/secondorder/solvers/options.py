@@ -134,7 +134,7 @@ def _line_search(entry: MethodEntry, line_search) -> str | None:
 
 def _check_names(entry: MethodEntry, ls: str | None, options: dict) -> None:
     """Every option exists, applies to the method and to the chosen step rule."""
-    every = all_options()
+    every = all_options() | entry.option_names
     allowed = accepted_options(entry.name)
     for name in options:
         if name not in every:
@@ -190,8 +190,11 @@ def _loop_options(cfg: dict, entry: MethodEntry, options: dict, dtype: torch.dty
 
 def _step_rule(cfg: dict, entry: MethodEntry, ls: str | None, options: dict) -> None:
     """``lr`` (or ``step_size``) and, for line-search methods, the step rule itself."""
-    lr = options.get("lr", options.get("step_size", entry.lr))
-    cfg["lr"] = check_positive("lr" if "lr" in options else "step_size", lr)
+    if entry.own_step:  # its lr is its own option; the loop takes the whole step
+        cfg["lr"] = 1.0
+    else:
+        lr = options.get("lr", options.get("step_size", entry.lr))
+        cfg["lr"] = check_positive("lr" if "lr" in options else "step_size", lr)
     c1 = check_positive("c1", options.get("c1", 1e-4))
     c2 = check_positive("c2", options.get("c2", entry.wolfe_c2))
     if ls == "wolfe" and not 0 < c1 < c2 < 1:

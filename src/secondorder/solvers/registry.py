@@ -13,6 +13,7 @@ are snapshots of the built-in methods, while the checks and the loop read the li
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from secondorder.solvers.directions import (
 )
 from secondorder.solvers.firstorder import Adam, MomentumSGD
 from secondorder.solvers.quasinewton import BFGS, LBFGS
+from secondorder.solvers.torchstep import TorchOptimizerStep, torch_optimizer_class
 from secondorder.solvers.trust import ARC, TrustNCG
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "all_options",
     "method_entry",
     "register",
+    "torch_entry",
     "unregister",
 ]
 
@@ -154,7 +157,8 @@ class MethodEntry:
     before the run), ``dense_hessian`` (works on the exact dense Hessian: no preconditioner,
     the saddle check uses its eigenvalues), ``wolfe_c2`` (the default curvature constant),
     ``lr`` (the default step size, the fixed step of a method whose ``line_search`` is
-    ``"fixed"``), ``preconditioned`` (accepts ``preconditioner=``)."""
+    ``"fixed"``), ``preconditioned`` (accepts ``preconditioner=``), ``own_step`` (the
+    direction is the whole step, α = 1, and ``lr`` is one of the method's own options)."""
 
     name: str
     label: str
@@ -170,6 +174,7 @@ class MethodEntry:
     wolfe_c2: float = 0.9
     lr: float = 1.0
     preconditioned: bool = True
+    own_step: bool = False
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -196,9 +201,56 @@ def unregister(name: str) -> MethodEntry:
 
 
 def method_entry(name: str) -> MethodEntry:
-    """The entry of method ``name``; a ValueError suggests the closest name otherwise."""
+    """The entry of method ``name``; a ValueError suggests the closest name otherwise.
+
+    ``"torch:<Name>"`` is any ``torch.optim`` optimiser (see
+    :mod:`~secondorder.solvers.torchstep`), its options read from its constructor."""
+    if isinstance(name, str) and name.startswith("torch:"):
+        return torch_entry(name[len("torch:") :])
     check_choice("method", name, REGISTRY)
     return REGISTRY[name]
+
+
+_TORCH_ENTRIES: dict[str, MethodEntry] = {}
+
+
+def torch_entry(optimizer: str) -> MethodEntry:
+    """The entry of ``method="torch:<optimizer>"``: one ``optimizer.step()`` per iteration,
+    with the optimiser's own constructor arguments (``lr`` included) as the method's options."""
+    if optimizer not in _TORCH_ENTRIES:
+        cls = torch_optimizer_class(optimizer)
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
+        # an argument named like an option of the loop (LBFGS's max_iter: inner iterations
+        # per step) is offered as optimizer_<name>, so both stay settable
+        renamed = {
+            (f"optimizer_{p.name}" if p.name in COMMON_OPTIONS else p.name): p
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+        options = tuple(
+            Option(name, None if p.default is inspect.Parameter.empty else p.default, _given)
+            for name, p in renamed.items()
+        )
+
+        def build(o: dict[str, Any], cls=cls, renamed=renamed) -> TorchOptimizerStep:
+            given = {renamed[k].name: v for k, v in o.items() if v is not None}
+            return TorchOptimizerStep(cls, given)
+
+        _TORCH_ENTRIES[optimizer] = MethodEntry(
+            f"torch:{optimizer}",
+            f"torch.optim.{optimizer}",
+            build,
+            options,
+            line_search="fixed",
+            preconditioned=False,
+            own_step=True,
+        )
+    return _TORCH_ENTRIES[optimizer]
+
+
+def _given(arg: str, value: Any) -> Any:
+    """Any value: the optimiser's constructor checks its own arguments."""
+    return value
 
 
 def accepted_options(method: str) -> frozenset[str]:
@@ -209,7 +261,7 @@ def accepted_options(method: str) -> frozenset[str]:
     names = set(COMMON_OPTIONS) | entry.option_names
     if entry.preconditioned and not entry.dense_hessian:
         names |= PRECONDITIONER_OPTIONS
-    if entry.trust_region is None:
+    if entry.trust_region is None and not entry.own_step:
         names |= LINE_SEARCH_OPTIONS
     return frozenset(names)
 
