@@ -48,6 +48,18 @@ class Loss:
         """H_z v for every sample (v of shape (m, k)), without forming H_z."""
         return torch.einsum("mij,mj->mi", self.hessian_output(out, y), v)
 
+    def hessian_output_sqrt(self, out: Tensor, y: Tensor) -> Tensor:
+        """A factor L of H_z = L Lᵀ for every sample, shape (m, k, r) (K-FAC's exact
+        Gauss–Newton factorisation back-propagates its r columns). By default from the
+        eigendecomposition of H_z (negative eigenvalues, from rounding, clipped at 0)."""
+        evals, evecs = torch.linalg.eigh(self.hessian_output(out, y))
+        return evecs * evals.clamp(min=0).sqrt()[:, None, :]
+
+    def sample_targets(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Targets drawn from the model's predictive distribution at ``out`` (for the
+        Monte-Carlo Fisher: E_ŷ[∂ℓ(z, ŷ)/∂z ∂ℓ(z, ŷ)/∂zᵀ] = H_z for these losses)."""
+        raise NotImplementedError(f"loss={self.name!r} cannot sample targets from the model")
+
     def output_derivatives_fm(
         self, out: Tensor, y: Tensor, weight: float, grad: bool
     ) -> tuple[Tensor | None, Tensor]:
@@ -98,6 +110,16 @@ class CrossEntropy(Loss):
         p = torch.softmax(out, dim=1)
         return p * v - p * (p * v).sum(1, keepdim=True)
 
+    def hessian_output_sqrt(self, out: Tensor, y: Tensor) -> Tensor:
+        # diag p − ppᵀ = L Lᵀ with L = diag √p − p √pᵀ, because Σ p = 1 (eq. 83's H_Z)
+        p = torch.softmax(out, dim=1)
+        r = p.sqrt()
+        return torch.diag_embed(r) - p[:, :, None] * r[:, None, :]
+
+    def sample_targets(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        p = torch.softmax(out, dim=1)
+        return torch.multinomial(p, 1, generator=generator)[:, 0]
+
     def output_derivatives_fm(
         self, out: Tensor, y: Tensor, weight: float, grad: bool
     ) -> tuple[Tensor | None, Tensor]:
@@ -142,6 +164,13 @@ class Logistic(Loss):
         s = torch.sigmoid(out[:, :1])
         return s * (1 - s) * v
 
+    def hessian_output_sqrt(self, out: Tensor, y: Tensor) -> Tensor:
+        s = torch.sigmoid(out[:, :1])
+        return (s * (1 - s)).sqrt()[:, :, None]
+
+    def sample_targets(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(out[:, 0]), generator=generator)
+
     def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
         if out_dim != 1:
             raise ValueError(f"loss='logistic' needs a model with exactly 1 output, got {out_dim}")
@@ -179,6 +208,13 @@ class SquaredError(Loss):
 
     def hessian_output_matvec(self, out: Tensor, y: Tensor, v: Tensor) -> Tensor:
         return v
+
+    def hessian_output_sqrt(self, out: Tensor, y: Tensor) -> Tensor:
+        return self.hessian_output(out, y)
+
+    def sample_targets(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+        return out + noise.to(out.device)  # ℓ = ½‖z − y‖²: y ~ N(z, I)
 
     def check_targets(self, y: Tensor, out_dim: int, arg: str = "y") -> Tensor:
         if y.ndim == 1:

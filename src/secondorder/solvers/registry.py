@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from secondorder._validation import check_choice, check_positive, check_positive_int
+from secondorder.curvature.kfac import KFAC_KINDS, mlp_structure
 from secondorder.objective import Objective
 from secondorder.solvers.directions import (
     CURVATURES,
@@ -30,6 +31,7 @@ from secondorder.solvers.directions import (
     SteepestDescent,
 )
 from secondorder.solvers.firstorder import Adam, MomentumSGD
+from secondorder.solvers.kfac import KFAC
 from secondorder.solvers.quasinewton import BFGS, LBFGS
 from secondorder.solvers.torchstep import TorchOptimizerStep, torch_optimizer_class
 from secondorder.solvers.trust import ARC, TrustNCG
@@ -423,6 +425,38 @@ register(
         ),
         line_search="fixed",
         lr=1e-3,
+        preconditioned=False,
+    )
+)
+
+
+def _needs_mlp(objective: Any, kind: str) -> None:
+    """K-FAC factors the layers of a ModelObjective's sequential MLP."""
+    if not isinstance(objective, Objective):
+        return
+    model = getattr(objective, "model", None)
+    if model is None:
+        raise ValueError(
+            f"method='kfac' needs a ModelObjective (a network and its data), got "
+            f"{type(objective).__name__}"
+        )
+    mlp_structure(model)
+
+
+register(
+    MethodEntry(
+        "kfac",
+        "K-FAC",
+        lambda o: KFAC(o["damping"], o["kind"], o["ema"], o["inv_every"], o["rescale"], o["seed"]),
+        (
+            Option("damping", 1e-3, check_positive),
+            Option("kind", "exact", choice(KFAC_KINDS), requires=_needs_mlp),
+            Option("ema", 0.95, below(1.0)),
+            Option("inv_every", 1, check_positive_int),
+            Option("rescale", True, check_bool),
+            Option("seed", 0, lambda a, v: check_positive_int(a, v, allow_zero=True)),
+        ),
+        line_search="armijo",
         preconditioned=False,
     )
 )

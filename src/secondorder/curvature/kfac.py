@@ -1,0 +1,111 @@
+"""Kronecker factors of the Gauss–Newton matrix per ``nn.Linear`` layer (K-FAC, Martens &
+Grosse 2015).
+
+For a layer s = W̃ ã with ã = (a, 1) (the bias as a last input column) and samples weighted by
+w_i (Σ w_i = 1), the Gauss–Newton block of vec(W̃) (row-major) is
+
+    G_W̃ = Σ_i w_i (J_{s,i}ᵀ H_{z,i} J_{s,i}) ⊗ (ã_i ã_iᵀ)  ≈  G ⊗ A,
+
+with A = Σ_i w_i ã_i ã_iᵀ and G = Σ_i w_i Σ_c g_{i,c} g_{i,c}ᵀ, where g_{i,c} = J_{s,i}ᵀ L_{i,c}
+back-propagates the columns of a factor H_z = L Lᵀ of the loss Hessian in the output (the
+softmax H_Z of eq. 83: L = diag √p − p √pᵀ) — the exact-GGN factorisation — or, for the
+Monte-Carlo Fisher, g_i = J_{s,i}ᵀ ∂ℓ(z_i, ŷ_i)/∂z with ŷ_i drawn from the model. For one
+sample the factorisation is exact: the block is A ⊗ G itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from secondorder._validation import check_choice
+from secondorder.curvature.structure import LayerInfo, MLPStructure, analyse_mlp
+
+__all__ = ["KFAC_KINDS", "KroneckerFactors", "kfac_factors", "mlp_structure"]
+
+KFAC_KINDS = ("exact", "mc")
+
+
+@dataclass
+class KroneckerFactors:
+    """A (inputs, with a last column of ones when the layer has a bias) and G (output
+    gradients) of one layer; :meth:`dense` is the P_l × P_l block they stand for."""
+
+    layer: LayerInfo
+    A: Tensor
+    G: Tensor
+
+    def dense(self) -> Tensor:
+        """G ⊗ A, reordered from vec(W̃) row-major to the layer's θ order (W row-major, then
+        the bias): for small layers and tests."""
+        info = self.layer
+        n_in_aug = self.A.shape[0]
+        block = torch.kron(self.G, self.A)
+        idx = torch.arange(info.n_out * n_in_aug).view(info.n_out, n_in_aug)
+        order = idx[:, : info.n_in].reshape(-1)
+        if info.bias:
+            order = torch.cat([order, idx[:, info.n_in]])
+        return block[order][:, order]
+
+
+def mlp_structure(model) -> MLPStructure:
+    """The model's layer structure, or a ValueError saying why K-FAC cannot factor it."""
+    struct, why = analyse_mlp(model)
+    if struct is None:
+        raise ValueError(f"K-FAC needs a sequential MLP of nn.Linear layers: {why}")
+    return struct
+
+
+def kfac_factors(
+    objective,
+    theta: Tensor,
+    *,
+    kind: str = "exact",
+    which: str = "curvature",
+    generator: torch.Generator | None = None,
+    structure: MLPStructure | None = None,
+) -> list[KroneckerFactors]:
+    """The Kronecker factors (A, G) of every layer of a
+    :class:`~secondorder.objective.ModelObjective` at θ, over the samples and eq.-28 weights
+    of its current function (``which="curvature"``: its curvature subsample when it has one).
+
+    ``kind="exact"`` back-propagates the columns of L with H_z = L Lᵀ (one backward pass per
+    output); ``kind="mc"`` one gradient of the loss at targets drawn from the model."""
+    check_choice("kind", kind, KFAC_KINDS)
+    struct = structure if structure is not None else mlp_structure(objective.model)
+    X, y, w = objective.samples(which)
+    inputs: list[Tensor] = []
+    outputs: list[Tensor] = []
+
+    def capture(module, args, out):
+        inputs.append(args[0].detach())
+        outputs.append(out)
+
+    hooks = [info.linear.register_forward_hook(capture) for info in struct.layers]
+    try:
+        with torch.enable_grad():
+            z = objective.forward(theta.detach().requires_grad_(True), X)
+    finally:
+        for h in hooks:
+            h.remove()
+    loss = objective.loss
+    if kind == "exact":
+        L = loss.hessian_output_sqrt(z.detach(), y)
+        columns = [L[:, :, c] for c in range(L.shape[2])]
+    else:
+        columns = [loss.grad_output(z.detach(), loss.sample_targets(z.detach(), generator))]
+    G = [None] * len(outputs)
+    for i, col in enumerate(columns):
+        grads = torch.autograd.grad(z, outputs, col, retain_graph=i + 1 < len(columns))
+        for j, g in enumerate(grads):
+            term = (g * w[:, None]).T @ g
+            G[j] = term if G[j] is None else G[j] + term
+    factors = []
+    for info, a, g_factor in zip(struct.layers, inputs, G):
+        a = a.reshape(len(a), -1)
+        if info.bias:
+            a = torch.cat([a, a.new_ones(len(a), 1)], 1)
+        factors.append(KroneckerFactors(info, (a * w[:, None]).T @ a, g_factor))
+    return factors
