@@ -182,6 +182,22 @@ def test_any_torch_optimizer_matches_its_own_loop(name, options, sampler):
     torch.testing.assert_close(res.theta, ref, rtol=1e-12, atol=1e-13)
 
 
+def _torch_lbfgs_reference(steps: int, **options) -> torch.Tensor:
+    """θ after ``steps`` calls of torch.optim.LBFGS(**options).step(closure), full batch."""
+    ref_obj = _objective(False)
+    p = torch.nn.Parameter(ref_obj.initial_theta())
+    opt = torch.optim.LBFGS([p], **options)
+
+    def closure():
+        f, g = ref_obj.value_and_grad(p.detach())
+        p.grad = g.clone()
+        return f
+
+    for _ in range(steps):
+        opt.step(closure)
+    return p.detach()
+
+
 def test_torch_sgd_equals_our_sgd_and_lbfgs_gets_a_closure():
     obj = _objective(True)
     ours = minimize(obj, obj.initial_theta(), method="sgd", lr=0.05, momentum=0.9, max_iter=10)
@@ -201,18 +217,8 @@ def test_torch_sgd_equals_our_sgd_and_lbfgs_gets_a_closure():
         history_size=5,
         line_search_fn="strong_wolfe",
     )
-    ref_obj = _objective(False)
-    p = torch.nn.Parameter(ref_obj.initial_theta())
-    opt = torch.optim.LBFGS([p], history_size=5, line_search_fn="strong_wolfe")
-
-    def closure():
-        f, g = ref_obj.value_and_grad(p.detach())
-        p.grad = g.clone()
-        return f
-
-    for _ in range(3):
-        opt.step(closure)
-    torch.testing.assert_close(res.theta, p.detach(), rtol=1e-12, atol=1e-13)
+    ref = _torch_lbfgs_reference(3, history_size=5, line_search_fn="strong_wolfe")
+    torch.testing.assert_close(res.theta, ref, rtol=1e-12, atol=1e-13)
 
 
 def test_torch_optimizer_resumes_and_refuses_bad_input_before_evaluating():
@@ -260,15 +266,5 @@ def test_a_torch_argument_named_like_a_loop_option_is_prefixed():
     g = _objective(False).value_and_grad(theta0)[1]
     first = theta0 - min(1.0, 1.0 / float(g.abs().sum())) * g
     torch.testing.assert_close(res.trace.rows[1]["theta"], first, rtol=1e-12, atol=1e-14)
-    ref_obj = _objective(False)
-    p = torch.nn.Parameter(ref_obj.initial_theta())
-    opt = torch.optim.LBFGS([p], max_iter=1)
-
-    def closure():
-        f, grad = ref_obj.value_and_grad(p.detach())
-        p.grad = grad.clone()
-        return f
-
-    for _ in range(4):
-        opt.step(closure)
-    torch.testing.assert_close(res.theta, p.detach(), rtol=1e-12, atol=1e-13)
+    ref = _torch_lbfgs_reference(4, max_iter=1)
+    torch.testing.assert_close(res.theta, ref, rtol=1e-12, atol=1e-13)
