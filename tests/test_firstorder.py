@@ -268,3 +268,19 @@ def test_a_torch_argument_named_like_a_loop_option_is_prefixed():
     torch.testing.assert_close(res.trace.rows[1]["theta"], first, rtol=1e-12, atol=1e-14)
     ref = _torch_lbfgs_reference(4, max_iter=1)
     torch.testing.assert_close(res.theta, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_mini_batch_steps_evaluate_once_per_step_on_the_batch_they_start():
+    obj = _objective(True)
+    res = minimize(
+        obj, obj.initial_theta(), method="adam", lr=0.01, max_iter=8, gtol=None, trace_theta=True
+    )
+    assert res.nfev == 9 and res.ngev == 9  # θ₀, then one per step
+    check = _objective(True)
+    for row in res.trace.rows:
+        check.begin_iteration(row["k"])  # row k: θ_k on the batch of iteration k
+        assert float(check.value(row["theta"])) == row["f"]
+    # with a line search (or on a fixed function) every step is still evaluated where it lands
+    obj = _objective(False)
+    res = minimize(obj, obj.initial_theta(), method="adam", lr=0.01, max_iter=8, gtol=None)
+    assert res.nfev == 9
