@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.curvature.kfac import KroneckerFactors, kfac_factors, mlp_structure
+from secondorder.curvature.kfac import kfac_factors, mlp_structure
 from secondorder.linalg import dot64
 from secondorder.solvers.protocol import Direction, Iterate
 
@@ -57,7 +57,7 @@ class KFAC(Direction):
         self._structure = None
 
     # -- the factors -------------------------------------------------------------------------
-    def _update_factors(self, it: Iterate) -> list[KroneckerFactors]:
+    def _update_factors(self, it: Iterate) -> None:
         objective = it.objective
         if self._structure is None:
             self._structure = mlp_structure(objective.model)
@@ -77,7 +77,6 @@ class KFAC(Direction):
             r = self.ema
             self.A = [r * A + (1 - r) * f.A for A, f in zip(self.A, factors)]
             self.G = [r * G + (1 - r) * f.G for G, f in zip(self.G, factors)]
-        return factors
 
     def _gamma(self, it: Iterate) -> float:
         return self.damping + float(getattr(it.objective, "l2_coefficient", 0.0))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from secondorder.objective import Objective
-from secondorder.solvers.linesearch import UnevaluatedStep, evaluator
+from secondorder.solvers.linesearch import evaluator
 from secondorder.solvers.protocol import Iterate
 from secondorder.solvers.registry import MethodEntry, method_entry
 from secondorder.solvers.result import STATUSES, Result, StopRules, Trace
@@ -72,9 +72,7 @@ class _Loop:
         self.counts0 = self.objective.counts.copy()
         self.evaluate = evaluator(self.objective)
         self.solver = self.cfg["solver"]
-        self.deferred = _defers_evaluation(self.objective, self.cfg)
-        if self.deferred:
-            self.solver.rule = UnevaluatedStep()
+        self.deferred = self.cfg["deferred"]  # the new point is evaluated on the next batch
         self.precond = self.cfg["precond"]
         self.neg_iters: list[int] = list(self.base["neg"])
         self.neg_first: str | None = self.base["neg_first"]
@@ -229,24 +227,9 @@ def _start(loop: _Loop, state: dict | None) -> None:
         )
 
 
-def _defers_evaluation(objective: Objective, cfg: dict) -> bool:
-    """A mini-batch step rule (momentum, Adam, a torch.optim step: a fixed step that needs no
-    descent) on a function that changes every iteration: f and ∇f at θ_{k+1} are evaluated
-    once, on the function of iteration k+1, as a training loop does, not also on the old one.
-    The trace's f after step k is then the loss of the batch of iteration k+1 at θ_{k+1}."""
-    solver = cfg["solver"]
-    direction = getattr(solver, "direction", None)
-    return (
-        cfg.get("line_search") is None
-        and direction is not None
-        and not direction.requires_descent
-        and objective.stochastic == "iteration"
-    )
-
-
 def _look_ahead(loop: _Loop) -> bool:
-    """Start the function of the next iteration at the new point (see _defers_evaluation);
-    False when it is not finite there."""
+    """Start the function of the next iteration at the new point (a deferred evaluation, see
+    ``solvers.options``); False when it is not finite there."""
     changed = loop.objective.begin_iteration(loop.k)
     loop.f, loop.g = loop.evaluate(loop.theta)
     if changed:
@@ -303,16 +286,16 @@ def _iterate(loop: _Loop) -> None:
     loop.k += 1
     loop.iterations += 1
     loop.samples += batch or 0
-    if loop.deferred and not _look_ahead(loop):
-        loop.report(loop.row(out.step, dict(it.info)))
-        loop.end("nonfinite", f"the objective became non-finite at iteration {loop.k}")
-        return
+    finite = not loop.deferred or _look_ahead(loop)
     extra = dict(it.info)
     extra.pop("ls_note", None)
     if changed:
         extra["changed"] = True
     if loop.report(loop.row(out.step, extra)):
         loop.end("callback", "the callback asked to stop")
+        return
+    if not finite:
+        loop.end("nonfinite", f"the objective became non-finite at iteration {loop.k}")
         return
     rule = loop.stop.check(
         iterations=loop.iterations,

@@ -85,9 +85,9 @@ class LineSearchMethod:
         d = dr.compute(it)
         dphi0 = dot64(it.g, d)
         restarted = False
-        if not dr.requires_descent and it.fixed_step and math.isfinite(dphi0):
-            pass  # a momentum step, taken as it is with the fixed step α = lr
-        elif not (math.isfinite(dphi0) and dphi0 < 0):
+        # a momentum step (no descent required) is taken as it is with the fixed step α = lr
+        momentum_step = not dr.requires_descent and it.fixed_step and math.isfinite(dphi0)
+        if not momentum_step and not (math.isfinite(dphi0) and dphi0 < 0):
             if self._broken_by_change():
                 return self._changed_failure(
                     it, f"the search direction is not a descent direction, ∇fᵀd = {dphi0:.3g}"

@@ -15,7 +15,7 @@ import torch
 from secondorder._validation import check_choice, check_positive, check_positive_int, closest
 from secondorder.linalg import check_dense_fits
 from secondorder.objective import Objective
-from secondorder.solvers.linesearch import make_step_rule
+from secondorder.solvers.linesearch import UnevaluatedStep, make_step_rule
 from secondorder.solvers.methods import LineSearchMethod, TrustMethod
 from secondorder.solvers.precondition import PRECONDITIONERS, Preconditioner, make_preconditioner
 from secondorder.solvers.registry import (
@@ -105,12 +105,27 @@ def _validate(objective, method: str, line_search, options: dict) -> dict:
     own = _method_options(entry, objective, options)
     cfg["robust"] = own.get("robust", False)
     built = entry.build(own)
+    cfg["deferred"] = _defers_evaluation(objective, ls, built)
+    if cfg["deferred"]:
+        cfg["rule"] = UnevaluatedStep()
     if entry.trust_region is not None:
         cfg["solver"] = TrustMethod(entry, built)
     else:
         cfg["solver"] = LineSearchMethod(entry, built, cfg["rule"], robust=cfg["robust"])
     cfg["initial_state"] = _initial_state(objective, method, options.get("initial_state"))
     return cfg
+
+
+def _defers_evaluation(objective, ls: str | None, built: Any) -> bool:
+    """A mini-batch step (momentum, Adam, a torch.optim step: a fixed step that needs no
+    descent) on a function that changes every iteration: f and ∇f at θ_{k+1} are evaluated
+    once, on the function of iteration k+1, as a training loop does, not also on the old one.
+    The trace's f after step k is then the loss of the batch of iteration k+1 at θ_{k+1}."""
+    return (
+        ls is None
+        and not getattr(built, "requires_descent", True)
+        and getattr(objective, "stochastic", "never") == "iteration"
+    )
 
 
 def _line_search(entry: MethodEntry, line_search) -> str | None:
