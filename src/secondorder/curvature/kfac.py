@@ -15,6 +15,7 @@ sample the factorisation is exact: the block is A ⊗ G itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,14 @@ from torch import Tensor
 from secondorder._validation import check_choice
 from secondorder.curvature.structure import LayerInfo, MLPStructure, analyse_mlp
 
-__all__ = ["KFAC_KINDS", "KroneckerFactors", "kfac_factors", "mlp_structure"]
+__all__ = [
+    "KFAC_KINDS",
+    "KroneckerFactors",
+    "KroneckerInverse",
+    "damped_inverses",
+    "kfac_factors",
+    "mlp_structure",
+]
 
 KFAC_KINDS = ("exact", "mc")
 
@@ -109,3 +117,48 @@ def kfac_factors(
             a = torch.cat([a, a.new_ones(len(a), 1)], 1)
         factors.append(KroneckerFactors(info, (a * w[:, None]).T @ a, g_factor))
     return factors
+
+
+def damped_inverses(A: Tensor, G: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """Factored Tikhonov damping (Martens & Grosse 2015, section 6.3): the inverses of
+    A + π√γ I and G + √γ/π I, with π² = (tr A / dim A) / (tr G / dim G), whose Kronecker
+    product approximates (G ⊗ A + γ I)⁻¹ (exactly when A and G are multiples of I)."""
+    root = math.sqrt(gamma)
+    ta, tg = float(A.trace()) / A.shape[0], float(G.trace()) / G.shape[0]
+    pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+    eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return torch.linalg.inv(A + pi * root * eye_a), torch.linalg.inv(G + root / pi * eye_g)
+
+
+@dataclass
+class KroneckerInverse:
+    """The block-diagonal operator v ↦ (G_l ⊗ A_l)⁻¹ v over the layers, from damped inverses
+    (A_l⁻¹, G_l⁻¹): on layer l, with V the layer's part of v as an (n_out, n_in [+1]) matrix
+    (the bias as a last column), the result is G_l⁻¹ V A_l⁻¹ (A and G are symmetric)."""
+
+    layers: list[LayerInfo]
+    A_inv: list[Tensor]
+    G_inv: list[Tensor]
+
+    @classmethod
+    def from_factors(
+        cls, layers: list[LayerInfo], A: list[Tensor], G: list[Tensor], gamma: float
+    ) -> KroneckerInverse:
+        """Damped inverses of every layer's factors (see :func:`damped_inverses`)."""
+        pairs = [damped_inverses(a, g, gamma) for a, g in zip(A, G)]
+        return cls(list(layers), [p[0] for p in pairs], [p[1] for p in pairs])
+
+    def apply(self, v: Tensor) -> Tensor:
+        """(⊕_l G_l ⊗ A_l)⁻¹ v for a flat v in θ order (entries outside the layers unchanged)."""
+        out = v.clone()
+        for info, A_inv, G_inv in zip(self.layers, self.A_inv, self.G_inv):
+            part = v[info.params]
+            vw = part[: info.n_weight].view(info.n_out, info.n_in)
+            aug = torch.cat([vw, part[info.n_weight :, None]], 1) if info.bias else vw
+            step = G_inv @ aug @ A_inv
+            dst = out[info.params]
+            dst[: info.n_weight] = step[:, : info.n_in].reshape(-1)
+            if info.bias:
+                dst[info.n_weight :] = step[:, info.n_in]
+        return out

@@ -21,20 +21,15 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.curvature.kfac import kfac_factors, mlp_structure
+from secondorder.curvature.kfac import KroneckerInverse, kfac_factors, mlp_structure
 from secondorder.linalg import dot64
 from secondorder.solvers.protocol import Direction, Iterate
 
-__all__ = ["KFAC", "kfac_layer_step"]
+__all__ = ["KFAC"]
 
 
 def _clone(ts: list[Tensor] | None) -> list[Tensor] | None:
     return None if ts is None else [t.detach().clone() for t in ts]
-
-
-def kfac_layer_step(grad_aug: Tensor, A_inv: Tensor, G_inv: Tensor) -> Tensor:
-    """G⁻¹ ∇W̃ A⁻¹ for one layer (∇W̃ of shape (n_out, n_in [+1]))."""
-    return G_inv @ grad_aug @ A_inv
 
 
 class KFAC(Direction):
@@ -82,15 +77,10 @@ class KFAC(Direction):
         return self.damping + float(getattr(it.objective, "l2_coefficient", 0.0))
 
     def _invert(self, it: Iterate) -> None:
-        root = math.sqrt(self._gamma(it))
-        self.A_inv, self.G_inv = [], []
-        for A, G in zip(self.A, self.G):
-            ta, tg = float(A.trace()) / A.shape[0], float(G.trace()) / G.shape[0]
-            pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
-            eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-            eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-            self.A_inv.append(torch.linalg.inv(A + pi * root * eye_a))
-            self.G_inv.append(torch.linalg.inv(G + root / pi * eye_g))
+        inverse = KroneckerInverse.from_factors(
+            self._structure.layers, self.A, self.G, self._gamma(it)
+        )
+        self.A_inv, self.G_inv = inverse.A_inv, inverse.G_inv
 
     # -- the protocol ----------------------------------------------------------------------
     def compute(self, it: Iterate) -> Tensor:
@@ -98,17 +88,8 @@ class KFAC(Direction):
         if self.A_inv is None or self.updates % self.inv_every == 0:
             self._invert(it)
         self.updates += 1
-        d = torch.empty_like(it.g)
-        for info, A_inv, G_inv in zip(self._structure.layers, self.A_inv, self.G_inv):
-            g = it.g[info.params]
-            gw = g[: info.n_weight].view(info.n_out, info.n_in)
-            aug = torch.cat([gw, g[info.n_weight :, None]], 1) if info.bias else gw
-            step = kfac_layer_step(aug, A_inv, G_inv)
-            out = d[info.params]
-            out[: info.n_weight] = -step[:, : info.n_in].reshape(-1)
-            if info.bias:
-                out[info.n_weight :] = -step[:, info.n_in]
-        return d
+        inverse = KroneckerInverse(self._structure.layers, self.A_inv, self.G_inv)
+        return -inverse.apply(it.g)
 
     def initial_step(self, it: Iterate, d: Tensor, dphi0: float) -> float:
         if not self.rescale:
