@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from secondorder.sampling import (
+    EpochBatches,
     FixedBatches,
     FullBatch,
     ReshuffledBatches,
@@ -83,8 +84,33 @@ def test_full_and_subsample():
         (lambda: make_sampler("fixd", 10, batch_size=2), "did you mean 'fixed'"),
         (lambda: make_sampler("full", 10, batch_size=2), "takes no options"),
         (lambda: Subsample(10, 20), "size must be at most"),
+        (lambda: EpochBatches(10, 11), "batch_size must be at most"),
+        (lambda: make_sampler("epoch", 10, batch_size=0), "batch_size"),
     ],
 )
 def test_bad_sampler_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("m,mb", [(103, 10), (60, 20), (5, 5)])
+def test_epoch_batches_walk_a_permutation_per_epoch(m, mb):
+    s = make_sampler("epoch", m, batch_size=mb, seed=3)
+    R = -(-m // mb)
+    for epoch in range(3):
+        batches = [s.batches(epoch * R + j)[0] for j in range(R)]
+        # one epoch is a partition of the data: every sample exactly once
+        np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(m))
+        assert all(len(b) == mb for b in batches[:-1]) and 0 < len(batches[-1]) <= mb
+        for j, b in enumerate(batches):
+            w = s.weights(epoch * R + j)
+            np.testing.assert_array_equal(w.indices, b)
+            np.testing.assert_allclose(w.weights, 1.0 / len(b))
+    # a pure function of (seed, version): a fresh sampler, asked out of order, agrees
+    t = EpochBatches(m, mb, seed=3)
+    for k in (2 * R + 1, 0, R):
+        np.testing.assert_array_equal(t.batches(k)[0], s.batches(k)[0])
+    if m > mb:  # epochs differ, and so do seeds
+        assert not np.array_equal(s.batches(0)[0], s.batches(R)[0])
+        assert not np.array_equal(s.batches(0)[0], EpochBatches(m, mb, seed=4).batches(0)[0])
+    assert s.changes == "iteration" and s.version(7) == 7

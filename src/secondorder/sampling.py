@@ -15,6 +15,9 @@ the version stays the same. ``FullBatch`` and ``FixedBatches`` never change (ver
 ``ReshuffledBatches`` draws new batches at the start of every iteration (``every="iteration"``:
 version k), or on every evaluation (``every="evaluation"``: the version is the evaluation count,
 so even a line search sees a moving function, which is what breaks L-BFGS and nonlinear CG).
+``EpochBatches`` is the mini-batch sampler of stochastic training: one batch per iteration,
+walking through a fresh permutation of the data each epoch (iteration k takes batch k mod R of
+epoch ⌊k/R⌋, R = ⌈m/m_b⌉, so every epoch sees every sample once).
 Solvers call ``Objective.begin_iteration(k)`` at the top of iteration k, which returns whether
 the function changed; they never pick batches themselves.
 
@@ -33,6 +36,7 @@ import torch
 from secondorder._validation import check_choice, check_positive_int
 
 __all__ = [
+    "EpochBatches",
     "FixedBatches",
     "FullBatch",
     "ReshuffledBatches",
@@ -194,6 +198,45 @@ class ReshuffledBatches(_Batched):
         return {**super().config(), "every": self.changes}
 
 
+class EpochBatches(Sampler):
+    """One mini-batch per iteration, epoch by epoch: iteration k uses batch j = k mod R of the
+    permutation of epoch e = ⌊k/R⌋ (R = ⌈m/m_b⌉; the last batch of an epoch holds the
+    remainder), each sample weighted 1/|B|. One draw costs O(m_b) once the epoch's
+    permutation is known (one O(m) permutation per epoch, a pure function of (seed, e))."""
+
+    kind = "epoch"
+    changes = "iteration"
+
+    def __init__(self, m: int, batch_size: int, seed: int = 0):
+        super().__init__(m)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        if batch_size > m:
+            raise ValueError(
+                f"batch_size must be at most the number of samples m={m}, got {batch_size}"
+            )
+        self.seed = int(seed)
+        self.per_epoch = math.ceil(m / batch_size)
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            self._epoch = (epoch, rng.permutation(self.m))
+        return self._epoch[1]
+
+    def batches(self, version: int) -> list[np.ndarray]:
+        epoch, j = divmod(int(version), self.per_epoch)
+        b = self.batch_size
+        return [np.sort(self._permutation(epoch)[j * b : (j + 1) * b])]
+
+    def weights(self, version: int) -> SampleWeights:
+        (idx,) = self.batches(version)
+        return SampleWeights(idx, np.full(len(idx), 1.0 / len(idx)))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "m": self.m, "batch_size": self.batch_size, "seed": self.seed}
+
+
 class Subsample(Sampler):
     """A fixed random subset of ``size`` samples, e.g. a separate curvature sample."""
 
@@ -220,13 +263,15 @@ SAMPLER_CLASSES: dict[str, type[Sampler]] = {
     "full": FullBatch,
     "fixed": FixedBatches,
     "reshuffled": ReshuffledBatches,
+    "epoch": EpochBatches,
     "subsample": Subsample,
 }
 SAMPLERS = tuple(SAMPLER_CLASSES)
 
 
 def make_sampler(kind: str, m: int, **options) -> Sampler:
-    """A sampler by name: ``"full"``, ``"fixed"``, ``"reshuffled"`` or ``"subsample"``."""
+    """A sampler by name: ``"full"``, ``"fixed"``, ``"reshuffled"``, ``"epoch"`` or
+    ``"subsample"``."""
     check_choice("sampler", kind, SAMPLERS)
     if kind == "full" and options:
         raise TypeError(f"sampler 'full' takes no options, got {sorted(options)}")

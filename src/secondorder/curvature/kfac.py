@@ -74,16 +74,21 @@ def kfac_factors(
     which: str = "curvature",
     generator: torch.Generator | None = None,
     structure: MLPStructure | None = None,
+    max_samples: int | None = None,
 ) -> list[KroneckerFactors]:
     """The Kronecker factors (A, G) of every layer of a
     :class:`~secondorder.objective.ModelObjective` at θ, over the samples and eq.-28 weights
     of its current function (``which="curvature"``: its curvature subsample when it has one).
 
     ``kind="exact"`` back-propagates the columns of L with H_z = L Lᵀ (one backward pass per
-    output); ``kind="mc"`` one gradient of the loss at targets drawn from the model."""
+    output); ``kind="mc"`` one gradient of the loss at targets drawn from the model.
+    ``max_samples`` keeps the first n samples (weights renormalised): a cheaper estimate."""
     check_choice("kind", kind, KFAC_KINDS)
     struct = structure if structure is not None else mlp_structure(objective.model)
     X, y, w = objective.samples(which)
+    if max_samples is not None and max_samples < len(X):
+        X, y, w = X[:max_samples], y[:max_samples], w[:max_samples]
+        w = w / w.sum()
     inputs: list[Tensor] = []
     outputs: list[Tensor] = []
 

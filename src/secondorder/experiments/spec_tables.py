@@ -147,6 +147,10 @@ SAMPLER: dict[str, dict[str, F]] = {
         "seed": F("int", 0, minimum=0),
         "every": F("str", "iteration", choices=("iteration", "evaluation")),
     },
+    "epoch": {
+        "batch_size": F("int", required=True, minimum=1),
+        "seed": F("int", 0, minimum=0),
+    },
     "subsample": {"size": F("int", required=True, minimum=1), "seed": F("int", 0, minimum=0)},
 }
 SOLVER: dict[str, F] = {

@@ -45,7 +45,8 @@ def _gnorm(g: Tensor) -> float:
 
 
 def _finite(f: float, g: Tensor) -> bool:
-    return math.isfinite(f) and bool(torch.isfinite(g).all())
+    # max |g_i| is NaN or inf exactly when some g_i is (max propagates NaN)
+    return math.isfinite(f) and math.isfinite(_gnorm(g))
 
 
 @dataclass

@@ -447,7 +447,17 @@ register(
     MethodEntry(
         "kfac",
         "K-FAC",
-        lambda o: KFAC(o["damping"], o["kind"], o["ema"], o["inv_every"], o["rescale"], o["seed"]),
+        lambda o: KFAC(
+            o["damping"],
+            o["kind"],
+            o["ema"],
+            o["inv_every"],
+            o["rescale"],
+            o["seed"],
+            momentum=o["momentum"],
+            factor_samples=o["factor_samples"],
+            adapt_damping=o["adapt_damping"],
+        ),
         (
             Option("damping", 1e-3, check_positive),
             Option("kind", "exact", choice(KFAC_KINDS), requires=_needs_mlp),
@@ -455,6 +465,9 @@ register(
             Option("inv_every", 1, check_positive_int),
             Option("rescale", True, check_bool),
             Option("seed", 0, lambda a, v: check_positive_int(a, v, allow_zero=True)),
+            Option("momentum", False, check_bool),
+            Option("factor_samples", None, optional(check_positive_int)),
+            Option("adapt_damping", 0, lambda a, v: check_positive_int(a, v, allow_zero=True)),
         ),
         line_search="armijo",
         preconditioned=False,
