@@ -43,8 +43,12 @@ def start() -> torch.Tensor:
 
 # the mini-batch first-order references take a fixed step lr and do not converge to a gtol
 # (checked against torch.optim step for step in tests/test_firstorder.py); K-FAC needs a
-# network (checked against the exact curvature engine in tests/test_kfac.py)
-FULL_BATCH_METHODS = [m for m in METHODS if m not in ("sgd", "adam", "kfac")]
+# network (checked against the exact curvature engine in tests/test_kfac.py); so does sqn's
+# default Gauss-Newton curvature, and it takes a fixed step too
+# (tests/test_stochastic_second_order.py)
+FULL_BATCH_METHODS = [m for m in METHODS if m not in ("sgd", "adam", "kfac", "sqn")]
+#: options a method needs on a plain function (no network, so no Gauss-Newton matrix)
+ON_FUNCTIONS = {"hessian-free": {"curvature": "hessian"}}
 
 
 # -- Rosenbrock -----------------------------------------------------------------------------------
@@ -52,7 +56,7 @@ FULL_BATCH_METHODS = [m for m in METHODS if m not in ("sgd", "adam", "kfac")]
 @pytest.mark.parametrize("method", [m for m in FULL_BATCH_METHODS if m != "gd"])
 def test_rosenbrock_converges(method, b):
     obj = rosen_obj(b)
-    res = minimize(obj, start(), method=method)
+    res = minimize(obj, start(), method=method, **ON_FUNCTIONS.get(method, {}))
     assert isinstance(res, Result)
     assert res.success, res.message
     assert res.status == "gtol"
@@ -318,7 +322,13 @@ def _spd(n=6, seed=0):
 @pytest.mark.parametrize("method", FULL_BATCH_METHODS)
 def test_quadratic_known_minimiser(method):
     A, b = _spd()
-    res = minimize(quadratic(A, b), torch.zeros(6, dtype=D), method=method, max_iter=20000)
+    res = minimize(
+        quadratic(A, b),
+        torch.zeros(6, dtype=D),
+        method=method,
+        max_iter=20000,
+        **ON_FUNCTIONS.get(method, {}),
+    )
     assert res.success, res.message
     assert torch.allclose(res.theta, torch.linalg.solve(A, b), atol=1e-8)
     if method == "newton":
@@ -471,6 +481,8 @@ def test_resume_is_exact(method, problem, two_class):
         return o, o.initial_theta()
 
     kw = {"gtol": 1e-30, "robust": True} if method in ("lbfgs", "nlcg", "bfgs") else {"gtol": 1e-30}
+    if problem == "rosenbrock":
+        kw.update(ON_FUNCTIONS.get(method, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         o, t0 = make()

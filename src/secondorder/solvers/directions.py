@@ -28,6 +28,7 @@ base class :class:`Direction` in :mod:`secondorder.solvers.protocol`; both are r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +138,14 @@ def conjugate_gradient(
     x0: Tensor | None = None,
     rtol: float = 0.5,
     max_iter: int = 250,
+    record: Callable[[int, Tensor, float], None] | None = None,
 ) -> CGResult:
     """Approximately minimise q(x) = ½xᵀ(B + λI)x + gᵀx by preconditioned CG.
 
     Stops when ‖(B + λI)x + g‖ ≤ rtol·‖g‖, after ``max_iter`` steps, or at a direction p of
     non-positive curvature pᵀ(B + λI)p ≤ 0 (returning the last iterate; on the first step
-    from x = 0 it returns −M⁻¹g instead). Also reports xᵀBx for the model reduction."""
+    from x = 0 it returns −M⁻¹g instead). Also reports xᵀBx for the model reduction.
+    ``record(j, x_j, x_jᵀ(B + λI)x_j)``, when given, sees every iterate (j = 1, 2, …)."""
     minv = minv or (lambda v: v)
     gnorm = norm64(g)
     tol = rtol * gnorm
@@ -193,8 +196,19 @@ def conjugate_gradient(
         p = -z + (rz_new / rz) * p
         rz = rz_new
         j += 1
+        if record is not None:
+            record(j, x, xAx)
     xBx = xAx - damping * dot64(x, x) if math.isfinite(xAx) else float("nan")
     return CGResult(x, j, rnorm / gnorm if gnorm else 0.0, rnorm <= tol, neg, curv, xBx)
+
+
+def negative_curvature_note(res: CGResult, curvature: str) -> str:
+    """Where CG met negative curvature, in words (for the run's message)."""
+    kind = "Hessian" if curvature == "hessian" else "Gauss-Newton matrix"
+    return (
+        f"negative curvature of the {kind} met in CG step {res.iterations + 1} "
+        f"(pᵀBp/pᵀp = {res.curvature:.3g})"
+    )
 
 
 class NewtonCG(Direction):
@@ -248,11 +262,7 @@ class NewtonCG(Direction):
         if self.damping:
             it.info["damping"] = self.damping
         if res.negative_curvature:
-            kind = "Hessian" if self.curvature == "hessian" else "Gauss-Newton matrix"
-            it.negative_curvature = (
-                f"negative curvature of the {kind} met in CG step {res.iterations + 1} "
-                f"(pᵀBp/pᵀp = {res.curvature:.3g})"
-            )
+            it.negative_curvature = negative_curvature_note(res, self.curvature)
         d = res.x
         self.p_prev = d.detach().clone()
         self._model = (dot64(g, d), res.xBx)

@@ -205,7 +205,8 @@ def _start(loop: _Loop, state: dict | None) -> None:
         carried = objective.begin_iteration(loop.k)
         if state.get("version") is not None:
             carried = objective.version != state["version"]
-        loop.carried = carried
+        # a deferred evaluation may have started the new function before the interruption
+        loop.carried = carried or bool(state.get("carried", False))
         if carried or state.get("g") is None:
             loop.f, loop.g = loop.evaluate(loop.theta)
             loop.changes += int(carried)
@@ -429,6 +430,7 @@ def _result(loop: _Loop, message: str) -> Result:
         "solver": loop.solver.state_dict(),
         "precond": {} if precond is None else precond.state_dict(),
         "version": loop.objective.version,  # the function that f and g belong to
+        "carried": loop.carried,  # the next iteration starts on a function that changed
         "evaluations": loop.objective.sampling_state()["evaluations"],
     }
     return result

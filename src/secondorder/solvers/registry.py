@@ -31,8 +31,10 @@ from secondorder.solvers.directions import (
     SteepestDescent,
 )
 from secondorder.solvers.firstorder import Adam, MomentumSGD
+from secondorder.solvers.hessianfree import HessianFree
 from secondorder.solvers.kfac import KFAC
 from secondorder.solvers.quasinewton import BFGS, LBFGS
+from secondorder.solvers.sqn import SQN
 from secondorder.solvers.torchstep import TorchOptimizerStep, torch_optimizer_class
 from secondorder.solvers.trust import ARC, TrustNCG
 
@@ -470,6 +472,51 @@ register(
             Option("adapt_damping", 0, lambda a, v: check_positive_int(a, v, allow_zero=True)),
         ),
         line_search="armijo",
+        preconditioned=False,
+    )
+)
+
+
+def _fraction(arg: str, value: Any) -> float:
+    """A number in [0, 1]."""
+    value = check_positive(arg, value, allow_zero=True)
+    if value > 1:
+        raise ValueError(f"{arg} must lie in [0, 1], got {value}")
+    return value
+
+
+_GGN_FIRST = Option("curvature", "ggn", choice(CURVATURES), requires=_needs_ggn)
+register(
+    MethodEntry(
+        "hessian-free",
+        "Hessian-free",
+        lambda o: HessianFree(
+            o["curvature"], o["damping"], o["max_cg"], o["cg_tol"], o["warm_start"], o["backtrack"]
+        ),
+        (
+            _GGN_FIRST,
+            Option("damping", 1.0, _nonnegative),
+            Option("max_cg", 250, check_positive_int),
+            _CG_TOL,
+            Option("warm_start", 0.95, _fraction),
+            Option("backtrack", True, check_bool),
+        ),
+        line_search="armijo",
+    )
+)
+register(
+    MethodEntry(
+        "sqn",
+        "SQN",
+        lambda o: SQN(o["memory"], o["pair_every"], o["curvature"], o["decay"]),
+        (
+            Option("memory", 10, check_positive_int),
+            Option("pair_every", 10, check_positive_int),
+            _GGN_FIRST,
+            Option("decay", 0.0, _nonnegative),
+        ),
+        line_search="fixed",
+        lr=0.1,
         preconditioned=False,
     )
 )
