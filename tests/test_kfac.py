@@ -247,3 +247,17 @@ def test_kfac_with_momentum_and_adaptive_damping_resumes_exactly():
     assert torch.equal(rest.theta, whole.theta)
     with pytest.raises(ValueError, match="momentum=True needs rescale=True"):
         minimize(obj, obj.initial_theta(), method="kfac", momentum=True, rescale=False)
+
+
+def test_gauss_newton_products_on_the_first_samples_equal_those_of_the_subset():
+    X, y = _data(60, "cross_entropy", 3)
+    model = mlp([4, 5, 3], "tanh", seed=2, dtype=D)
+    whole = ModelObjective(model, "cross_entropy", (X, y), l2=0.1)
+    part = ModelObjective(model, "cross_entropy", (X[:25], y[:25]), l2=0.1)
+    theta = whole.initial_theta()
+    v = torch.randn(whole.n_params, generator=torch.Generator().manual_seed(3), dtype=D)
+    torch.testing.assert_close(
+        whole.ggnvp_at(theta, max_samples=25)(v), part.ggnvp(theta, v), rtol=1e-12, atol=1e-14
+    )
+    Xs, ys, ws = whole.samples(max_samples=25)
+    assert torch.equal(Xs, X[:25]) and float(ws.sum()) == pytest.approx(1.0, abs=1e-15)

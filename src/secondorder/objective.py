@@ -413,12 +413,23 @@ class ModelObjective(Objective):
     def batch_size(self) -> int:
         return int(self.samples("value")[0].shape[0])
 
-    def samples(self, which: str = "value") -> tuple[Tensor, Tensor, Tensor]:
+    def samples(
+        self, which: str = "value", *, max_samples: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(X, y, w) of the current function: the sampler's samples and eq.-28 weights.
 
         ``which`` is ``"value"`` (value and gradient) or ``"curvature"`` (Hessian and
         Gauss–Newton products; the same as ``"value"`` without a ``curvature_sampler``).
+        ``max_samples=n`` keeps the first n of them, weights renormalised to sum to one (a
+        cheaper estimate on a random subset: the samplers' batches are random).
         """
+        X, y, w = self._samples(which)
+        if max_samples is not None and max_samples < len(X):
+            X, y, w = X[:max_samples], y[:max_samples], w[:max_samples]
+            w = w / w.sum()
+        return X, y, w
+
+    def _samples(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
         if which == "curvature" and self.curvature_sampler is None:
             which = "value"
         sampler = self.curvature_sampler if which == "curvature" else self.sampler
@@ -489,14 +500,17 @@ class ModelObjective(Objective):
 
         return product
 
-    def ggnvp_at(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
-        """v ↦ (Σ_i w_i J_iᵀ H_{z,i} J_i + c·diag(mask)) v, with J_i = ∂f(x_i)/∂θ.
+    def ggnvp_at(
+        self, theta: Tensor, *, max_samples: int | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """v ↦ (Σ_i w_i J_iᵀ H_{z,i} J_i + c·diag(mask)) v, with J_i = ∂f(x_i)/∂θ, over the
+        curvature samples (the first ``max_samples`` of them, see :meth:`samples`).
 
         Jv comes from differentiating the vector-Jacobian product u ↦ Jᵀu with respect to u
         (the graph is built once), H_z v from the loss's closed form, Jᵀ(·) from one backward.
         """
         theta = self.check_theta(theta)
-        X, y, w = self.samples("curvature")
+        X, y, w = self.samples("curvature", max_samples=max_samples)
         t = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.forward(t, X)

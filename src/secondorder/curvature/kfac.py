@@ -85,10 +85,7 @@ def kfac_factors(
     ``max_samples`` keeps the first n samples (weights renormalised): a cheaper estimate."""
     check_choice("kind", kind, KFAC_KINDS)
     struct = structure if structure is not None else mlp_structure(objective.model)
-    X, y, w = objective.samples(which)
-    if max_samples is not None and max_samples < len(X):
-        X, y, w = X[:max_samples], y[:max_samples], w[:max_samples]
-        w = w / w.sum()
+    X, y, w = objective.samples(which, max_samples=max_samples)
     inputs: list[Tensor] = []
     outputs: list[Tensor] = []
 

@@ -3,7 +3,8 @@
 Each layer's Gauss–Newton block is approximated by G ⊗ A (see
 :mod:`secondorder.curvature.kfac`), with running averages A ← ρA + (1 − ρ)A_k (the same for
 G, ρ = ``ema``) over the functions of successive iterations, estimated on the first
-``factor_samples`` samples of each batch (all by default). With factored Tikhonov damping
+``factor_samples`` samples of each batch (all by default; the quadratic model's Gauss–Newton
+products below use the same samples). With factored Tikhonov damping
 γ = λ + c (λ = ``damping``, c the L2 coefficient, whose curvature is cI on the weights) the
 preconditioned gradient of layer l is
 
@@ -118,8 +119,9 @@ class KFAC(Direction):
             self.G = [f.G for f in factors]
         else:
             r = self.ema
-            self.A = [r * A + (1 - r) * f.A for A, f in zip(self.A, factors)]
-            self.G = [r * G + (1 - r) * f.G for G, f in zip(self.G, factors)]
+            for A, G, f in zip(self.A, self.G, factors):  # in place: no new P×P arrays
+                A.mul_(r).add_(f.A, alpha=1 - r)
+                G.mul_(r).add_(f.G, alpha=1 - r)
 
     def _gamma(self, it: Iterate) -> float:
         return self.damping + float(getattr(it.objective, "l2_coefficient", 0.0))
@@ -134,7 +136,7 @@ class KFAC(Direction):
     def _scaled(self, it: Iterate, delta: Tensor) -> Tensor:
         """α Δ (+ μ δ): the quadratic model's minimiser (see module doc); sets the model."""
         gamma = self._gamma(it)
-        product = it.objective.ggnvp_at(it.theta)
+        product = it.objective.ggnvp_at(it.theta, max_samples=self.factor_samples)
         g_d = dot64(it.g, delta)
         Bd = product(delta)
         d_Bd = dot64(delta, Bd) + gamma * dot64(delta, delta)
