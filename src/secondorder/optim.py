@@ -1,9 +1,11 @@
-"""``torch.optim.Optimizer`` faces of the solvers: :class:`LBFGS`, :class:`NLCG`, :class:`NewtonCG`.
+"""``torch.optim.Optimizer`` faces of the solvers: :class:`LBFGS`, :class:`NLCG`, :class:`NewtonCG`
+(and :class:`~secondorder.optim_kfac.KFAC`, K-FAC for MLPs, defined in
+:mod:`secondorder.optim_kfac` and exported here).
 
-All three take an iterable of parameters (any number of tensors, flattened internally into
-one vector in the order given) and a ``step(closure)`` like ``torch.optim.LBFGS``: the
-closure re-evaluates the model and returns the loss. One ``step`` runs up to ``max_iter``
-iterations.
+LBFGS, NLCG and NewtonCG take an iterable of parameters (any number of tensors, flattened
+internally into one vector in the order given) and a ``step(closure)`` like
+``torch.optim.LBFGS``: the closure re-evaluates the model and returns the loss. One ``step``
+runs up to ``max_iter`` iterations.
 
 Closure contract
 ----------------
@@ -43,6 +45,7 @@ import torch
 from torch import Tensor
 
 from secondorder._validation import check_choice
+from secondorder.optim_kfac import KFAC
 from secondorder.solvers import minimize
 from secondorder.solvers.closure import ClosureObjective, FlatParams, loss_and_grad
 from secondorder.solvers.directions import NLCG_VARIANTS
@@ -50,7 +53,7 @@ from secondorder.solvers.line import LineFunction
 from secondorder.solvers.quasinewton import two_loop
 from secondorder.solvers.wolfe import strong_wolfe_search
 
-__all__ = ["LBFGS", "NLCG", "NewtonCG"]
+__all__ = ["KFAC", "LBFGS", "NLCG", "NewtonCG"]
 
 
 def _single_group(opt: torch.optim.Optimizer, name: str) -> list[Tensor]:

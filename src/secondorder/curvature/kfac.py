@@ -30,6 +30,7 @@ __all__ = [
     "KroneckerInverse",
     "damped_inverses",
     "kfac_factors",
+    "layer_factors",
     "mlp_structure",
 ]
 
@@ -106,19 +107,23 @@ def kfac_factors(
         columns = [L[:, :, c] for c in range(L.shape[2])]
     else:
         columns = [loss.grad_output(z.detach(), loss.sample_targets(z.detach(), generator))]
-    G = [None] * len(outputs)
+    per_layer: list[list[Tensor]] = [[] for _ in outputs]
     for i, col in enumerate(columns):
         grads = torch.autograd.grad(z, outputs, col, retain_graph=i + 1 < len(columns))
         for j, g in enumerate(grads):
-            term = (g * w[:, None]).T @ g
-            G[j] = term if G[j] is None else G[j] + term
-    factors = []
-    for info, a, g_factor in zip(struct.layers, inputs, G):
-        a = a.reshape(len(a), -1)
-        if info.bias:
-            a = torch.cat([a, a.new_ones(len(a), 1)], 1)
-        factors.append(KroneckerFactors(info, (a * w[:, None]).T @ a, g_factor))
-    return factors
+            per_layer[j].append(g)
+    return [layer_factors(*args, w) for args in zip(struct.layers, inputs, per_layer)]
+
+
+def layer_factors(info: LayerInfo, a: Tensor, grads: list[Tensor], w: Tensor) -> KroneckerFactors:
+    """One layer's factors from its per-sample inputs a (m, n_in) and per-sample output
+    gradients (one (m, n_out) tensor per back-propagated column c), weights w (m,):
+    A = Σ_i w_i ã_i ã_iᵀ with ã = (a, 1) when the layer has a bias, G = Σ_c Σ_i w_i g_ic g_icᵀ."""
+    a = a.reshape(len(a), -1)
+    if info.bias:
+        a = torch.cat([a, a.new_ones(len(a), 1)], 1)
+    G = sum((g * w[:, None]).T @ g for g in grads)
+    return KroneckerFactors(info, (a * w[:, None]).T @ a, G)
 
 
 def damped_inverses(A: Tensor, G: Tensor, gamma: float) -> tuple[Tensor, Tensor]:

@@ -103,6 +103,7 @@ def minimize(
     Common options: ``max_iter`` (1000), ``gtol`` (on ‖∇f‖∞; default max(1e-9, eps^(2/3)) of
     the dtype), ``ftol`` (eq. 29, off by default), ``max_evals``, ``max_time`` (seconds),
     ``callback(info) -> True | dict | None``, ``preconditioner``, ``precondition_every``,
+    ``precondition_damping`` (the γ of ``preconditioner="kfac"``),
     ``verbose``, ``initial_state`` (a previous ``Result.state``: continue that run),
     ``check_saddle`` (second-order methods: on convergence, test the Hessian for a negative
     eigenvalue), ``trace_theta`` (store θ in every trace row). Line-search options: ``lr`` (or

@@ -17,7 +17,12 @@ from secondorder.linalg import check_dense_fits
 from secondorder.objective import Objective
 from secondorder.solvers.linesearch import UnevaluatedStep, make_step_rule
 from secondorder.solvers.methods import LineSearchMethod, TrustMethod
-from secondorder.solvers.precondition import PRECONDITIONERS, Preconditioner, make_preconditioner
+from secondorder.solvers.precondition import (
+    PRECONDITIONERS,
+    Preconditioner,
+    check_kfac_damping,
+    make_preconditioner,
+)
 from secondorder.solvers.registry import (
     LINE_SEARCH_OPTIONS,
     PRECONDITIONER_OPTIONS,
@@ -81,8 +86,8 @@ def validate_options(
 
     ``objective_or_n_params`` is the :class:`~secondorder.objective.Objective` or just its
     number of parameters; with a number, the checks that need the objective itself (Gauss–
-    Newton products for ``curvature="ggn"`` / ``"ggn-diag"``, a ModelObjective for ``"eq14"``)
-    are skipped and the default dtype stands for the objective's.
+    Newton products for ``curvature="ggn"`` / ``"ggn-diag"``, a ModelObjective for ``"eq14"``
+    and ``"kfac"``) are skipped and the default dtype stands for the objective's.
 
     Returns the resolved configuration: ``method``, ``line_search`` (the step rule's name, or
     None for a fixed step), ``max_iter``, ``gtol``, ``ftol``, ``max_evals``, ``max_time``,
@@ -227,22 +232,31 @@ def _step_rule(cfg: dict, entry: MethodEntry, ls: str | None, options: dict) -> 
 
 
 def _preconditioner(entry: MethodEntry, objective, options: dict) -> Preconditioner | None:
-    """``preconditioner`` and ``precondition_every``; trust regions take diagonals only."""
+    """``preconditioner``, ``precondition_every`` and ``precondition_damping``; trust regions
+    take diagonals only."""
     if "precondition_every" in options:
         every = check_positive_int("precondition_every", options["precondition_every"])
     else:
         every = 1
     spec = options.get("preconditioner")
+    damping = options.get("precondition_damping")
     if isinstance(objective, _SizeOnly) and isinstance(spec, str):
         check_choice("preconditioner", spec, PRECONDITIONERS)  # its needs are unknown here
+        check_kfac_damping(spec, damping)
         precond = Preconditioner(spec, every=every)
     else:
-        precond = make_preconditioner(spec, objective, every=every)
-    if entry.trust_region is not None and precond is not None and precond.kind == "callable":
-        raise ValueError(
-            f"method={entry.name!r} takes a diagonal preconditioner (a name or a tensor), not a "
-            "callable"
-        )
+        precond = make_preconditioner(spec, objective, every=every, damping=damping)
+    if entry.trust_region is not None and precond is not None:
+        if precond.kind == "callable":
+            raise ValueError(
+                f"method={entry.name!r} takes a diagonal preconditioner (a name or a tensor), "
+                "not a callable"
+            )
+        if precond.kind == "kfac":
+            raise ValueError(
+                f"method={entry.name!r} takes a diagonal preconditioner; 'kfac' is "
+                "block-diagonal (use it with gd, newton-cg, nlcg, bfgs, lbfgs or sgd)"
+            )
     return precond
 
 

@@ -13,6 +13,11 @@
   for a ModelObjective with equal sample weights and the default L2 convention, otherwise
   computed here from the objective's products: exactly, one product per coordinate, up to
   ``exact_limit`` parameters, else by Hutchinson's estimator E[z ⊙ Bz] with Rademacher z;
+- ``"kfac"`` — K-FAC's block-diagonal M = ⊕_l (G_l + √γ/π I) ⊗ (A_l + π√γ I) over the
+  ``nn.Linear`` layers of a ModelObjective's sequential MLP (factored Tikhonov damping of
+  G ⊗ A + γI, see :mod:`secondorder.curvature.kfac`), with the exact-GGN factors of the
+  current curvature samples and γ = ``damping`` (``precondition_damping``, default 1e-3, as
+  ``method="kfac"``) + the objective's L2 coefficient; M⁻¹v = G⁻¹ V A⁻¹ layer by layer;
 - a tensor of positive diagonal values of M;
 - a callable v ↦ M⁻¹v.
 
@@ -33,12 +38,23 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from secondorder import curvature
-from secondorder._validation import check_choice
+from secondorder._validation import check_choice, check_positive
+from secondorder.curvature.kfac import KroneckerInverse, kfac_factors, mlp_structure
+from secondorder.curvature.structure import MLPStructure
 from secondorder.objective import ModelObjective, Objective
 
-__all__ = ["PRECONDITIONERS", "Preconditioner", "make_preconditioner"]
+__all__ = [
+    "KFAC_PRECONDITION_DAMPING",
+    "check_kfac_damping",
+    "PRECONDITIONERS",
+    "KFACPreconditioner",
+    "Preconditioner",
+    "make_preconditioner",
+]
 
-PRECONDITIONERS = ("eq14", "hessian-diag", "ggn-diag")
+PRECONDITIONERS = ("eq14", "hessian-diag", "ggn-diag", "kfac")
+#: γ of ``preconditioner="kfac"`` unless ``precondition_damping`` is given (method="kfac"'s)
+KFAC_PRECONDITION_DAMPING = 1e-3
 
 
 class Preconditioner:
@@ -74,6 +90,12 @@ class Preconditioner:
     @property
     def named(self) -> bool:
         return self.kind in PRECONDITIONERS
+
+    @property
+    def approximates_curvature(self) -> bool:
+        """M stands for the curvature itself (not only its shape), so L-BFGS scales
+        H₀ = γM⁻¹ by γ = sᵀy / yᵀM⁻¹y; a callable's M⁻¹ is scaled by sᵀy / yᵀy."""
+        return self.kind != "callable"
 
     def apply(self, v: Tensor) -> Tensor:
         """M⁻¹ v."""
@@ -142,12 +164,106 @@ def _floor(diag: Tensor) -> Tensor:
     return diag.clamp_min(delta)
 
 
-def make_preconditioner(spec, objective, *, every: int = 1) -> Preconditioner | None:
-    """Validate ``spec`` (see module doc) without evaluating anything."""
+class KFACPreconditioner(Preconditioner):
+    """M⁻¹ = ⊕_l (G_l ⊗ A_l)⁻¹ from damped inverses of the exact-GGN Kronecker factors at
+    the current θ (see module doc), recomputed every ``every`` iterations."""
+
+    def __init__(self, structure: MLPStructure, *, every: int = 1, damping: float) -> None:
+        super().__init__("kfac", every=every)
+        self.structure = structure
+        self.damping = damping
+        self.A: list[Tensor] | None = None
+        self.G: list[Tensor] | None = None
+        self.A_inv: list[Tensor] | None = None
+        self.G_inv: list[Tensor] | None = None
+
+    @property
+    def is_diagonal(self) -> bool:
+        return False
+
+    def inverse_diagonal(self) -> Tensor | None:
+        return None
+
+    def apply(self, v: Tensor) -> Tensor:
+        """M⁻¹ v, layer by layer G⁻¹ V A⁻¹."""
+        if self.A_inv is None:
+            raise RuntimeError("the preconditioner was not computed yet (call update first)")
+        return KroneckerInverse(list(self.structure.layers), self.A_inv, self.G_inv).apply(v)
+
+    __call__ = apply
+
+    def update(self, objective, theta: Tensor, k: int) -> bool:
+        """New factors and damped inverses at θ when due; return whether they changed."""
+        if self.A_inv is not None and self._last_k is not None and k - self._last_k < self.every:
+            return False
+        factors = kfac_factors(objective, theta, kind="exact", structure=self.structure)
+        gamma = self.damping + float(getattr(objective, "l2_coefficient", 0.0))
+        self.A, self.G = [f.A for f in factors], [f.G for f in factors]
+        inverse = KroneckerInverse.from_factors(self.structure.layers, self.A, self.G, gamma)
+        self.A_inv, self.G_inv = inverse.A_inv, inverse.G_inv
+        self._last_k = k
+        self.updates += 1
+        return True
+
+    def state_dict(self) -> dict:
+        def copy_of(ts):
+            return None if ts is None else [t.clone() for t in ts]
+
+        return {
+            "A": copy_of(self.A),
+            "G": copy_of(self.G),
+            "A_inv": copy_of(self.A_inv),
+            "G_inv": copy_of(self.G_inv),
+            "last_k": self._last_k,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.A, self.G = state.get("A"), state.get("G")
+            self.A_inv, self.G_inv = state.get("A_inv"), state.get("G_inv")
+            self._last_k = state.get("last_k")
+            self.updates = state.get("updates", 0)
+
+
+def _kfac_preconditioner(objective, every: int, damping: float | None) -> KFACPreconditioner:
+    """``preconditioner="kfac"``: a ModelObjective over an MLP K-FAC can factor."""
+    if not hasattr(objective, "model") or not hasattr(objective, "samples"):
+        raise ValueError(
+            "preconditioner='kfac' needs a ModelObjective (a network and its data), got "
+            f"{type(objective).__name__}"
+        )
+    structure = mlp_structure(objective.model)
+    gamma = KFAC_PRECONDITION_DAMPING if damping is None else damping
+    return KFACPreconditioner(structure, every=every, damping=gamma)
+
+
+def check_kfac_damping(spec, damping: float | None) -> float | None:
+    """``precondition_damping``: a positive number, given with ``preconditioner="kfac"`` only."""
+    if damping is None:
+        return None
+    damping = check_positive("precondition_damping", damping)
+    if not (isinstance(spec, str) and spec == "kfac"):
+        given = repr(spec) if spec is None or isinstance(spec, str) else type(spec).__name__
+        raise ValueError(
+            "precondition_damping applies to preconditioner='kfac' only, got "
+            f"preconditioner={given}"
+        )
+    return damping
+
+
+def make_preconditioner(
+    spec, objective, *, every: int = 1, damping: float | None = None
+) -> Preconditioner | None:
+    """Validate ``spec`` (see module doc) without evaluating anything; ``damping`` is the γ
+    of ``"kfac"`` (None: :data:`KFAC_PRECONDITION_DAMPING`)."""
+    damping = check_kfac_damping(spec, damping)
     if spec is None:
         return None
     if isinstance(spec, str):
         check_choice("preconditioner", spec, PRECONDITIONERS)
+        if spec == "kfac":
+            return _kfac_preconditioner(objective, every, damping)
         if spec == "eq14" and not hasattr(objective, "loss"):
             raise ValueError(
                 "preconditioner='eq14' needs per-sample gradients, so a ModelObjective "

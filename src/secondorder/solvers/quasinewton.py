@@ -3,8 +3,9 @@
 - :class:`BFGS` — dense inverse update, H₀ = (yᵀs/yᵀy)I before the first update (NW 6.20);
   pairs with yᵀs ≤ sqrt(eps)‖s‖‖y‖ are skipped.
 - :class:`LBFGS` — the two-loop recursion over the last ``memory`` pairs, H₀ = γI with
-  γ = sᵀy/yᵀy (or γM⁻¹ with γ = sᵀy/yᵀM⁻¹y when a diagonal preconditioner is given); pairs
-  violating the curvature condition are skipped and counted.
+  γ = sᵀy/yᵀy (or γM⁻¹ with γ = sᵀy/yᵀM⁻¹y when a diagonal or named preconditioner, e.g.
+  K-FAC's, is given; a callable's M⁻¹ keeps γ = sᵀy/yᵀy); pairs violating the curvature
+  condition are skipped and counted.
 
 Both take the curvature pair (s_k, y_k) of the last step in ``update`` before ``compute``.
 """
@@ -142,7 +143,7 @@ class LBFGS(Direction):
         self.S.append(s)
         self.Y.append(y)
         self.rho.append(1.0 / sy)
-        if it.precond is not None and it.precond.is_diagonal:
+        if it.precond is not None and it.precond.approximates_curvature:
             self.gamma = sy / dot64(y, it.precond.apply(y))
         else:
             self.gamma = sy / dot64(y, y)

@@ -71,7 +71,7 @@ COMMON_OPTIONS = {
     "trace_theta",
 }
 #: options of the preconditioner M, for every method but those on the exact dense Hessian
-PRECONDITIONER_OPTIONS = {"preconditioner", "precondition_every"}
+PRECONDITIONER_OPTIONS = {"preconditioner", "precondition_every", "precondition_damping"}
 #: options of the step rule, for every method but the trust-region ones
 LINE_SEARCH_OPTIONS = {"lr", "step_size", "c1", "c2", "max_ls"}
 

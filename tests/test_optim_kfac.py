@@ -1,0 +1,242 @@
+"""secondorder.optim.KFAC: step for step against minimize(method="kfac") on the same batches,
+its factors against kfac_factors, its one-sample step against a dense solve with the exact
+Gauss–Newton block of the curvature engine, exact resume, and its refusals (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from secondorder import ModelObjective, minimize, mlp
+from secondorder.curvature import ggn
+from secondorder.curvature.kfac import KroneckerFactors, kfac_factors, mlp_structure
+from secondorder.losses import get_loss
+from secondorder.optim import KFAC, LBFGS  # noqa: F401  (LBFGS: the old exports still work)
+from secondorder.sampling import ReshuffledBatches
+
+D = torch.float64
+LOSS_FN = {
+    "cross_entropy": F.cross_entropy,
+    "mse": lambda z, y: 0.5 * ((z - y) ** 2).sum(1).mean(),
+}
+
+
+def _data(n: int, k: int = 3, seed: int = 0, loss: str = "cross_entropy"):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, generator=g, dtype=D)
+    if loss == "cross_entropy":
+        return X, torch.randint(0, k, (n,), generator=g)
+    return X, torch.randn(n, k, generator=g, dtype=D)
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _closure(opt, model, X, y, loss="cross_entropy"):
+    return lambda: LOSS_FN[loss](model(X), y)
+
+
+def test_exact_kfac_equals_minimize_kfac_step_for_step():
+    X, y = _data(60)
+    c, steps = 0.05, 6
+    opts = {"lr": 0.7, "damping": 1e-2, "ema": 0.8, "inv_every": 2}
+
+    def objective():
+        return ModelObjective(
+            mlp([4, 5, 3], "tanh", seed=1, dtype=D),
+            "cross_entropy",
+            (X, y),
+            l2=c,
+            sampler=ReshuffledBatches(60, 15, n_batches=1, seed=2),
+        )
+
+    obj = objective()
+    res = minimize(
+        obj,
+        obj.initial_theta(),
+        "kfac",
+        kind="exact",
+        line_search=None,
+        rescale=False,
+        max_iter=steps,
+        gtol=None,
+        trace_theta=True,
+        **opts,
+    )
+    batches = objective()
+    model = mlp([4, 5, 3], "tanh", seed=1, dtype=D)
+    opt = KFAC(model, "cross_entropy", kind="exact", weight_decay=c, **opts)
+    for k in range(steps):
+        batches.begin_iteration(k)
+        Xk, yk, _ = batches.samples("value")
+        opt.step(_closure(opt, model, Xk, yk))
+        torch.testing.assert_close(_flat(model), res.trace[k + 1]["theta"], rtol=0, atol=1e-12)
+    assert not torch.allclose(res.trace[1]["theta"], res.trace[steps]["theta"])
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc", "empirical"])
+def test_factors_after_one_step_equal_kfac_factors(kind, monkeypatch):
+    X, y = _data(40)
+    model = mlp([4, 6, 5, 3], "sigmoid", seed=3, dtype=D)
+    obj = ModelObjective(copy.deepcopy(model), "cross_entropy", (X, y))
+    loss = get_loss("cross_entropy")
+    if kind == "empirical":  # the empirical Fisher: the "sampled" targets are the labels
+        monkeypatch.setattr(type(loss), "sample_targets", lambda self, z, gen=None: y)
+    ref = kfac_factors(
+        obj,
+        obj.initial_theta(),
+        kind="exact" if kind == "exact" else "mc",
+        generator=torch.Generator().manual_seed(7),
+    )
+    opt = KFAC(model, "cross_entropy", kind=kind, ema=0.0, seed=7)
+    opt.step(_closure(opt, model, X, y))
+    for f, info in zip(ref, mlp_structure(model).layers, strict=True):
+        st = opt.state[info.linear.weight]
+        torch.testing.assert_close(st["A"], f.A, rtol=0, atol=1e-12)
+        torch.testing.assert_close(st["G"], f.G, rtol=0, atol=1e-12)
+    # the gradient the optimizer set is the closure loss's
+    model2 = copy.deepcopy(obj.model)
+    F.cross_entropy(model2(X), y).backward()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss,k", [("cross_entropy", 3), ("mse", 2)])
+def test_one_sample_step_solves_the_exact_gauss_newton_block_with_factored_damping(loss, k):
+    """One sample: G ⊗ A is the exact GGN block (from secondorder.curvature.ggn), so the step
+    of each layer is −lr·(B_l + D_l)⁻¹ ∇_l with D_l the factored damping (G+δ_G)⊗(A+δ_A) − G⊗A."""
+    X, y = _data(1, k, seed=4, loss=loss)
+    model = mlp([4, 5, k], "tanh", seed=5, dtype=D)
+    theta0, lr, gamma = _flat(model), 0.3, 1e-2
+    B = ggn(copy.deepcopy(model), X, y, loss)
+    m2 = copy.deepcopy(model)
+    LOSS_FN[loss](m2(X), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in m2.parameters()])
+    opt = KFAC(model, loss, lr=lr, damping=gamma, kind="exact")
+    opt.step(_closure(opt, model, X, y, loss))
+    step = _flat(model) - theta0
+    for info in mlp_structure(model).layers:
+        st = opt.state[info.linear.weight]
+        A, G = st["A"], st["G"]
+        ta, tg = float(A.trace()) / A.shape[0], float(G.trace()) / G.shape[0]
+        pi = (ta / tg) ** 0.5
+        eye_a, eye_g = torch.eye(A.shape[0], dtype=D), torch.eye(G.shape[0], dtype=D)
+        damped = KroneckerFactors(info, A + pi * gamma**0.5 * eye_a, G + gamma**0.5 / pi * eye_g)
+        block = B[info.params, info.params]
+        M = block + damped.dense() - KroneckerFactors(info, A, G).dense()
+        expected = -lr * torch.linalg.solve(M, g[info.params])
+        torch.testing.assert_close(step[info.params], expected, rtol=0, atol=1e-10)
+
+
+def _train(model, opt, batches, start=0, stop=None):
+    for X, y in batches[start:stop]:
+        opt.step(_closure(opt, model, X, y))
+
+
+def test_state_dict_resumes_exactly_with_momentum_and_weight_decay():
+    X, y = _data(80)
+    batches = [(X[i : i + 20], y[i : i + 20]) for i in range(0, 80, 20)] * 3  # 12 steps
+    opts = {"lr": 0.5, "kind": "mc", "ema": 0.9, "inv_every": 3, "momentum": 0.5}
+    opts |= {"weight_decay": 1e-2, "seed": 3}
+    whole = mlp([4, 6, 3], "tanh", seed=0, dtype=D)
+    opt = KFAC(whole, "cross_entropy", **opts)
+    _train(whole, opt, batches[:10])
+    first = mlp([4, 6, 3], "tanh", seed=0, dtype=D)
+    opt1 = KFAC(first, "cross_entropy", **opts)
+    _train(first, opt1, batches[:5])
+    saved, params = copy.deepcopy(opt1.state_dict()), copy.deepcopy(first.state_dict())
+    rest = mlp([4, 6, 3], "tanh", seed=9, dtype=D)
+    rest.load_state_dict(params)
+    opt2 = KFAC(rest, "cross_entropy", **opts)
+    opt2.load_state_dict(saved)
+    _train(rest, opt2, batches[5:10])
+    assert torch.equal(_flat(rest), _flat(whole))
+
+
+def test_momentum_is_heavy_ball_on_the_preconditioned_step():
+    """With inv_every=1, ema=0 the steps are Δ_k = K-FAC⁻¹ ∇ on each batch; a momentum run
+    equals the hand-written recurrence b ← μb + Δ, θ ← θ − lr·b with Δ from a plain KFAC."""
+    X, y = _data(40)
+    batches = [(X[:20], y[:20]), (X[20:], y[20:])] * 2
+    mu, lr = 0.7, 0.4
+    ref = mlp([4, 5, 3], "tanh", seed=2, dtype=D)
+    model = copy.deepcopy(ref)
+    opt = KFAC(model, "cross_entropy", lr=lr, kind="exact", ema=0.0, inv_every=1, momentum=mu)
+    buf = None
+    for Xk, yk in batches:
+        probe = copy.deepcopy(ref)  # one plain step from the reference point gives Δ
+        before = _flat(probe)
+        KFAC(probe, "cross_entropy", lr=1.0, kind="exact").step(_closure(None, probe, Xk, yk))
+        delta = before - _flat(probe)
+        buf = delta if buf is None else mu * buf + delta
+        torch.nn.utils.vector_to_parameters(before - lr * buf, ref.parameters())
+        opt.step(_closure(opt, model, Xk, yk))
+        torch.testing.assert_close(_flat(model), _flat(ref), rtol=0, atol=1e-12)
+
+
+def test_trains_to_the_minimiser_of_a_convex_problem():
+    """Multinomial logistic regression with L2 on the weights (convex; the biases may shift
+    together): full-batch exact K-FAC with weight decay reaches a stationary point with
+    Newton's minimum value and predictions (and lowers the loss)."""
+    X, y = _data(100, seed=6)
+    c = 1e-2
+    model = mlp([4, 3], "tanh", seed=0, dtype=D)
+    obj = ModelObjective(copy.deepcopy(model), "cross_entropy", (X, y), l2=c)
+    newton = minimize(obj, obj.initial_theta(), "newton")
+    assert newton.success
+    opt = KFAC(model, "cross_entropy", lr=1.0, damping=1e-8, kind="exact", ema=0.0, inv_every=1)
+    opt.param_groups[0]["weight_decay"] = c
+    start = float(obj.value(_flat(model)))
+    for _ in range(150):
+        opt.step(_closure(opt, model, X, y))
+    assert float(obj.value(_flat(model))) < start
+    theta = _flat(model)
+    assert float(obj.grad(theta).abs().max()) < 1e-9
+    assert abs(float(obj.value(theta)) - newton.fun) < 1e-12
+    torch.testing.assert_close(
+        torch.softmax(obj.forward(theta, X), 1),
+        torch.softmax(obj.forward(newton.theta, X), 1),
+        rtol=0,
+        atol=1e-8,
+    )
+
+
+def test_refusals():
+    model = mlp([4, 3], "tanh", dtype=D)
+    conv = nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2), nn.Flatten())
+    with pytest.raises(ValueError, match="K-FAC needs a sequential MLP"):
+        KFAC(conv)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        KFAC(list(model.parameters()))
+    for kw, match in (
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1.0}, "lr"),
+        ({"damping": 0.0}, "damping"),
+        ({"kind": "fisher"}, "kind"),
+        ({"ema": 1.0}, "ema"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"inv_every": 0}, "inv_every"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"loss": "hinge"}, "loss"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            KFAC(model, **kw)
+    X, y = _data(5)
+    opt = KFAC(model)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step(None)
+
+    def backward_first():
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="without calling loss.backward"):
+        opt.step(backward_first)
+    with pytest.raises(RuntimeError, match="must evaluate the model"):
+        opt.step(lambda: torch.ones((), dtype=D, requires_grad=True) * 2)
