@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint format data bench bench-solvers clean
+.PHONY: run test test-all lint format data bench bench-solvers bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench: $(STAMP)
 
 bench-solvers: $(STAMP)
 	$(BIN)/python benchmarks/solvers.py
+
+bench-accuracy: $(STAMP)
+	$(BIN)/python benchmarks/time_to_accuracy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

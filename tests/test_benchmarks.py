@@ -60,3 +60,91 @@ def test_solver_benchmark_runs_every_row_and_each_lowers_the_objective(capsys):
         iterations, f = int(cells[1]), float(cells[6])
         assert iterations >= 1 and math.isfinite(f)
         assert f < f0, (cells[0], f, f0)
+
+
+# -- benchmarks/time_to_accuracy.py on synthetic data (no dataset needed) -----------------------
+
+_TTA_ROWS = ("torch-adam", "torch-lbfgs", "lbfgs")
+
+
+def _tta_args(out, *extra: str) -> list[str]:
+    return [
+        "--data", "synthetic", "--in-process", "--task", "1L", "--threads", "1",
+        "--rows", ",".join(_TTA_ROWS), "--budget", "1", "--sweep-budget", "0.3",
+        "--n-train", "400", "--n-test", "200", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _reference_start(bench):
+    """Test accuracy and training objective at θ₀, computed here in float64."""
+    import torch
+    from torch import nn
+
+    from secondorder.models import mlp
+
+    data = bench.synthetic_splits(400, 200, seed=0)
+    model = mlp([784, 300, 10], "sigmoid", seed=0, dtype=torch.float64)
+    with torch.no_grad():
+        Xt, yt = data.test.X.double(), data.test.y
+        acc = float((model(Xt).argmax(1) == yt).double().mean())
+        X, y = data.train.X.double(), data.train.y
+        w2 = sum((p**2).sum() for n, p in model.named_parameters() if n.endswith("weight"))
+        loss = float(nn.functional.cross_entropy(model(X), y) + 0.01 / (2 * 60000) * w2)
+    return acc, loss
+
+
+def test_time_to_accuracy_rows_record_curves_sweeps_and_resume(tmp_path, capsys):
+    import json
+
+    bench = _load("time_to_accuracy")
+    bench.main(_tta_args(tmp_path))
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "1L.json").read_text())
+    assert sorted(data["rows"]) == sorted(_TTA_ROWS)
+    acc0, loss0 = _reference_start(bench)
+    for name, rec in data["rows"].items():
+        curve = rec["curve"]
+        assert rec["status"] in ("target", "budget"), (name, rec["status"], rec["message"])
+        # every row starts from the same weights: its first checkpoint is θ₀
+        assert curve[0]["step"] == 0
+        assert curve[0]["accuracy"] == pytest.approx(acc0, abs=1e-9)
+        assert curve[0]["loss"] == pytest.approx(loss0, rel=1e-5)
+        assert max(p["accuracy"] for p in curve) > acc0 + 0.3, name
+        times = [p["time"] for p in curve]
+        assert times == sorted(times) and all(math.isfinite(t) for t in times)
+        s = rec["summary"]
+        hit = next((p for p in curve if p["accuracy"] >= 0.85), None)
+        assert s["time_to_0.85"] == (None if hit is None else hit["time"])
+        assert s["best_accuracy"] == max(p["accuracy"] for p in curve)
+        assert rec["label"] in out
+    # the sweep: every candidate recorded, the chosen one first by time to 85% then accuracy
+    sweep = data["sweeps"]["torch-adam"]
+    assert [c["lr"] for c in sweep["candidates"]] == [1e-3, 3e-3, 1e-2]
+
+    def rank(c):
+        t = c["summary"]["time_to_0.85"]
+        return (math.inf if t is None else t, -c["summary"]["best_accuracy"])
+
+    assert sweep["chosen"] == min(sweep["candidates"], key=rank)["lr"]
+    assert data["rows"]["torch-adam"]["lr"] == sweep["chosen"]
+    for fig in ("accuracy_time_1L.png", "accuracy_epochs_1L.png"):
+        assert (tmp_path / fig).stat().st_size > 10_000
+    # --resume: nothing is run again and the stored curves stay
+    bench.main(_tta_args(tmp_path, "--resume"))
+    again = capsys.readouterr().out
+    assert again.count("stored (--resume)") == len(_TTA_ROWS)
+    assert "sweep torch-adam lr=" not in again
+    assert json.loads((tmp_path / "1L.json").read_text())["rows"] == data["rows"]
+
+
+def test_time_to_accuracy_subprocess_row_and_width_table(tmp_path):
+    bench = _load("time_to_accuracy")
+    s = bench.Settings(budget=0.5, n_train=300, n_test=100, threads=1, data="synthetic")
+    rec = bench.measure_in_subprocess(bench.Job(s, "nlcg", None, 0.5))
+    assert rec["status"] in ("target", "budget"), rec["message"]
+    assert rec["curve"][0]["step"] == 0 and len(rec["curve"]) >= 2
+    assert rec["peak_memory_bytes"] is not None and rec["peak_memory_bytes"] >= 0
+    table = bench.width_rows(s, ["lbfgs"], [8, 16], 0.3, tmp_path, False, bench.measure)
+    line = next(row for row in table.splitlines() if row.startswith("| secondorder L-BFGS"))
+    cells = [c.strip() for c in line.split("|")[2:-1]]
+    assert len(cells) == 2 and all(float(c) > 0 for c in cells)

@@ -1,0 +1,1276 @@
+"""Time to test accuracy on Fashion-MNIST: our methods against the optimisers users reach for.
+
+The problem is the seed study's: a 784-300-10 sigmoid MLP (``--task 1L``) or its 784-300-100-10
+twin (``2L``) on the 60,000 Fashion-MNIST training images, softmax cross-entropy plus
+λ/(2m)·‖W‖² (λ = 0.01, m = 60,000, biases not penalised), float32, every row from the same
+initial weights. Each row runs until its wall-clock budget (``--budget`` seconds) is spent or
+the last target accuracy is reached; every N steps (N per row) it pauses the clock and
+measures the test accuracy on the 10,000 test images and the training objective (that
+evaluation is not timed).
+
+    python benchmarks/time_to_accuracy.py                       # both tasks, 60 s a row
+    python benchmarks/time_to_accuracy.py --quick               # a smoke test (about a minute)
+    python benchmarks/time_to_accuracy.py --task 1L --rows lbfgs,torch-adam --budget 120
+    python benchmarks/time_to_accuracy.py --resume              # skip rows already measured
+    python benchmarks/time_to_accuracy.py --widths 300,1000,3000   # seconds per epoch by width
+
+Columns: wall time and epochs to 85% and 88% test accuracy (— when not reached), the best test
+accuracy within the budget, evaluations (f and ∇f evaluations, plus curvature products, for
+full-batch rows; epochs for mini-batch rows), the extra peak memory of the row (each row runs
+in a fresh subprocess: the rise of its maximum RSS over its state after loading the data and
+building the problem, or ``torch.cuda.max_memory_allocated`` above the start on CUDA), and
+seconds per epoch. An epoch is a pass over the training images through value/gradient
+evaluations (a full-batch evaluation is one, a mini-batch step b/m); curvature products
+(Newton-CG's Gauss–Newton products on its subsample, K-FAC's factors) are not counted in it
+but are in the time.
+
+Rows (the table ``ROWS``; one entry each, options editable there): torch.optim.Adam and
+torch.optim.SGD (Nesterov, momentum 0.9) loops on shuffled mini-batches, each with its learning
+rate chosen by a recorded sweep; torch.optim.LBFGS driven by one ``step(closure)`` per iteration
+and with ``max_iter=20`` per call; scipy's L-BFGS-B (through ``secondorder.scipy_bridge``, on a
+float64 copy as its users do); pytorch-minimize's L-BFGS (skipped when ``torchmin`` is not
+installed); and ours through ``secondorder.solvers.minimize``: L-BFGS, NLCG, Newton-CG with
+Gauss–Newton products on a 10% curvature subsample, Adam and SGD on mini-batches (the learning
+rate the torch.optim sweep chose), K-FAC (Monte-Carlo factors, batches of 1,000), and
+Hessian-free and SQN where ``minimize`` has those methods.
+
+Output (``--out``, default benchmarks/results/time_to_accuracy): ``<task>.json`` with every
+row's checkpoint curve and the sweeps, written after each row (``--resume`` reuses rows and
+sweeps measured with the same settings), ``accuracy_time_<task>.png`` and
+``accuracy_epochs_<task>.png``, and for ``--widths`` ``widths_<task>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+L2, L2_M = 0.01, 60_000
+TASKS: dict[str, tuple[int, ...]] = {"1L": (300,), "2L": (300, 100)}
+TARGETS = (0.85, 0.88)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "time_to_accuracy"
+#: a row option with this value takes ``--batch-size``
+BATCH = "--batch-size"
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Everything a measurement depends on (a stored row is reused only when these match)."""
+
+    task: str = "1L"
+    budget: float = 60.0
+    sweep_budget: float = 15.0
+    sweep_candidates: int | None = None  # None: every candidate of a row's sweep
+    n_train: int | None = None  # None: all training images
+    n_test: int | None = None
+    device: str = "cpu"
+    threads: int = 0
+    batch_size: int = 128
+    seed: int = 0
+    targets: tuple[float, ...] = TARGETS
+    data: str = "fashion-mnist"  # or "synthetic" (tests: blobs, no files needed)
+    hidden: tuple[int, ...] | None = None  # None: the task's widths
+
+    def key(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        d["hidden"] = list(self.widths)
+        return d
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.hidden if self.hidden is not None else TASKS[self.task]
+
+
+# -- the problem -----------------------------------------------------------------------------------
+
+
+def synthetic_splits(n_train: int, n_test: int, seed: int = 0):
+    """Ten Gaussian blobs in 784 dimensions (pixels-like values): a stand-in for tests."""
+    from secondorder.data.dataset import Dataset, Splits
+
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.0, 1.0, size=(10, 784))
+
+    def draw(n: int) -> Dataset:
+        y = rng.integers(0, 10, size=n)
+        X = centres[y] + 1.5 * rng.standard_normal((n, 784))
+        return Dataset(torch.tensor(X, dtype=torch.float32), torch.tensor(y), 10, "blobs")
+
+    return Splits(draw(n_train), None, draw(n_test))
+
+
+def _l2_penalty(model: nn.Module) -> torch.Tensor:
+    return sum((p**2).sum() for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+def torch_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The objective as a user writes it: mean cross-entropy + λ/(2m)·‖W‖²."""
+    return nn.functional.cross_entropy(model(X), y) + L2 / (2 * L2_M) * _l2_penalty(model)
+
+
+class Problem:
+    """The data on the device, the initial weights, and the (untimed) checkpoint evaluation."""
+
+    def __init__(self, s: Settings) -> None:
+        from secondorder.data import load_fashion_mnist
+
+        self.settings, self.device = s, torch.device(s.device)
+        if s.data == "synthetic":
+            data = synthetic_splits(s.n_train or 600, s.n_test or 200, s.seed)
+        else:
+            data = load_fashion_mnist(dtype=torch.float32, progress=False)
+        n, nt = s.n_train or len(data.train), s.n_test or len(data.test)
+        self.X, self.y = (t[:n].to(self.device) for t in (data.train.X, data.train.y))
+        self.X_test, self.y_test = (t[:nt].to(self.device) for t in (data.test.X, data.test.y))
+        self.m = len(self.X)
+        self.sizes = [self.X.shape[1], *s.widths, 10]
+        self._eval_model = self.model()
+        self.theta0 = nn.utils.parameters_to_vector(self._eval_model.parameters()).detach().clone()
+        # one-time costs (first autograd pass, kernel set-up) before any clock starts
+        warm = self.model()
+        torch_loss(warm, self.X[:128], self.y[:128]).backward()
+        self.evaluate(self.theta0)
+
+    def model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The network with the common initial weights."""
+        from secondorder.models import mlp
+
+        return mlp(self.sizes, "sigmoid", seed=self.settings.seed, dtype=dtype).to(self.device)
+
+    def objective(
+        self,
+        batch_size: int | None = None,
+        curvature_fraction: float | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        """Our ModelObjective: full batch, or one reshuffled mini-batch per iteration."""
+        from secondorder.objective import ModelObjective
+        from secondorder.sampling import make_sampler
+
+        sampler = curvature = None
+        seed = self.settings.seed
+        if batch_size is not None:
+            b = min(batch_size, self.m)
+            sampler = make_sampler("reshuffled", self.m, batch_size=b, n_batches=1, seed=seed)
+        if curvature_fraction is not None:
+            size = max(1, min(self.m, round(curvature_fraction * self.m)))
+            curvature = make_sampler("subsample", self.m, size=size, seed=seed)
+        X = self.X.to(dtype)
+        return ModelObjective(
+            self.model(dtype),
+            "cross_entropy",
+            (X, self.y),
+            l2=L2,
+            l2_convention="per-sample",
+            l2_m=L2_M,
+            sampler=sampler,
+            curvature_sampler=curvature,
+        )
+
+    def evaluate(self, theta: torch.Tensor) -> tuple[float, float]:
+        """(test accuracy, training objective) at θ."""
+        model = self._eval_model
+        with torch.no_grad():
+            nn.utils.vector_to_parameters(
+                theta.detach().to(self.device, torch.float32), model.parameters()
+            )
+            acc = float((model(self.X_test).argmax(1) == self.y_test).double().mean())
+            loss = float(torch_loss(model, self.X, self.y))
+        return acc, loss
+
+
+# -- the clock and the checkpoints -----------------------------------------------------------------
+
+
+class Clock:
+    """Wall time since ``start`` less the paused (checkpoint) intervals."""
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self.t0, self.excluded = time.perf_counter(), 0.0
+
+    def now(self, sync: bool = True) -> float:
+        if sync:
+            self.sync()
+        return time.perf_counter() - self.t0 - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.excluded += time.perf_counter() - t
+
+
+class Recorder:
+    """Checkpoints of one row: every ``every`` steps, at the budget, and at the end.
+
+    ``step`` returns True when the row must stop: the budget is spent, the last target is
+    reached, or the training objective is no longer finite.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        budget: float,
+        every: int,
+        targets=TARGETS,
+        stop_at_target: bool = True,
+    ) -> None:
+        self.problem, self.budget, self.every = problem, budget, max(1, int(every))
+        self.targets, self.stop_at_target = tuple(targets), stop_at_target
+        self.clock = Clock(problem.device)
+        self.curve: list[dict] = []
+        self.steps = 0
+        self.status = "running"
+        self.last: dict = {}
+
+    def start(self, theta: torch.Tensor, epochs: float = 0.0, evals: dict | None = None) -> None:
+        self.clock.start()
+        self.checkpoint(theta, epochs, evals or {})
+
+    def checkpoint(self, theta: torch.Tensor, epochs: float, evals: dict) -> None:
+        t = self.clock.now()
+        with self.clock.paused():
+            acc, loss = self.problem.evaluate(theta)
+            point = {
+                "step": self.steps,
+                "time": t,
+                "epochs": float(epochs),
+                "accuracy": acc,
+                "loss": loss,
+                **evals,
+            }
+            if self.curve and self.curve[-1]["step"] == self.steps:
+                self.curve[-1] = point
+            else:
+                self.curve.append(point)
+            if not math.isfinite(loss):
+                self.status = "diverged"
+            elif self.stop_at_target and acc >= max(self.targets):
+                self.status = "target"
+            elif t >= self.budget:
+                self.status = "budget"
+
+    def step(self, theta_fn: Callable[[], torch.Tensor], epochs: float, evals: dict) -> bool:
+        """After a step: a checkpoint when due; True when the row must stop."""
+        self.steps += 1
+        self.last = {"theta_fn": theta_fn, "epochs": epochs, "evals": evals}
+        over = self.clock.now(sync=False) >= self.budget
+        if over or self.steps % self.every == 0:
+            self.checkpoint(theta_fn(), epochs, evals)
+        return self.status != "running"
+
+    def finish(self, status: str | None = None) -> None:
+        """The last point, when the row ended between checkpoints (e.g. its solver stopped)."""
+        if self.last and self.curve[-1]["step"] != self.steps:
+            self.checkpoint(self.last["theta_fn"](), self.last["epochs"], self.last["evals"])
+        if self.status == "running":
+            self.status = status or "stopped"
+
+
+# -- the rows' runners -----------------------------------------------------------------------------
+
+
+def run_torch_minibatch(
+    problem: Problem, rec: Recorder, optimizer: str, lr: float, batch_size: int, **kwargs
+) -> str:
+    """A plain training loop: shuffled mini-batches, ``zero_grad``, loss, backward, step."""
+    model = problem.model()
+    nn.utils.vector_to_parameters(problem.theta0.clone(), model.parameters())
+    opt = getattr(torch.optim, optimizer)(model.parameters(), lr=lr, **kwargs)
+    gen = torch.Generator().manual_seed(problem.settings.seed)
+    m, b, seen = problem.m, min(batch_size, problem.m), 0
+    theta = lambda: nn.utils.parameters_to_vector(model.parameters())  # noqa: E731
+    rec.start(theta())
+    while True:
+        perm = torch.randperm(m, generator=gen).to(problem.device)
+        for i in range(0, m, b):
+            idx = perm[i : i + b]
+            opt.zero_grad()
+            loss = torch_loss(model, problem.X[idx], problem.y[idx])
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+            if rec.step(theta, seen / m, {"steps": rec.steps + 1}):
+                return ""
+
+
+def run_torch_lbfgs(problem: Problem, rec: Recorder, max_iter: int = 1, **kwargs) -> str:
+    """torch.optim.LBFGS on the full batch, one ``step(closure)`` per checkpoint step."""
+    model = problem.model()
+    nn.utils.vector_to_parameters(problem.theta0.clone(), model.parameters())
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=max_iter, **kwargs)
+    evals = 0
+
+    def closure():
+        nonlocal evals
+        evals += 1
+        opt.zero_grad()
+        loss = torch_loss(model, problem.X, problem.y)
+        loss.backward()
+        return loss
+
+    theta = lambda: nn.utils.parameters_to_vector(model.parameters())  # noqa: E731
+    rec.start(theta())
+    while True:
+        opt.step(closure)
+        if rec.step(theta, evals, {"nfev": evals}):
+            return ""
+
+
+def run_scipy(
+    problem: Problem, rec: Recorder, method: str = "L-BFGS-B", dtype: str = "float64", **options
+) -> str:
+    """scipy.optimize.minimize through ``secondorder.scipy_bridge``; stopped by the callback."""
+    from secondorder.scipy_bridge import scipy_minimize
+
+    objective = problem.objective(dtype=getattr(torch, dtype))
+    started = False
+
+    def callback(info: dict) -> bool:
+        nonlocal started
+        evals = {"nfev": info["nfev"]}
+        if not started:  # the bridge's row 0: the start, already evaluated
+            started = True
+            rec.checkpoint(info["theta"], info["nfev"], evals)
+            return False
+        return rec.step(lambda: info["theta"], info["nfev"], evals)
+
+    rec.clock.start()
+    res = scipy_minimize(
+        objective, problem.theta0.to(getattr(torch, dtype)), method, callback=callback, **options
+    )
+    rec.finish(res.status)
+    return res.message
+
+
+def _functional_loss(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    """θ ↦ loss through ``torch.func.functional_call``: how a torchmin user writes it."""
+    model = problem.model()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(theta, sizes)
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        out = torch.func.functional_call(model, params, (problem.X,))
+        w2 = sum((params[n] ** 2).sum() for n in names if n.endswith("weight"))
+        return nn.functional.cross_entropy(out, problem.y) + L2 / (2 * L2_M) * w2
+
+    return f
+
+
+def run_torchmin(problem: Problem, rec: Recorder, method: str = "l-bfgs", **options) -> str:
+    """pytorch-minimize's ``minimize`` on the full batch; its callback stops it."""
+    import torchmin
+
+    loss, evals = _functional_loss(problem), 0
+
+    def fun(theta: torch.Tensor) -> torch.Tensor:
+        nonlocal evals
+        evals += 1
+        return loss(theta)
+
+    def callback(x: torch.Tensor) -> bool:
+        return rec.step(lambda: x, evals, {"nfev": evals})
+
+    rec.start(problem.theta0)
+    res = torchmin.minimize(
+        fun,
+        problem.theta0.clone(),
+        method=method,
+        max_iter=10**9,
+        options=options,
+        callback=callback,
+    )
+    rec.finish("stopped")
+    return str(getattr(res, "message", ""))
+
+
+def run_ours(
+    problem: Problem,
+    rec: Recorder,
+    method: str,
+    batch_size: int | None = None,
+    curvature_fraction: float | None = None,
+    **options,
+) -> str:
+    """``secondorder.solvers.minimize``; the callback checkpoints and stops it."""
+    from secondorder.solvers import minimize
+
+    objective = problem.objective(batch_size, curvature_fraction)
+    per_eval = min(batch_size, problem.m) / problem.m if batch_size else 1.0
+
+    def callback(info: dict) -> bool:
+        evals = {"nfev": info["nfev"], "nhev": info.get("nhev", 0)}
+        epochs = info["nfev"] * per_eval
+        if info["k"] == 0:
+            rec.checkpoint(info["theta"], epochs, evals)
+            return False
+        return rec.step(lambda: info["theta"], epochs, evals)
+
+    options.setdefault("gtol", None)
+    rec.clock.start()
+    res = minimize(
+        objective, problem.theta0.clone(), method, max_iter=10**9, callback=callback, **options
+    )
+    rec.finish(res.status)
+    return res.message
+
+
+# -- the rows --------------------------------------------------------------------------------------
+
+
+def _needs_torchmin() -> str | None:
+    try:
+        import torchmin  # noqa: F401
+    except ImportError:
+        return "pytorch-minimize is not installed (pip install --no-deps pytorch-minimize)"
+    return None
+
+
+def _needs_method(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        from secondorder.solvers.registry import REGISTRY
+
+        return None if name in REGISTRY else f"minimize has no method {name!r} yet"
+
+    return check
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row: its runner and options, checkpoint interval and, for a fixed step, the sweep."""
+
+    name: str  # for --rows and the JSON
+    label: str  # for the table and the legends
+    run: Callable[..., str]
+    opts: dict = field(default_factory=dict)
+    every: int = 5  # checkpoint every this many steps (iterations, mini-batches, step() calls)
+    sweep: tuple[float, ...] = ()  # learning rates tried, the best by time to the first target
+    lr_from: str | None = None  # take the lr another row's sweep chose, when it has one
+    needs: Callable[[], str | None] | None = None  # a note why the row cannot run, or None
+    reference: bool = False  # someone else's optimiser (dashed in the figures)
+
+    @property
+    def minibatch(self) -> bool:
+        return self.opts.get("batch_size") is not None
+
+
+_FULL = {"gtol": None}
+ROWS: list[RowSpec] = [
+    RowSpec(
+        "torch-adam",
+        "torch.optim.Adam",
+        run_torch_minibatch,
+        {"optimizer": "Adam", "batch_size": BATCH},
+        every=100,
+        sweep=(1e-3, 3e-3, 1e-2),
+        reference=True,
+    ),
+    RowSpec(
+        "torch-sgd",
+        "torch.optim.SGD (Nesterov 0.9)",
+        run_torch_minibatch,
+        {"optimizer": "SGD", "momentum": 0.9, "nesterov": True, "batch_size": BATCH},
+        every=100,
+        sweep=(0.03, 0.1, 0.3),
+        reference=True,
+    ),
+    RowSpec(
+        "torch-lbfgs",
+        "torch.optim.LBFGS, step() per iteration",
+        run_torch_lbfgs,
+        {
+            "max_iter": 1,
+            "history_size": 10,
+            "line_search_fn": "strong_wolfe",
+            "tolerance_grad": 0.0,
+            "tolerance_change": 0.0,
+        },
+        every=5,
+        reference=True,
+    ),
+    RowSpec(
+        "torch-lbfgs-20",
+        "torch.optim.LBFGS, max_iter=20 per step()",
+        run_torch_lbfgs,
+        {
+            "max_iter": 20,
+            "history_size": 10,
+            "line_search_fn": "strong_wolfe",
+            "tolerance_grad": 0.0,
+            "tolerance_change": 0.0,
+        },
+        every=1,
+        reference=True,
+    ),
+    RowSpec(
+        "scipy-lbfgsb",
+        "scipy L-BFGS-B (float64)",
+        run_scipy,
+        {
+            "method": "L-BFGS-B",
+            "dtype": "float64",
+            "maxcor": 10,
+            "maxiter": 10**9,
+            "maxfun": 10**9,
+            "gtol": 0.0,
+            "ftol": 0.0,
+        },
+        every=5,
+        reference=True,
+    ),
+    RowSpec(
+        "torchmin-lbfgs",
+        "pytorch-minimize L-BFGS",
+        run_torchmin,
+        {
+            "method": "l-bfgs",
+            "history_size": 10,
+            "line_search": "strong-wolfe",
+            "gtol": 0.0,
+            "xtol": 0.0,
+        },
+        every=5,
+        needs=_needs_torchmin,
+        reference=True,
+    ),
+    RowSpec(
+        "lbfgs",
+        "secondorder L-BFGS (m = 10)",
+        run_ours,
+        {"method": "lbfgs", "memory": 10, **_FULL},
+        every=5,
+    ),
+    RowSpec(
+        "nlcg",
+        "secondorder NLCG (PR+)",
+        run_ours,
+        {"method": "nlcg", "variant": "pr+", **_FULL},
+        every=5,
+    ),
+    RowSpec(
+        "newton-cg",
+        "secondorder Newton-CG (Gauss–Newton, 10% subsample)",
+        run_ours,
+        {
+            "method": "newton-cg",
+            "curvature": "ggn",
+            "curvature_fraction": 0.1,
+            "cg_max_iter": 50,
+            **_FULL,
+        },
+        every=1,
+    ),
+    RowSpec(
+        "adam",
+        "secondorder Adam",
+        run_ours,
+        {"method": "adam", "batch_size": BATCH},
+        every=100,
+        sweep=(1e-3, 3e-3, 1e-2),
+        lr_from="torch-adam",
+    ),
+    RowSpec(
+        "sgd",
+        "secondorder SGD (Nesterov 0.9)",
+        run_ours,
+        {"method": "sgd", "momentum": 0.9, "nesterov": True, "batch_size": BATCH},
+        every=100,
+        sweep=(0.03, 0.1, 0.3),
+        lr_from="torch-sgd",
+    ),
+    RowSpec(
+        "kfac",
+        "secondorder K-FAC (MC, b = 1000)",
+        run_ours,
+        {
+            "method": "kfac",
+            "kind": "mc",
+            "batch_size": 1000,
+            "inv_every": 10,
+            "line_search": None,
+            "lr": 1.0,
+        },
+        every=10,
+    ),
+    RowSpec(
+        "hessian-free",
+        "secondorder Hessian-free (10% subsample)",
+        run_ours,
+        {"method": "hessian-free", "curvature_fraction": 0.1, **_FULL},
+        every=1,
+        needs=_needs_method("hessian-free"),
+    ),
+    RowSpec(
+        "sqn",
+        "secondorder SQN",
+        run_ours,
+        {"method": "sqn", "batch_size": BATCH, "curvature_fraction": 0.1},
+        every=20,
+        needs=_needs_method("sqn"),
+    ),
+]
+
+
+def row_by_name(name: str) -> RowSpec:
+    for r in ROWS:
+        if r.name == name:
+            return r
+    raise ValueError(f"unknown row {name!r}; rows: {', '.join(r.name for r in ROWS)}")
+
+
+def resolved_opts(row: RowSpec, s: Settings, lr: float | None) -> dict:
+    """The row's options with ``--batch-size`` and the learning rate filled in."""
+    opts = {k: (s.batch_size if v == BATCH else v) for k, v in row.opts.items()}
+    if lr is not None:
+        opts["lr"] = lr
+    return opts
+
+
+# -- one measurement -------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One run of one row: what a worker subprocess is told."""
+
+    settings: Settings
+    row: str
+    lr: float | None
+    budget: float
+    every: int | None = None  # None: the row's own interval
+    stop_at_target: bool = True
+
+    def key(self) -> dict:
+        row = row_by_name(self.row)
+        opts = resolved_opts(row, self.settings, self.lr)
+        return {
+            "settings": self.settings.key(),
+            "opts": _jsonable(opts),
+            "budget": self.budget,
+            "every": self.every or row.every,
+            "stop_at_target": self.stop_at_target,
+        }
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def _proc_status_kib(field_name: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _peak_memory_start(device: torch.device) -> tuple[str, float]:
+    """Where the row starts: GPU memory allocated, or the resident set with its peak reset.
+
+    Loading the data peaks above the steady state; on Linux writing 5 to
+    /proc/self/clear_refs resets the peak (VmHWM) to the current RSS, so the row's own peak
+    is not hidden under the loader's. Elsewhere the rise of ru_maxrss (which may hide it).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda", float(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss = _proc_status_kib("VmRSS")
+        if rss is not None:
+            return "hwm", rss * 1024.0
+    except OSError:
+        pass
+    return "maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kB (Linux)
+
+
+def _peak_memory_rise(device: torch.device, start: tuple[str, float]) -> float:
+    how, base = start
+    if how == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)) - base
+    if how == "hwm":
+        return (_proc_status_kib("VmHWM") or 0.0) * 1024.0 - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - base
+
+
+_PROBLEMS: dict[str, Problem] = {}
+
+
+def _problem(s: Settings) -> Problem:
+    """The problem of these settings, built once per process (data loading is slow)."""
+    key = json.dumps(s.key(), sort_keys=True)
+    if key not in _PROBLEMS:
+        _PROBLEMS.clear()
+        _PROBLEMS[key] = Problem(s)
+    return _PROBLEMS[key]
+
+
+def measure(job: Job, problem: Problem | None = None, isolated: bool = False) -> dict:
+    """Run ``job`` here; the record (curve, status, memory when ``isolated``)."""
+    s = job.settings
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    problem = problem or _problem(s)
+    row = row_by_name(job.row)
+    opts = resolved_opts(row, s, job.lr)
+    mem0 = _peak_memory_start(problem.device) if isolated else None
+    rec = Recorder(problem, job.budget, job.every or row.every, s.targets, job.stop_at_target)
+    t = time.perf_counter()
+    try:
+        message = row.run(problem, rec, **copy.deepcopy(opts))
+        rec.finish()
+    except Exception as e:  # a failing row is reported, the benchmark goes on
+        rec.status, message = "error", f"{type(e).__name__}: {e}"
+    memory = _peak_memory_rise(problem.device, mem0) if isolated else None
+    return {
+        "row": row.name,
+        "label": row.label,
+        "lr": job.lr,
+        "opts": _jsonable(opts),
+        "key": job.key(),
+        "status": rec.status,
+        "message": message,
+        "curve": rec.curve,
+        "peak_memory_bytes": memory,
+        "wall_s": time.perf_counter() - t,
+        "summary": summarise(rec.curve, s.targets),
+    }
+
+
+def measure_in_subprocess(job: Job) -> dict:
+    """``measure`` in a fresh interpreter: rows do not share allocator state or peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jobfile, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        d = asdict(job)
+        jobfile.write_text(json.dumps(d))
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", str(jobfile), str(out)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            return {
+                "row": job.row,
+                "label": row_by_name(job.row).label,
+                "lr": job.lr,
+                "key": job.key(),
+                "status": "error",
+                "message": tail,
+                "curve": [],
+                "peak_memory_bytes": None,
+                "summary": summarise([], job.settings.targets),
+            }
+        return json.loads(out.read_text())
+
+
+def _worker(jobfile: str, out: str) -> None:
+    d = json.loads(Path(jobfile).read_text())
+    s = d.pop("settings")
+    s["targets"] = tuple(s["targets"])
+    s["hidden"] = None if s["hidden"] is None else tuple(s["hidden"])
+    job = Job(Settings(**s), **d)
+    Path(out).write_text(json.dumps(measure(job, isolated=True)))
+
+
+def summarise(curve: list[dict], targets=TARGETS) -> dict:
+    """Time and epochs to each target (first checkpoint at or above it), best accuracy, …"""
+    out: dict = {}
+    for tgt in targets:
+        hit = next((p for p in curve if p["accuracy"] >= tgt), None)
+        out[f"time_to_{tgt:g}"] = None if hit is None else hit["time"]
+        out[f"epochs_to_{tgt:g}"] = None if hit is None else hit["epochs"]
+    last = curve[-1] if curve else {}
+    out["best_accuracy"] = max((p["accuracy"] for p in curve), default=None)
+    out["time"], out["epochs"] = last.get("time"), last.get("epochs")
+    out["nfev"], out["nhev"], out["steps"] = last.get("nfev"), last.get("nhev"), last.get("step")
+    ep = out["epochs"]
+    out["seconds_per_epoch"] = out["time"] / ep if ep else None
+    return out
+
+
+# -- sweeps, rows, the results file ----------------------------------------------------------------
+
+
+class Results:
+    """``<task>.json``: rows, sweeps and skipped rows, written after every change."""
+
+    def __init__(self, path: Path, settings: Settings, resume: bool) -> None:
+        self.path, self.resume = path, resume
+        self.data = {
+            "settings": settings.key(),
+            "environment": environment(settings),
+            "rows": {},
+            "sweeps": {},
+            "skipped": {},
+        }
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("settings") == settings.key():
+                for k in ("rows", "sweeps", "skipped"):
+                    self.data[k] = old.get(k, {})
+            else:
+                print(f"  {path.name}: stored with other settings; starting afresh")
+
+    def stored(self, kind: str, name: str, key: dict) -> dict | None:
+        rec = self.data[kind].get(name)
+        return rec if self.resume and rec is not None and rec.get("key") == key else None
+
+    def put(self, kind: str, name: str, record) -> None:
+        self.data[kind][name] = record
+        if kind != "skipped":
+            self.data["skipped"].pop(name, None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def environment(s: Settings) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": s.threads or torch.get_num_threads(),
+        "device": s.device,
+    }
+    if s.device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _sweep_rank(record: dict, targets) -> tuple:
+    t = record["summary"].get(f"time_to_{targets[0]:g}")
+    best = record["summary"].get("best_accuracy") or 0.0
+    return (math.inf if t is None else t, -best)
+
+
+def choose_lr(row: RowSpec, s: Settings, results: Results, run: Callable[[Job], dict]) -> float:
+    """The learning rate of a fixed-step row: another row's choice, or its own sweep."""
+    if row.lr_from and row.lr_from in results.data["sweeps"]:
+        return results.data["sweeps"][row.lr_from]["chosen"]
+    candidates = row.sweep[: s.sweep_candidates] if s.sweep_candidates else row.sweep
+    key = {
+        "candidates": list(candidates),
+        "budget": s.sweep_budget,
+        "settings": s.key(),
+        "opts": _jsonable(resolved_opts(row, s, None)),
+    }
+    done = results.stored("sweeps", row.name, key)
+    if done is not None:
+        return done["chosen"]
+    records = []
+    for lr in candidates:
+        rec = run(Job(s, row.name, lr, s.sweep_budget))
+        records.append(rec)
+        print(
+            f"    sweep {row.name} lr={lr:g}: {_brief(rec['summary'], s.targets)} "
+            f"({rec['status']})",
+            flush=True,
+        )
+    best = min(records, key=lambda r: _sweep_rank(r, s.targets))
+    sweep = {"key": key, "chosen": best["lr"], "candidates": records}
+    results.put("sweeps", row.name, sweep)
+    print(f"    sweep {row.name}: lr = {best['lr']:g} chosen", flush=True)
+    return best["lr"]
+
+
+def _brief(summary: dict, targets) -> str:
+    t = summary.get(f"time_to_{targets[0]:g}")
+    best = summary.get("best_accuracy")
+    reach = "not reached" if t is None else f"{t:.1f} s"
+    return f"{targets[0]:.0%} {reach}, best {best:.4f}" if best is not None else "no result"
+
+
+def run_rows(
+    s: Settings,
+    names: list[str],
+    results: Results,
+    run: Callable[[Job], dict],
+    sweep_run: Callable[[Job], dict] | None = None,
+) -> None:
+    """Every selected row of one task: skip notes, sweeps (``sweep_run``, default ``run``),
+    the row, the results file saved after each."""
+    for name in names:
+        row = row_by_name(name)
+        note = row.needs() if row.needs else None
+        if note:
+            print(f"  {name}: skipped — {note}", flush=True)
+            results.data["rows"].pop(name, None)
+            results.put("skipped", name, note)
+            continue
+        lr = choose_lr(row, s, results, sweep_run or run) if (row.sweep or row.lr_from) else None
+        job = Job(s, name, lr, s.budget)
+        if results.stored("rows", name, job.key()) is not None:
+            print(f"  {name}: stored (--resume)", flush=True)
+            continue
+        rec = run(job)
+        results.put("rows", name, rec)
+        print(
+            f"  {name}: {_brief(rec['summary'], s.targets)} ({rec['status']}"
+            f"{'' if rec['status'] != 'error' else ': ' + rec['message'][-300:]})",
+            flush=True,
+        )
+
+
+# -- tables and figures ----------------------------------------------------------------------------
+
+
+def _fmt(x, spec: str = ".1f", none: str = "—") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _evals(rec: dict) -> str:
+    s = rec["summary"]
+    if row_by_name(rec["row"]).minibatch:
+        return f"{_fmt(s['epochs'], '.2f')} epochs"
+    nfev, nhev = s.get("nfev"), s.get("nhev")
+    text = _fmt(nfev, "d")
+    return text + (f" + {nhev} Gv" if nhev else "")
+
+
+def _memory(rec: dict) -> str:
+    b = rec.get("peak_memory_bytes")
+    return "—" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def markdown_table(results: dict, targets=TARGETS) -> str:
+    """One line per stored row (in the order of ``ROWS``) and a line per skipped row."""
+    t1, t2 = targets[0], targets[-1]
+    head = (
+        f"| method | lr | s to {t1:.0%} | epochs to {t1:.0%} | s to {t2:.0%} | "
+        f"epochs to {t2:.0%} | best acc | evaluations | peak memory | s / epoch |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in ROWS:
+        rec = results["rows"].get(row.name)
+        if rec is None:
+            continue
+        s = rec["summary"]
+        best = _fmt(s["best_accuracy"], ".4f")
+        if rec["status"] in ("error", "diverged"):
+            best += f" ({rec['status']})"
+        lines.append(
+            f"| {rec['label']} | {_fmt(rec.get('lr'), 'g')} | {_fmt(s[f'time_to_{t1:g}'])} | "
+            f"{_fmt(s[f'epochs_to_{t1:g}'], '.2f')} | {_fmt(s[f'time_to_{t2:g}'])} | "
+            f"{_fmt(s[f'epochs_to_{t2:g}'], '.2f')} | {best} | {_evals(rec)} | "
+            f"{_memory(rec)} | {_fmt(s['seconds_per_epoch'], '.3f')} |"
+        )
+    for name, note in results.get("skipped", {}).items():
+        lines.append(f"| {row_by_name(name).label} | skipped: {note} |" + " |" * 8)
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict, targets=TARGETS) -> str:
+    lines = [
+        f"| sweep | lr | s to {targets[0]:.0%} | best acc | status |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, sw in results.get("sweeps", {}).items():
+        for rec in sw["candidates"]:
+            s = rec["summary"]
+            mark = " (chosen)" if rec["lr"] == sw["chosen"] else ""
+            lines.append(
+                f"| {name} | {rec['lr']:g}{mark} | {_fmt(s[f'time_to_{targets[0]:g}'])} "
+                f"| {_fmt(s['best_accuracy'], '.4f')} | {rec['status']} |"
+            )
+    return "\n".join(lines)
+
+
+def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
+    """Test accuracy against wall time (log x) and against epochs, every stored row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r, results["rows"][r.name]) for r in ROWS if r.name in results["rows"]]
+    # ten distinct colours, then darker ones; a marker each, so no two rows look alike
+    colours = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "navy", "darkred"]
+    markers = "osv^DPX*h<>pd8"
+    best = max((rec["summary"]["best_accuracy"] or 0.0 for _, rec in rows), default=1.0)
+    paths = []
+    for xkey, xlabel, fname in (
+        ("time", "wall time (s, checkpoints not timed)", "time"),
+        ("epochs", "epochs (passes over the training images)", "epochs"),
+    ):
+        fig, ax = plt.subplots(figsize=(11, 6))
+        for i, (row, rec) in enumerate(rows):
+            # log time: the start (step 0) has no place on it
+            pts = [p for p in rec["curve"] if xkey == "epochs" or p["step"] > 0]
+            if not pts:
+                continue
+            ax.plot(
+                [p[xkey] for p in pts],
+                [p["accuracy"] for p in pts],
+                color=colours[i % len(colours)],
+                linestyle="--" if row.reference else "-",
+                linewidth=1.8,
+                marker=markers[i % len(markers)],
+                markersize=4,
+                markevery=max(1, len(pts) // 25),
+                label=row.label,
+            )
+        for tgt in targets:
+            ax.axhline(tgt, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(
+                f"{tgt:.0%}",
+                (1.0, tgt),
+                xycoords=("axes fraction", "data"),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=9,
+            )
+        if xkey == "time":
+            ax.set_xscale("log")
+        ax.set_ylim(min(0.5, best - 0.1), min(1.0, max(best, targets[-1]) + 0.02))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(
+            f"Fashion-MNIST {task}: "
+            f"{'-'.join(map(str, [784, *results['settings']['hidden'], 10]))}"
+            f" sigmoid, budget {results['settings']['budget']:g} s a row"
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=9, frameon=False)
+        fig.tight_layout()
+        path = out / f"accuracy_{fname}_{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# -- how cost grows with the width -----------------------------------------------------------------
+
+
+def width_rows(
+    s: Settings,
+    names: list[str],
+    widths: list[int],
+    budget: float,
+    out: Path,
+    resume: bool,
+    run: Callable[[Job], dict],
+) -> str:
+    """Seconds per epoch of each row at each hidden width (2L: widths w and w/3)."""
+    path = out / f"widths_{s.task}.json"
+    data = json.loads(path.read_text()) if resume and path.exists() else {}
+    cells: dict = data.get("cells", {})
+    for name in names:
+        row = row_by_name(name)
+        note = row.needs() if row.needs else None
+        if note:
+            print(f"  {name}: skipped — {note}")
+            continue
+        lr = row.sweep[len(row.sweep) // 2] if row.sweep else None
+        for w in widths:
+            hidden = (w,) if s.task == "1L" else (w, max(1, w // 3))
+            ws = Settings(**{**asdict(s), "hidden": hidden})
+            job = Job(ws, name, lr, budget, every=10**9, stop_at_target=False)
+            cell = f"{name}@{w}"
+            if resume and cells.get(cell, {}).get("key") == job.key():
+                continue
+            rec = run(job)
+            cells[cell] = {
+                "key": job.key(),
+                "summary": rec["summary"],
+                "status": rec["status"],
+                "peak_memory_bytes": rec["peak_memory_bytes"],
+            }
+            print(
+                f"  {name} width {w}: {_fmt(rec['summary']['seconds_per_epoch'], '.3f')} "
+                f"s/epoch ({rec['status']})",
+                flush=True,
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": s.key(), "cells": cells}, indent=1))
+    head = "| method | " + " | ".join(f"{w}: s / epoch" for w in widths) + " |"
+    lines = [head, "|---|" + "---:|" * len(widths)]
+    for name in names:
+        vals = [
+            cells.get(f"{name}@{w}", {}).get("summary", {}).get("seconds_per_epoch") for w in widths
+        ]
+        if any(v is not None for v in vals):
+            lines.append(
+                f"| {row_by_name(name).label} | " + " | ".join(_fmt(v, ".3f") for v in vals) + " |"
+            )
+    return "\n".join(lines)
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--task",
+        choices=("1L", "2L", "both"),
+        default=None,
+        help="network (default: both; 1L with --quick)",
+    )
+    ap.add_argument("--budget", type=float, default=None, help="seconds a row (default 60)")
+    ap.add_argument(
+        "--sweep-budget",
+        type=float,
+        default=None,
+        help="seconds a learning-rate candidate (default 15)",
+    )
+    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=128, help="mini-batch size (128)")
+    ap.add_argument("--n-train", type=int, default=None, help="training images (all)")
+    ap.add_argument("--n-test", type=int, default=None, help="test images (all)")
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and shuffling")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    ap.add_argument("--resume", action="store_true", help="skip rows already measured")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 5,000 images, 2 s a row")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run rows here, not in subprocesses (no memory column)",
+    )
+    ap.add_argument("--widths", default=None, help="e.g. 300,1000,3000: s/epoch by width")
+    ap.add_argument(
+        "--width-budget", type=float, default=None, help="seconds a row at each width (default 10)"
+    )
+    ap.add_argument(
+        "--data",
+        choices=("fashion-mnist", "synthetic"),
+        default="fashion-mnist",
+        help=argparse.SUPPRESS,
+    )
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return args
+    q = args.quick
+    args.task = args.task or ("1L" if q else "both")
+    args.budget = args.budget or (2.0 if q else 60.0)
+    args.sweep_budget = args.sweep_budget or (1.0 if q else 15.0)
+    args.width_budget = args.width_budget or (2.0 if q else 10.0)
+    args.n_train = args.n_train or (5000 if q else None)
+    args.n_test = args.n_test or (2000 if q else None)
+    names = [r.name for r in ROWS]
+    args.row_names = names if args.rows is None else [n.strip() for n in args.rows.split(",")]
+    for n in args.row_names:
+        if n not in names:
+            ap.error(f"--rows: unknown row {n!r}; rows: {', '.join(names)}")
+    if min(args.budget, args.sweep_budget, args.width_budget) <= 0 or args.batch_size < 1:
+        ap.error("--budget, --sweep-budget, --width-budget and --batch-size must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available")
+    args.width_list = None
+    if args.widths:
+        try:
+            args.width_list = [int(w) for w in args.widths.split(",")]
+        except ValueError:
+            ap.error(f"--widths must be comma-separated integers, got {args.widths!r}")
+        if min(args.width_list) < 1:
+            ap.error("--widths must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.worker:
+        _worker(*args.worker)
+        return
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    run = measure if args.in_process else measure_in_subprocess
+    # --quick: the sweeps (which have no memory column) here, to keep the smoke test short
+    sweep_run = measure if args.quick else run
+    tasks = ["1L", "2L"] if args.task == "both" else [args.task]
+    print(
+        f"torch {torch.__version__}, {threads} threads, {args.device}; rows: "
+        f"{', '.join(args.row_names)}",
+        flush=True,
+    )
+    for task in tasks:
+        s = Settings(
+            task=task,
+            budget=args.budget,
+            sweep_budget=args.sweep_budget,
+            sweep_candidates=2 if args.quick else None,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            device=args.device,
+            threads=threads,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            data=args.data,
+        )
+        sizes = "-".join(map(str, (784, *s.widths, 10)))
+        if args.width_list:
+            print(f"\n## {task} ({sizes}): seconds per epoch by hidden width", flush=True)
+            print(
+                width_rows(
+                    s,
+                    args.row_names,
+                    args.width_list,
+                    args.width_budget,
+                    args.out,
+                    args.resume,
+                    run,
+                )
+            )
+            continue
+        print(f"\n## {task}: {sizes} sigmoid, budget {s.budget:g} s a row", flush=True)
+        results = Results(args.out / f"{task}.json", s, args.resume)
+        run_rows(s, args.row_names, results, run, sweep_run)
+        print()
+        print(markdown_table(results.data, s.targets))
+        if results.data["sweeps"]:
+            print()
+            print(sweep_table(results.data, s.targets))
+        for p in figures(results.data, task, args.out, s.targets):
+            print(f"  wrote {p}")
+        print(f"  wrote {results.path}")
+
+
+if __name__ == "__main__":
+    main()
