@@ -164,7 +164,7 @@ class Problem:
         curvature_fraction: float | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        """Our ModelObjective: full batch, or one reshuffled mini-batch per iteration."""
+        """Our ModelObjective: full batch, or one mini-batch per iteration, epoch by epoch."""
         from secondorder.objective import ModelObjective
         from secondorder.sampling import make_sampler
 
@@ -172,7 +172,7 @@ class Problem:
         seed = self.settings.seed
         if batch_size is not None:
             b = min(batch_size, self.m)
-            sampler = make_sampler("reshuffled", self.m, batch_size=b, n_batches=1, seed=seed)
+            sampler = make_sampler("epoch", self.m, batch_size=b, seed=seed)
         if curvature_fraction is not None:
             size = max(1, min(self.m, round(curvature_fraction * self.m)))
             curvature = make_sampler("subsample", self.m, size=size, seed=seed)
@@ -496,7 +496,7 @@ ROWS: list[RowSpec] = [
         "torch.optim.Adam",
         run_torch_minibatch,
         {"optimizer": "Adam", "batch_size": BATCH},
-        every=100,
+        every=50,
         sweep=(1e-3, 3e-3, 1e-2),
         reference=True,
     ),
@@ -505,7 +505,7 @@ ROWS: list[RowSpec] = [
         "torch.optim.SGD (Nesterov 0.9)",
         run_torch_minibatch,
         {"optimizer": "SGD", "momentum": 0.9, "nesterov": True, "batch_size": BATCH},
-        every=100,
+        every=50,
         sweep=(0.03, 0.1, 0.3),
         reference=True,
     ),
@@ -600,7 +600,7 @@ ROWS: list[RowSpec] = [
         "secondorder Adam",
         run_ours,
         {"method": "adam", "batch_size": BATCH},
-        every=100,
+        every=50,
         sweep=(1e-3, 3e-3, 1e-2),
         lr_from="torch-adam",
     ),
@@ -609,7 +609,7 @@ ROWS: list[RowSpec] = [
         "secondorder SGD (Nesterov 0.9)",
         run_ours,
         {"method": "sgd", "momentum": 0.9, "nesterov": True, "batch_size": BATCH},
-        every=100,
+        every=50,
         sweep=(0.03, 0.1, 0.3),
         lr_from="torch-sgd",
     ),
@@ -621,25 +621,33 @@ ROWS: list[RowSpec] = [
             "method": "kfac",
             "kind": "mc",
             "batch_size": 1000,
+            "factor_samples": 250,
+            "damping": 1e-4,
             "inv_every": 10,
             "line_search": None,
             "lr": 1.0,
         },
-        every=10,
+        every=5,
     ),
     RowSpec(
         "hessian-free",
-        "secondorder Hessian-free (10% subsample)",
+        "secondorder Hessian-free (b = 6000, curvature 1000)",
         run_ours,
-        {"method": "hessian-free", "curvature_fraction": 0.1, **_FULL},
+        {
+            "method": "hessian-free",
+            "batch_size": 6000,
+            "curvature_fraction": 1 / 60,
+            "max_cg": 50,
+            **_FULL,
+        },
         every=1,
         needs=_needs_method("hessian-free"),
     ),
     RowSpec(
         "sqn",
-        "secondorder SQN",
+        "secondorder SQN (b = 1000, curvature 1000)",
         run_ours,
-        {"method": "sqn", "batch_size": BATCH, "curvature_fraction": 0.1},
+        {"method": "sqn", "batch_size": 1000, "curvature_fraction": 1 / 60, "lr": 0.5},
         every=20,
         needs=_needs_method("sqn"),
     ),
