@@ -1035,18 +1035,19 @@ def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
 
     rows = [(r, results["rows"][r.name]) for r in ROWS if r.name in results["rows"]]
     # ten distinct colours, then darker ones; a marker each, so no two rows look alike
-    colours = [*plt.get_cmap("tab10").colors, "black", "darkgoldenrod", "navy", "darkred"]
+    colours = [*plt.get_cmap("tab10").colors, "black", "magenta", "navy", "darkred"]
     markers = "osv^DPX*h<>pd8"
     best = max((rec["summary"]["best_accuracy"] or 0.0 for _, rec in rows), default=1.0)
     paths = []
     for xkey, xlabel, fname in (
-        ("time", "wall time (s, checkpoints not timed)", "time"),
-        ("epochs", "epochs (passes over the training images)", "epochs"),
+        ("time", "wall time (s, log scale; checkpoints not timed)", "time"),
+        ("epochs", "epochs (passes over the training images, log scale)", "epochs"),
     ):
         fig, ax = plt.subplots(figsize=(11, 6))
         for i, (row, rec) in enumerate(rows):
-            # log time: the start (step 0) has no place on it
-            pts = [p for p in rec["curve"] if xkey == "epochs" or p["step"] > 0]
+            # log axes (mini-batch rows finish within a few epochs, full-batch ones take
+            # tens): the start (step 0) has no place on them
+            pts = [p for p in rec["curve"] if p["step"] > 0 and p[xkey] > 0]
             if not pts:
                 continue
             ax.plot(
@@ -1071,8 +1072,7 @@ def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
                 va="center",
                 fontsize=9,
             )
-        if xkey == "time":
-            ax.set_xscale("log")
+        ax.set_xscale("log")
         ax.set_ylim(min(0.5, best - 0.1), min(1.0, max(best, targets[-1]) + 0.02))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")

@@ -594,3 +594,30 @@ def test_specs_take_any_torch_optimizer_and_the_first_order_references(tmp_path)
     solvers = read_summary(tmp_path / "run")["cells"]["main"]["solvers"]
     assert solvers["RMSprop"]["method"] == "torch:RMSprop" and solvers["RMSprop"]["nit"] == 6
     assert solvers["Adam"]["nit"] == 6
+
+
+class _Payload:
+    """An object whose unpickling would create a file: a crafted checkpoint's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_never_run_code_and_bad_files_are_named(tmp_path):
+    marker = tmp_path / "executed"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"theta": torch.zeros(2), "evil": _Payload(marker)}, crafted)
+    with pytest.raises(io.CheckpointError, match="crafted.pt"):
+        io.torch_load(crafted)
+    assert not marker.exists()  # the full unpickler would have created it
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(io.CheckpointError, match="noise.pt"):
+        io.torch_load(noise)
+    # what the runner writes still loads
+    good = tmp_path / "good.pt"
+    io.torch_save(good, {"theta": torch.ones(3), "rows": [{"k": 0, "f": 1.0}], "note": "x"})
+    assert torch.equal(io.torch_load(good)["theta"], torch.ones(3))

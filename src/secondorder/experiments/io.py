@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ __all__ = [
     "read_jsonl",
     "to_jsonable",
     "torch_load",
+    "CheckpointError",
     "torch_save",
     "write_csv",
     "write_json",
@@ -155,14 +155,24 @@ def torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
-def torch_load(path: str | os.PathLike[str]) -> Any:
-    """Load a file written by :func:`torch_save`.
+class CheckpointError(ValueError):
+    """A run file the safe loader cannot read: truncated, corrupted, or not the runner's."""
 
-    Checkpoints written by the runner hold only tensors, numbers, strings, lists and dicts and
-    load with the safe ``weights_only`` loader; a file that needs more (another writer's) is
-    read with the full unpickler — only load run directories you trust.
+
+def torch_load(path: str | os.PathLike[str]) -> Any:
+    """Load a file written by :func:`torch_save` with the safe ``weights_only`` loader only.
+
+    Checkpoints written by the runner hold only tensors, numbers, strings, lists and dicts.
+    Anything else (a truncated or corrupted file, or one holding arbitrary objects, which the
+    full unpickler would execute) is refused with a :class:`CheckpointError` naming the file:
+    run directories are shared, and loading one must never run code from it.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # every failure of the safe loader; never fall back to pickle
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{os.fspath(path)} is not a checkpoint this library can load safely "
+            f"({type(err).__name__}: {first}); it is truncated, corrupted or was not written "
+            "by secondorder — delete it to restart that solver from scratch"
+        ) from None

@@ -93,6 +93,7 @@ class KFAC(Direction):
         self.G_inv: list[Tensor] | None = None
         self.updates = 0
         self.generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None  # from load_state_dict
         self.prev_step: Tensor | None = None
         self._structure = None
         self._scale = 1.0  # the step is lr·scale·d
@@ -105,7 +106,7 @@ class KFAC(Direction):
         if self._structure is None:
             self._structure = mlp_structure(objective.model)
         if self.kind == "mc" and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.seed)
+            self.generator = self._new_generator(objective)
         factors = kfac_factors(
             objective,
             it.theta,
@@ -223,6 +224,14 @@ class KFAC(Direction):
         self.damping = float(state.get("damping", self.damping))
         self.prev_step = _clone(state.get("prev_step"))
         gen = state.get("generator")
-        if gen is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
-            self.generator.set_state(gen)
+        if gen is not None:  # the generator is rebuilt on the objective's device at first use
+            self.generator, self._pending_generator_state = None, gen
+
+    def _new_generator(self, objective) -> torch.Generator:
+        """The sampling generator on the objective's device (sampled targets are drawn
+        there), restored from a loaded state when there is one."""
+        gen = torch.Generator(device=objective.device).manual_seed(self.seed)
+        if self._pending_generator_state is not None:
+            gen.set_state(self._pending_generator_state)
+            self._pending_generator_state = None
+        return gen
