@@ -29,6 +29,13 @@ def _data(n: int, loss: str, k: int, seed: int = 0):
     return X, y
 
 
+def _moving_objective(X, y, sampler):
+    """A 4-6-3 tanh net on (X, y) whose batches move with ``sampler``."""
+    return ModelObjective(
+        mlp([4, 6, 3], "tanh", seed=0, dtype=D), "cross_entropy", (X, y), sampler=sampler
+    )
+
+
 @pytest.mark.parametrize("loss,k", [("cross_entropy", 3), ("logistic", 1), ("mse", 2)])
 @pytest.mark.parametrize("hidden", [[], [5], [5, 6]])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
@@ -91,12 +98,7 @@ def test_kfac_resumes_exactly_on_moving_batches_and_refuses_what_it_cannot_facto
     X, y = _data(120, "cross_entropy", 3)
 
     def objective():
-        return ModelObjective(
-            mlp([4, 6, 3], "tanh", seed=0, dtype=D),
-            "cross_entropy",
-            (X, y),
-            sampler=ReshuffledBatches(120, 30, n_batches=1, seed=1),
-        )
+        return _moving_objective(X, y, ReshuffledBatches(120, 30, n_batches=1, seed=1))
 
     opts = {"kind": "mc", "ema": 0.9, "inv_every": 3, "gtol": None}
     obj = objective()
@@ -226,12 +228,7 @@ def test_kfac_with_momentum_and_adaptive_damping_resumes_exactly():
     X, y = _data(120, "cross_entropy", 3)
 
     def objective():
-        return ModelObjective(
-            mlp([4, 6, 3], "tanh", seed=0, dtype=D),
-            "cross_entropy",
-            (X, y),
-            sampler=make_sampler("epoch", 120, batch_size=30, seed=1),
-        )
+        return _moving_objective(X, y, make_sampler("epoch", 120, batch_size=30, seed=1))
 
     opts = {"kind": "mc", "momentum": True, "adapt_damping": 2, "factor_samples": 10}
     opts.update(line_search=None, gtol=None, inv_every=3)
