@@ -303,3 +303,10 @@ def test_bad_arguments():
         LBFGS([{"params": [p]}, {"params": [nn.Parameter(torch.zeros(2))]}])
     with pytest.raises(ValueError, match="closure"):
         LBFGS([p]).step(None)
+
+
+@pytest.mark.parametrize("history_size", [0, -3, 2.5])
+def test_lbfgs_refuses_a_history_it_cannot_keep(history_size):
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.raises((ValueError, TypeError), match="history_size"):
+        LBFGS([x], history_size=history_size)

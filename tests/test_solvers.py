@@ -833,3 +833,22 @@ def test_a_method_is_one_direction_class_and_one_registry_entry():
     assert "scaled-gd" not in REGISTRY and "scale" not in all_options()
     with pytest.raises(ValueError, match="method='scaled-gd' is not one of"):
         validate_options(2, "scaled-gd")
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda s: s.pop("k"), r"lacks \['k'\]"),
+        (lambda s: s.update(k=-1), "non-negative int"),
+        (lambda s: s.update(k="3"), "non-negative int"),
+    ],
+)
+def test_a_damaged_initial_state_is_refused_before_any_evaluation(edit, match):
+    obj = FunctionObjective(rosenbrock(), 2, dtype=torch.float64)
+    first = minimize(obj, torch.zeros(2, dtype=torch.float64), "lbfgs", max_iter=3)
+    state = dict(first.state)
+    edit(state)
+    before = obj.counts.f
+    with pytest.raises(ValueError, match=match):
+        minimize(obj, torch.zeros(2, dtype=torch.float64), "lbfgs", initial_state=state)
+    assert obj.counts.f == before

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from secondorder._validation import check_choice
+from secondorder._validation import check_choice, check_positive_int
 from secondorder.optim_kfac import KFAC
 from secondorder.solvers import minimize
 from secondorder.solvers.closure import ClosureObjective, FlatParams, loss_and_grad
@@ -112,6 +112,7 @@ class LBFGS(torch.optim.Optimizer):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr}")
         _check_line_search_fn(line_search_fn, "strong_wolfe")
+        check_positive_int("history_size", history_size)
         if max_eval is None:
             max_eval = max_iter * 5 // 4
         defaults = {

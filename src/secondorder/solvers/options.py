@@ -8,6 +8,7 @@ rule, the preconditioner, the method's options (read from its
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -272,6 +273,15 @@ def _initial_state(objective, method: str, state) -> dict | None:
     if state is not None:
         if not isinstance(state, dict) or "theta" not in state:
             raise TypeError("initial_state must be the dict of a Result's .state")
+        missing = [key for key in ("k", "method") if key not in state]
+        if missing:
+            raise ValueError(
+                f"initial_state lacks {missing}: it must be a Result's .state as saved, "
+                "not a hand-made dict"
+            )
+        k = state["k"]
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"initial_state['k'] must be a non-negative int, got {k!r}")
         if state.get("method") != method:
             raise ValueError(
                 f"initial_state was saved by method={state.get('method')!r}, not {method!r}"
