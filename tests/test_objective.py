@@ -295,3 +295,25 @@ def test_function_objective_constant_output_has_zero_gradient():
     assert torch.equal(
         obj.hvp(torch.zeros(2, dtype=f64), torch.ones(2, dtype=f64)), torch.zeros(2, dtype=f64)
     )
+
+
+def test_a_closed_form_of_the_wrong_shape_is_refused_by_name():
+    f = lambda x: (x**2).sum()  # noqa: E731
+    obj = FunctionObjective(f, 3, dtype=torch.float64, grad_fn=lambda x: 2 * x[:2])
+    with pytest.raises(ValueError, match=r"grad_fn must return a tensor of shape \(3,\)"):
+        obj.value_and_grad(torch.ones(3, dtype=torch.float64))
+    obj = FunctionObjective(f, 3, dtype=torch.float64, hvp_fn=lambda x, v: 2.0)
+    with pytest.raises(ValueError, match="hvp_fn must return a tensor"):
+        obj.hvp(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+
+
+def test_accuracy_of_non_finite_outputs_is_nan_not_a_number_of_arbitrary_labels():
+    X = torch.randn(20, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    obj = ModelObjective(mlp([4, 3], "tanh", seed=0, dtype=torch.float64), "cross_entropy", (X, y))
+    theta = obj.initial_theta()
+    assert 0.0 <= obj.accuracy(theta) <= 1.0
+    assert math.isnan(obj.accuracy(torch.full_like(theta, math.nan)))
+    X_bad = X.clone()
+    X_bad[3, 1] = math.nan
+    assert math.isnan(obj.accuracy(theta, X_bad, y))

@@ -852,3 +852,11 @@ def test_a_damaged_initial_state_is_refused_before_any_evaluation(edit, match):
     with pytest.raises(ValueError, match=match):
         minimize(obj, torch.zeros(2, dtype=torch.float64), "lbfgs", initial_state=state)
     assert obj.counts.f == before
+
+
+def test_a_short_closed_form_gradient_is_not_mistaken_for_convergence():
+    obj = FunctionObjective(
+        lambda x: (x**2).sum(), 3, dtype=torch.float64, grad_fn=lambda x: torch.zeros(1)
+    )
+    with pytest.raises(ValueError, match="grad_fn must return a tensor of shape"):
+        minimize(obj, torch.ones(3, dtype=torch.float64), "lbfgs")

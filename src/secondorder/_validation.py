@@ -88,3 +88,11 @@ def check_same_length(X: Tensor, y: Tensor) -> None:
             "y must hold one target per sample of X: X and y must have the same number of "
             f"samples (first dimension), got X {tuple(X.shape)} and y {tuple(y.shape)}"
         )
+
+
+def check_shape(arg: str, out, shape) -> None:
+    """What a user's function returned must be a tensor of ``shape`` (a wrong length would
+    otherwise broadcast or slice silently)."""
+    if not isinstance(out, torch.Tensor) or out.shape != shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{arg} must return a tensor of shape {tuple(shape)}, got {got}")
