@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from secondorder.lanczos import Lanczos, tridiagonal_eigh
+from secondorder.linalg import MemoryError_
 
 
 def _sym(n: int, seed: int) -> torch.Tensor:
@@ -62,3 +63,9 @@ def test_check_stops_early_and_tridiagonal_eigh_matches_dense():
     np.testing.assert_allclose(T @ S, S * theta, atol=1e-12)
     with pytest.raises(RuntimeError, match="cannot grow"):
         Lanczos(lambda v: A @ v, torch.ones(30, dtype=torch.float64), 1).run().step()
+
+
+def test_a_basis_that_cannot_fit_is_refused_before_it_is_allocated():
+    q0 = torch.ones(2_000_000, dtype=torch.float64)
+    with pytest.raises(MemoryError_, match="Lanczos basis"):
+        Lanczos(lambda v: v, q0, max_steps=10**6)

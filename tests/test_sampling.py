@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from secondorder.linalg import MemoryError_
 from secondorder.sampling import (
     EpochBatches,
     FixedBatches,
@@ -114,3 +115,9 @@ def test_epoch_batches_walk_a_permutation_per_epoch(m, mb):
         assert not np.array_equal(s.batches(0)[0], s.batches(R)[0])
         assert not np.array_equal(s.batches(0)[0], EpochBatches(m, mb, seed=4).batches(0)[0])
     assert s.changes == "iteration" and s.version(7) == 7
+
+
+def test_an_index_table_that_cannot_fit_is_refused_before_it_is_built():
+    for cls in (FixedBatches, ReshuffledBatches):
+        with pytest.raises(MemoryError_, match="index batches"):
+            cls(100, 10, n_batches=10**13)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from secondorder._validation import check_choice, check_positive_int
+from secondorder.linalg import check_dense_fits
 
 __all__ = [
     "EpochBatches",
@@ -129,6 +130,12 @@ class _Batched(Sampler):
             math.ceil(m / batch_size)
             if n_batches is None
             else check_positive_int("n_batches", n_batches)
+        )
+        # every draw holds R index arrays of m_b entries: refuse R·m_b that cannot fit
+        check_dense_fits(
+            (self.n_batches, self.batch_size),
+            torch.int64,
+            "the index batches (n_batches × batch_size)",
         )
         self.seed = int(seed)
 
