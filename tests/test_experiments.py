@@ -339,6 +339,39 @@ def test_interrupted_run_resumes_to_the_same_trace_with_noise(tmp_path, monkeypa
         assert _strip_times(_rows(tmp_path / "cut", slug)) == _strip_times(_rows(ref, slug))
 
 
+def test_a_signal_during_the_last_iteration_still_lets_the_run_finish(tmp_path, monkeypatch):
+    """SIGINT while the first solver records its last iteration: that solver is complete, and
+    resume finishes the run with the uninterrupted traces (it used to fail on every resume)."""
+    from secondorder.experiments import runner
+
+    raw = _rosenbrock(max_iter=30)
+    ref = start_run(spec_from_dict(raw), tmp_path / "ref", QUIET)
+    real = runner.build_problem
+    calls = {"n": 0}
+
+    def build(spec, cache=None):
+        problem = real(spec, cache)
+        metrics = problem.metrics
+
+        def counting(theta):
+            calls["n"] += 1
+            if calls["n"] == 31:  # iteration 30 of the first solver, its last
+                os.kill(os.getpid(), signal.SIGINT)
+            return metrics(theta)
+
+        problem.metrics = counting
+        return problem
+
+    monkeypatch.setattr(runner, "build_problem", build)
+    with pytest.raises(Interrupted):
+        start_run(spec_from_dict(raw), tmp_path / "cut", QUIET)
+    monkeypatch.setattr(runner, "build_problem", real)
+    resume_run(tmp_path / "cut", QUIET)
+    assert io.read_json(tmp_path / "cut" / "summary.json")["status"] != "interrupted"
+    for slug in ("gd", "newton"):
+        assert _strip_times(_rows(tmp_path / "cut", slug)) == _strip_times(_rows(ref, slug))
+
+
 def _kill_spec(path: Path) -> Path:
     spec = {
         "name": "kill",

@@ -4,6 +4,7 @@ float32, and NLCG / NewtonCG on real nn.Module training loops."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -310,3 +311,20 @@ def test_lbfgs_refuses_a_history_it_cannot_keep(history_size):
     x = torch.zeros(3, requires_grad=True)
     with pytest.raises((ValueError, TypeError), match="history_size"):
         LBFGS([x], history_size=history_size)
+
+
+def test_strong_wolfe_lbfgs_on_a_closure_that_is_nan_everywhere_keeps_the_parameters():
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = LBFGS([x], line_search_fn="strong_wolfe", max_iter=5)
+
+    def closure():
+        opt.zero_grad()
+        loss = (x * float("nan")).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = opt.step(closure)  # used to end in an AttributeError on the missing gradient
+    assert math.isnan(float(loss))
+    assert torch.equal(x.detach(), torch.ones(3, dtype=torch.float64))

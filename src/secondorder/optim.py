@@ -266,12 +266,16 @@ class LBFGS(torch.optim.Optimizer):
                     d_norm=float(d.abs().max()),
                     strict=False,
                 )
-                t = ls.alpha
-                loss, g = ls.f, ls.g
-                flat.set(flat.add(x0, d, t))
                 ls_evals = ls.calls
-                opt_cond = float(g.abs().max()) <= tol_grad
                 trial_f = ls.trials[0][1] if ls.trials else loss
+                if ls.g is None:  # no finite trial point: stay (the stall rule below decides)
+                    flat.set(x0)
+                    opt_cond = False
+                else:
+                    t = ls.alpha
+                    loss, g = ls.f, ls.g
+                    flat.set(flat.add(x0, d, t))
+                    opt_cond = float(g.abs().max()) <= tol_grad
             else:
                 trial_f = None  # not evaluated: θ unchanged means the step was too short
                 flat.set(flat.add(x0, d, t))

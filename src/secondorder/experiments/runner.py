@@ -336,8 +336,9 @@ class _Runner:
             k_done = int(res.nit)
             status = res.status
             finished = scipy or status != "max_iter" or k_done >= max_iter
-            if status == "callback" and self.stop.set:
-                finished = False
+            if status == "callback" and self.stop.set and k_done < max_iter:
+                finished = False  # stopped early by the signal; a stop after the last
+                # iteration has nothing left to run, and resuming it must not call a 0-step run
             result_info = result_summary(res, method, max_iter)
             if seen:
                 result_info["warnings"] = list(seen)
