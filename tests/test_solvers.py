@@ -860,3 +860,25 @@ def test_a_short_closed_form_gradient_is_not_mistaken_for_convergence():
     )
     with pytest.raises(ValueError, match="grad_fn must return a tensor of shape"):
         minimize(obj, torch.ones(3, dtype=torch.float64), "lbfgs")
+
+
+def test_newton_never_solves_with_a_failed_cholesky_factor(monkeypatch):
+    """When no damping makes H + τI factorisable, Newton takes the eigenvalue-modified step
+    (checked against a dense eigendecomposition) instead of solving with the failed factor."""
+    A = torch.tensor([[2.0, 0.3], [0.3, -1.0]], dtype=torch.float64)
+    obj = FunctionObjective(quadratic(A), 2, dtype=torch.float64)
+    x0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    real = torch.linalg.cholesky_ex
+
+    def failing(M, *args, **kwargs):
+        L, info = real(M, *args, **kwargs)
+        return torch.full_like(L, math.nan), torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    res = minimize(obj, x0, "newton", line_search=None, max_iter=1, gtol=None)
+    evals, evecs = torch.linalg.eigh(A)
+    delta = math.sqrt(torch.finfo(torch.float64).eps) * float(evals.abs().max())
+    g = A @ x0
+    expected = x0 - evecs @ ((evecs.T @ g) / evals.clamp_min(delta))
+    torch.testing.assert_close(res.theta, expected, rtol=1e-12, atol=1e-12)
+    assert math.isnan(res.trace[1]["tau"])

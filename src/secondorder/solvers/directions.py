@@ -98,7 +98,8 @@ class Newton(Direction):
         eps = torch.finfo(H.dtype).eps
         scale = max(1.0, float(evals.abs().max()))
         delta = math.sqrt(eps) * scale
-        if self.modification == "damping":
+        modification = self.modification
+        if modification == "damping":
             diag_min = float(H.diagonal().min())
             beta = 1e-3 * scale
             tau = beta if diag_min > 0 else -diag_min + beta
@@ -106,14 +107,15 @@ class Newton(Direction):
             for _ in range(100):
                 L, info = torch.linalg.cholesky_ex(H + tau * eye)
                 if int(info) == 0:
-                    break
+                    it.info["tau"] = tau
+                    return -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
                 tau = max(2.0 * tau, beta)
-            it.info["tau"] = tau
-            return -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
-        if self.modification == "eigen":
-            lam = evals.clamp_min(delta)
-        else:  # saddle-free: |H|
-            lam = evals.abs().clamp_min(delta)
+            # never factorised (a numerically broken H): a failed factor must not be used;
+            # the eigenvalue modification needs none (τ = NaN in the trace says so)
+            it.info["tau"] = math.nan
+            modification = "eigen"
+        # eigen: clamp the spectrum from below; saddle-free: |H|
+        lam = (evals if modification == "eigen" else evals.abs()).clamp_min(delta)
         return -(evecs @ ((evecs.T @ g) / lam))
 
 
