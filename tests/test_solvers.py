@@ -882,3 +882,15 @@ def test_newton_never_solves_with_a_failed_cholesky_factor(monkeypatch):
     expected = x0 - evecs @ ((evecs.T @ g) / evals.clamp_min(delta))
     torch.testing.assert_close(res.theta, expected, rtol=1e-12, atol=1e-12)
     assert math.isnan(res.trace[1]["tau"])
+
+
+def test_warm_started_newton_cg_leaves_a_saddle_instead_of_shrinking_its_last_step():
+    """f = x² − y² + y⁴/4 from next to its saddle: the minimisers are (0, ±√2). A warm start
+    that meets negative curvature at once used to be returned as it was, so every step was
+    0.95× the last (2000 iterations, ‖g‖ ≈ 0.16)."""
+    obj = FunctionObjective(lambda z: z[0] ** 2 - z[1] ** 2 + z[1] ** 4 / 4, 2, dtype=torch.float64)
+    res = minimize(obj, torch.tensor([0.5, 1e-3], dtype=torch.float64), "newton-cg", max_iter=200)
+    assert res.success and res.nit < 50, (res.nit, res.message)
+    torch.testing.assert_close(
+        res.theta, torch.tensor([0.0, math.sqrt(2.0)], dtype=torch.float64), atol=1e-8, rtol=0
+    )

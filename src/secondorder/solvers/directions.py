@@ -253,7 +253,11 @@ class NewtonCG(Direction):
         res = conjugate_gradient(
             product, g, damping=self.damping, minv=minv, x0=x0, rtol=rtol, max_iter=max_iter
         )
-        if x0 is not None and not self._usable(res, g):
+        # a warm start CG could not improve (negative curvature at its first step leaves x₀
+        # as it is, and each outer step would shrink by warm_decay near a saddle), or one
+        # that is no descent direction: solve again from zero
+        stuck = res.negative_curvature and res.iterations == 0
+        if x0 is not None and (stuck or not self._usable(res, g)):
             cold = conjugate_gradient(
                 product, g, damping=self.damping, minv=minv, rtol=rtol, max_iter=max_iter
             )
