@@ -9,6 +9,8 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
+import stat
 import threading
 import urllib.error
 import urllib.request
@@ -773,3 +775,17 @@ def test_real_files_match_official_hashes():
         path = _REAL_DIR / name
         if path.is_file():
             assert sha256_file(path) == digest, name
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_the_umask_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = atomic_write_bytes(tmp_path / "f.bin", b"x")
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

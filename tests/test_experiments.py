@@ -654,3 +654,10 @@ def test_checkpoints_never_run_code_and_bad_files_are_named(tmp_path):
     good = tmp_path / "good.pt"
     io.torch_save(good, {"theta": torch.ones(3), "rows": [{"k": 0, "f": 1.0}], "note": "x"})
     assert torch.equal(io.torch_load(good)["theta"], torch.ones(3))
+
+
+def test_a_binary_spec_file_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\x00\xff\xfe not text")
+    with pytest.raises(SpecError, match="binary.toml.*not a UTF-8 text file"):
+        load_spec(path)

@@ -51,6 +51,13 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], *, binary: bool):
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it onto ``path``.
 
@@ -67,6 +74,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], *, 
         with os.fdopen(fd, mode, **kwargs) as f:
             write(f)
             f.flush()
+            # mkstemp creates 0600; give the file the mode a plain open() would (umask)
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from secondorder.experiments import io
 from secondorder.experiments.schema import SpecError, slugify
-from secondorder.experiments.spec_toml import to_toml, tomllib
+from secondorder.experiments.spec_toml import read_toml, to_toml
 
 if TYPE_CHECKING:  # annotations only: spec.py re-exports check_run_dir from here
     from secondorder.experiments.spec import Cell, Spec
@@ -174,8 +174,7 @@ def read_meta(run_dir: Path, hint: str = "") -> dict[str, Any]:
 
 def read_spec_toml(run_dir: Path) -> dict[str, Any]:
     """The resolved spec saved in spec.toml, as a dict."""
-    with open(run_dir / SPEC_TOML, "rb") as f:
-        return tomllib.load(f)
+    return read_toml(run_dir / SPEC_TOML)
 
 
 def read_point_spec(cell_path: Path) -> dict[str, Any] | None:

@@ -25,6 +25,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"not valid TOML: {err}", str(path)) from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 text: a binary or mis-encoded file
+        raise SpecError(
+            f"not a UTF-8 text file, so not TOML (byte {err.start}: {err.reason})", str(path)
+        ) from None
 
 
 def _toml_key(k: str) -> str:
