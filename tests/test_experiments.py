@@ -300,6 +300,27 @@ def test_run_writes_the_documented_layout(tmp_path):
     assert entry["finished"] and entry["final"]["train_accuracy"] > 0.8
 
 
+def _interrupting(build_problem, at: int):
+    """``build_problem`` whose problem sends itself SIGINT at its ``at``-th metrics call (the
+    metrics of iteration at − 1 of the first solver)."""
+    calls = {"n": 0}
+
+    def build(spec, cache=None):
+        problem = build_problem(spec, cache)
+        metrics = problem.metrics
+
+        def counting(theta):
+            calls["n"] += 1
+            if calls["n"] == at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return metrics(theta)
+
+        problem.metrics = counting
+        return problem
+
+    return build
+
+
 def test_interrupted_run_resumes_to_the_same_trace_with_noise(tmp_path, monkeypatch):
     """SIGINT in the middle of a noisy Rosenbrock run: checkpoint, Interrupted, then resume
     gives the uninterrupted trace (the noise generator is part of the checkpoint)."""
@@ -310,22 +331,7 @@ def test_interrupted_run_resumes_to_the_same_trace_with_noise(tmp_path, monkeypa
     ref = start_run(spec_from_dict(raw), tmp_path / "ref", QUIET)
 
     real = runner.build_problem
-    calls = {"n": 0}
-
-    def build(spec, cache=None):
-        problem = real(spec, cache)
-        metrics = problem.metrics
-
-        def counting(theta):
-            calls["n"] += 1
-            if calls["n"] == 23:  # iteration 22 of the first solver
-                os.kill(os.getpid(), signal.SIGINT)
-            return metrics(theta)
-
-        problem.metrics = counting
-        return problem
-
-    monkeypatch.setattr(runner, "build_problem", build)
+    monkeypatch.setattr(runner, "build_problem", _interrupting(real, 23))  # iteration 22
     with pytest.raises(Interrupted) as err:
         start_run(spec_from_dict(raw), tmp_path / "cut", QUIET)
     assert "interrupted; resume with: secondorder resume" in str(err.value)
@@ -347,22 +353,8 @@ def test_a_signal_during_the_last_iteration_still_lets_the_run_finish(tmp_path, 
     raw = _rosenbrock(max_iter=30)
     ref = start_run(spec_from_dict(raw), tmp_path / "ref", QUIET)
     real = runner.build_problem
-    calls = {"n": 0}
-
-    def build(spec, cache=None):
-        problem = real(spec, cache)
-        metrics = problem.metrics
-
-        def counting(theta):
-            calls["n"] += 1
-            if calls["n"] == 31:  # iteration 30 of the first solver, its last
-                os.kill(os.getpid(), signal.SIGINT)
-            return metrics(theta)
-
-        problem.metrics = counting
-        return problem
-
-    monkeypatch.setattr(runner, "build_problem", build)
+    # iteration 30 of the first solver, its last
+    monkeypatch.setattr(runner, "build_problem", _interrupting(real, 31))
     with pytest.raises(Interrupted):
         start_run(spec_from_dict(raw), tmp_path / "cut", QUIET)
     monkeypatch.setattr(runner, "build_problem", real)
