@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -10,3 +12,17 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fashion_mnist():
+    """The local Fashion-MNIST files: skipped where they are not installed, a failure where
+    they must be (CI installs them and sets SECONDORDER_REQUIRE_DATA=1)."""
+    from secondorder.data import find_fashion_mnist
+
+    found = find_fashion_mnist()
+    if found is None:
+        if os.environ.get("SECONDORDER_REQUIRE_DATA") == "1":
+            pytest.fail("Fashion-MNIST must be installed here (SECONDORDER_REQUIRE_DATA=1)")
+        pytest.skip("Fashion-MNIST is not installed")
+    return found

@@ -22,11 +22,7 @@ def _load(name: str):
     return module
 
 
-def test_solver_benchmark_runs_every_row_and_each_lowers_the_objective(capsys):
-    from secondorder.data import find_fashion_mnist
-
-    if find_fashion_mnist() is None:
-        pytest.skip("Fashion-MNIST is not installed")
+def test_solver_benchmark_runs_every_row_and_each_lowers_the_objective(capsys, fashion_mnist):
     bench = _load("solvers")
     bench.main(["--iters", "3", "--n-train", "300", "--threads", "1"])
     out = capsys.readouterr().out

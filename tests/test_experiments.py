@@ -515,12 +515,8 @@ def test_resume_of_a_complete_run_does_nothing(tmp_path):
     assert (run / "trace" / "gd.jsonl").read_bytes() == before
 
 
-def test_fashion_mnist_smoke(tmp_path):
+def test_fashion_mnist_smoke(tmp_path, fashion_mnist):
     """Real data, fast: 784-8-10 on 2,000 images for 3 iterations."""
-    from secondorder.data import find_fashion_mnist
-
-    if find_fashion_mnist() is None:
-        pytest.skip("Fashion-MNIST is not installed")
     spec = load_spec(
         "paper/fashion-mnist",
         quick=True,
