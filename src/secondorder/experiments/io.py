@@ -32,8 +32,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "fsync_directory",
+    "jsonl_line",
     "read_json",
     "read_jsonl",
+    "read_lines",
     "to_jsonable",
     "torch_load",
     "CheckpointError",
@@ -91,16 +93,32 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows as JSON Lines atomically (the whole file at once)."""
-    text = "".join(_dumps(r, None) + "\n" for r in rows)
+    text = "".join(jsonl_line(r) for r in rows)
     return atomic_write_text(path, text)
 
 
-def append_jsonl(handle: io.TextIOBase, row: Mapping[str, Any], *, fsync: bool = False) -> None:
-    """Append one row to an open JSON Lines file and flush it (``fsync`` on request)."""
-    handle.write(_dumps(row, None) + "\n")
+def jsonl_line(row: Mapping[str, Any]) -> str:
+    """One row as the JSON Lines line the writers write (newline included)."""
+    return _dumps(row, None) + "\n"
+
+
+def append_jsonl(handle: io.TextIOBase, row: Mapping[str, Any], *, fsync: bool = False) -> str:
+    """Append one row to an open JSON Lines file and flush it (``fsync`` on request); return
+    the line written."""
+    line = jsonl_line(row)
+    handle.write(line)
     handle.flush()
     if fsync:
         os.fsync(handle.fileno())
+    return line
+
+
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The complete lines of a text file (each with its newline); a last line cut short by a
+    crash (no newline) is left out."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    return [line + "\n" for line in lines[:-1]]
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

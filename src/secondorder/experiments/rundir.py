@@ -16,13 +16,23 @@ its own ``point.json``, ``trace/`` and ``checkpoints/``); a suite (``[[parts]]``
 directory per part, listed in the suite's ``run.json``.
 
 The runner writes through this module; ``secondorder resume`` and the report read through it.
-Every whole-file write is atomic (:mod:`secondorder.experiments.io`).
+Every whole-file write is atomic (:mod:`secondorder.experiments.io`). ``run.json`` is written
+last when a run directory is created: a directory without it was never started, and ``run``
+may start over in it. ``run.json`` records the SHA-256 of the resolved spec and a copy of it,
+so that a resume refuses an edited ``spec.toml`` and shows what changed. A run or resume holds
+an exclusive lock on ``RUN/.lock`` (released by the kernel, even on ``SIGKILL``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -35,6 +45,12 @@ if TYPE_CHECKING:  # annotations only: spec.py re-exports check_run_dir from her
 
 __all__ = [
     "FORMAT",
+    "RunDirError",
+    "clean_temporary_files",
+    "lines_digest",
+    "lock",
+    "read_trace_lines",
+    "spec_digest",
     "TIME_COLUMNS",
     "TraceFile",
     "cell_dir",
@@ -65,6 +81,19 @@ SUMMARY_JSON = "summary.json"
 POINT_JSON = "point.json"
 TRACE_DIR = "trace"
 CHECKPOINT_DIR = "checkpoints"
+LOCK = ".lock"
+
+
+class RunDirError(SpecError):
+    """A run directory that cannot be run or resumed as it is: in use, edited or incomplete.
+
+    A :class:`SpecError` for the callers that catch those, but its message is its own: the
+    spec is not what is at fault."""
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.errors = [message]
+        self.source = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,9 +104,9 @@ def check_run_dir(path: str | os.PathLike[str], *, must_be_new: bool = True) -> 
     path = Path(path).expanduser()
     if must_be_new and path.exists():
         if not path.is_dir():
-            raise SpecError(f"run directory {path} exists and is not a directory")
-        if (path / RUN_JSON).exists() or (path / SPEC_TOML).exists():
-            raise SpecError(
+            raise RunDirError(f"run directory {path} exists and is not a directory")
+        if (path / RUN_JSON).exists():
+            raise RunDirError(
                 f"run directory {path} already holds a run; continue it with "
                 f"`secondorder resume {path}` or choose another --run-dir"
             )
@@ -87,8 +116,41 @@ def check_run_dir(path: str | os.PathLike[str], *, must_be_new: bool = True) -> 
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise SpecError(f"run directory {path} is not writable: {err.strerror or err}") from None
+        raise RunDirError(f"run directory {path} is not writable: {err.strerror or err}") from None
     return path
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's exclusive lock; a second run or resume is refused at once."""
+    path = run_dir / LOCK
+    handle = open(path, "a")  # noqa: SIM115 - closed below; the lock lives as long as it
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunDirError(
+                f"run directory {run_dir} is in use by another secondorder process "
+                "(a run or resume holds its lock); wait for it to end"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+def clean_temporary_files(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted atomic write left behind (``.<name>.*.part``, write
+    probes); call it only while holding :func:`lock`. Returns the files removed."""
+    removed = []
+    for pattern in ("**/.*.part", "**/.write-test-*"):
+        for path in run_dir.glob(pattern):
+            if path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def default_run_dir(spec: Spec, base: str | os.PathLike[str] = "runs") -> Path:
@@ -114,6 +176,36 @@ def relative(path: Path, root: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # run.json, spec.toml, point.json
 # ----------------------------------------------------------------------------------------------
+def _canonical(data: Any) -> str:
+    return json.dumps(io.to_jsonable(data), sort_keys=True, allow_nan=True)
+
+
+def spec_digest(data: dict[str, Any]) -> str:
+    """SHA-256 of a resolved spec (as read back from spec.toml), independent of key order."""
+    return hashlib.sha256(_canonical(data).encode("utf-8")).hexdigest()
+
+
+def spec_difference(saved: Any, now: Any, key: str = "") -> list[str]:
+    """The dotted keys at which two resolved specs differ, with both values."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in now:
+                out.append(f"{sub}: {_canonical(saved[k])} was removed")
+            elif k not in saved:
+                out.append(f"{sub}: {_canonical(now[k])} was added")
+            else:
+                out.extend(spec_difference(saved[k], now[k], sub))
+        return out
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        pairs = enumerate(zip(saved, now))
+        return [d for i, (a, b) in pairs for d in spec_difference(a, b, f"{key}[{i}]")]
+    if _canonical(saved) != _canonical(now):
+        return [f"{key or 'spec'}: {_canonical(saved)} → {_canonical(now)}"]
+    return []
+
+
 def _run_meta(spec: Spec) -> dict[str, Any]:
     if spec.is_suite:
         return {
@@ -147,7 +239,8 @@ def _run_meta(spec: Spec) -> dict[str, Any]:
 
 
 def write_meta(spec: Spec, run_dir: Path) -> None:
-    """run.json, spec.toml and (for a grid) every cell's point.json."""
+    """Every cell's point.json (for a grid), spec.toml, then run.json: written last, it marks
+    the directory as a run, with the digest and a copy of the spec as spec.toml reads back."""
     if not spec.is_suite:
         cells = spec.cells()
         if len(cells) > 1:
@@ -156,12 +249,30 @@ def write_meta(spec: Spec, run_dir: Path) -> None:
                     run_dir / c.id / POINT_JSON,
                     {"id": c.id, "point": c.point, "seed": c.seed, "spec": c.spec},
                 )
-    io.write_json(run_dir / RUN_JSON, _run_meta(spec))
     header = (
         f"# resolved spec of {spec.source or spec.name} (defaults filled in); "
-        "`secondorder resume` reads this file\n"
+        f"`secondorder resume` reads this file\n# source: {' '.join(spec.source.splitlines())}\n"
     )
     io.atomic_write_text(run_dir / SPEC_TOML, header + to_toml(spec.data))
+    saved = read_spec_toml(run_dir)
+    meta = _run_meta(spec)
+    meta["spec_sha256"] = spec_digest(saved)
+    meta["spec"] = saved
+    io.write_json(run_dir / RUN_JSON, meta)
+
+
+def check_spec_unchanged(run_dir: Path, meta: dict[str, Any], data: dict[str, Any]) -> None:
+    """Refuse a spec.toml edited since the run started, naming every key that changed."""
+    digest = meta.get("spec_sha256")
+    if digest is None or spec_digest(data) == digest:
+        return  # run directories of the first format record no digest
+    changes = spec_difference(meta.get("spec", {}), data) if "spec" in meta else []
+    shown = "; ".join(changes[:10]) + (f"; … ({len(changes)} in all)" if len(changes) > 10 else "")
+    raise RunDirError(
+        f"{run_dir / SPEC_TOML} was edited after the run started ({shown or 'content differs'}); "
+        "a resume must run the spec its checkpoints were made with: undo the edit, or start a "
+        "new run with the edited spec"
+    )
 
 
 def read_meta(run_dir: Path, hint: str = "") -> dict[str, Any]:
@@ -175,6 +286,15 @@ def read_meta(run_dir: Path, hint: str = "") -> dict[str, Any]:
 def read_spec_toml(run_dir: Path) -> dict[str, Any]:
     """The resolved spec saved in spec.toml, as a dict."""
     return read_toml(run_dir / SPEC_TOML)
+
+
+def spec_toml_source(run_dir: Path) -> str:
+    """The spec's source as spec.toml's header names it (``""`` if it does not)."""
+    with open(run_dir / SPEC_TOML, encoding="utf-8", errors="replace") as f:
+        for line in (f.readline(), f.readline()):
+            if line.startswith("# source: "):
+                return line[len("# source: ") :].rstrip("\n")
+    return ""
 
 
 def read_point_spec(cell_path: Path) -> dict[str, Any] | None:
@@ -218,6 +338,20 @@ def _trace_path(cell_path: Path, slug: str, ext: str = "jsonl") -> Path:
     return cell_path / TRACE_DIR / f"{slug}.{ext}"
 
 
+def lines_digest(lines: list[str]) -> str:
+    """SHA-256 of trace lines as written (each with its newline)."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8"))
+    return h.hexdigest()
+
+
+def read_trace_lines(cell_path: Path, slug: str) -> list[str]:
+    """The complete lines of one solver's trace file (``[]`` when there is none)."""
+    path = _trace_path(cell_path, slug)
+    return io.read_lines(path) if path.is_file() else []
+
+
 def read_trace(cell_path: Path, slug: str) -> list[dict[str, Any]]:
     """One solver's trace rows (``[]`` when it has not started)."""
     path = _trace_path(cell_path, slug)
@@ -226,22 +360,38 @@ def read_trace(cell_path: Path, slug: str) -> list[dict[str, Any]]:
 
 class TraceFile:
     """One solver's trace: rewritten from a checkpoint's rows, then appended row by row, and
-    written whole (JSON Lines and CSV) when the solver finishes."""
+    written whole (JSON Lines and CSV) when the solver finishes. It keeps the running SHA-256
+    of its lines (:meth:`digest`), which checkpoints record instead of the rows."""
 
     def __init__(self, cell_path: Path, slug: str, rows: list[dict[str, Any]]) -> None:
         self.cell_path = cell_path
         self.slug = slug
         self.path = _trace_path(cell_path, slug)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        io.write_jsonl(self.path, rows)  # drop rows written after the checkpoint
+        self._rewrite(rows)  # drop rows written after the checkpoint
         self._handle: IO[str] | None = None
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        io.write_jsonl(self.path, rows)
+        self._hash = hashlib.sha256()
+        for row in rows:
+            self._hash.update(io.jsonl_line(row).encode("utf-8"))
+
+    def digest(self) -> str:
+        """SHA-256 of every line written so far."""
+        return self._hash.copy().hexdigest()
+
+    def sync(self) -> None:
+        """Make the rows appended so far durable (before a checkpoint refers to them)."""
+        if self._handle is not None:
+            os.fsync(self._handle.fileno())
 
     def open(self) -> None:
         self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - close() closes
 
     def append(self, row: dict[str, Any]) -> None:
         assert self._handle is not None
-        io.append_jsonl(self._handle, row)
+        self._hash.update(io.append_jsonl(self._handle, row).encode("utf-8"))
 
     def close(self) -> None:
         if self._handle is not None:
@@ -249,5 +399,6 @@ class TraceFile:
             self._handle = None
 
     def finish(self, rows: list[dict[str, Any]]) -> None:
-        io.write_jsonl(self.path, rows)
+        """Write the final rows whole: JSON Lines (the last row gains its metrics) and CSV."""
+        self._rewrite(rows)
         io.write_csv(_trace_path(self.cell_path, self.slug, "csv"), rows)

@@ -12,6 +12,7 @@ trace as an uninterrupted run apart from the wall-clock columns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -31,9 +32,11 @@ from secondorder.experiments.checkpoint import (
     counters,
     restore_counters,
     rng_state,
+    seed_globals,
     set_rng_state,
 )
 from secondorder.experiments.environment import environment, load_average
+from secondorder.experiments.io import CheckpointError
 from secondorder.experiments.problems import DataCache, Problem, build_problem
 from secondorder.experiments.progress import Progress, StopFlag, threads
 from secondorder.experiments.rows import (
@@ -196,6 +199,42 @@ class _Runner:
         self.stop = StopFlag()
         self.summary: dict[str, Any] = {"status": "running", "cells": {}}
         self.errors = 0
+        meta_path = run_dir / rundir.RUN_JSON
+        meta = rundir.read_meta(run_dir) if meta_path.is_file() else {}
+        self.spec_sha256 = meta.get("spec_sha256")
+
+    def identity(self, job: _SolverJob) -> dict[str, Any]:
+        """What a checkpoint of ``job`` must record to be accepted as its own."""
+        return {
+            "solver": job.solver["name"],
+            "method": job.solver["method"],
+            "cell": job.cell.id,
+            "spec_sha256": self.spec_sha256,
+        }
+
+    def load_checkpoint(self, job: _SolverJob) -> Checkpoint | None:
+        """The job's checkpoint, checked against its identity, digest and trace file."""
+        return Checkpoint.load(
+            rundir.checkpoint_path(job.cell_dir, job.slug),
+            self.identity(job),
+            rundir.read_trace_lines(job.cell_dir, job.slug),
+        )
+
+    def jobs(self):
+        """Every (cell, solver) of the run, in order, with its summary entry."""
+        cells = self.spec.cells()
+        for cell in cells:
+            cell_dir = rundir.cell_dir(self.run_dir, cell, len(cells))
+            entry = self._cell_summary(cell, cell_dir)
+            for solver in cell.spec["solvers"]:
+                slug = slugify(solver["name"])
+                yield entry, _SolverJob(cell, cell_dir, solver, slug, self.run_dir)
+
+    def check_checkpoints(self) -> None:
+        """Load every checkpoint once before any work, so that a foreign, altered or
+        mismatched one is refused up front rather than after hours of other solvers."""
+        for _, job in self.jobs():
+            self.load_checkpoint(job)
 
     def _write_summary(self) -> None:
         rundir.write_summary(self.run_dir, self.summary)
@@ -214,23 +253,19 @@ class _Runner:
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> None:
-        spec = self.spec
-        cells = spec.cells()
-        with self.stop, threads(spec.data.get("threads", 0)):
-            for cell in cells:
-                cell_dir = rundir.cell_dir(self.run_dir, cell, len(cells))
-                entry = self._cell_summary(cell, cell_dir)
-                for solver in cell.spec["solvers"]:
-                    if self.stop.set:
-                        break
-                    name = solver["name"]
-                    if entry["solvers"].get(name, {}).get("finished"):
-                        continue
-                    job = _SolverJob(cell, cell_dir, solver, slugify(name), self.run_dir)
-                    entry["solvers"][name] = self._run_guarded(job)
-                    self._write_summary()
+        with self.stop, threads(self.spec.data.get("threads", 0)):
+            for entry, job in self.jobs():
                 if self.stop.set:
                     break
+                name = job.solver["name"]
+                repaired = self._repair(job)
+                if repaired is not None:
+                    if entry["solvers"].get(name) != repaired:
+                        entry["solvers"][name] = repaired
+                        self._write_summary()
+                    continue
+                entry["solvers"][name] = self._run_guarded(job)
+                self._write_summary()
             if self.stop.set:
                 self.summary["status"] = "interrupted"
                 self._write_summary()
@@ -242,7 +277,7 @@ class _Runner:
         """Run one solver; a failure is logged and recorded, and the run goes on."""
         try:
             return self._run_solver(job)
-        except (KeyboardInterrupt, SystemExit, SpecError):
+        except (KeyboardInterrupt, SystemExit, SpecError, CheckpointError):
             raise
         except Exception as exc:  # one failing solver does not end a long run
             name = job.solver["name"]
@@ -266,17 +301,17 @@ class _Runner:
         scipy = solver["method"].startswith("scipy:")
         max_iter = solver.get("max_iter", spec["max_iter"])
         ckpt_path = rundir.checkpoint_path(job.cell_dir, job.slug)
+        seed_globals(job.cell.seed, solver["name"])
         problem = build_problem(spec, self.cache)
         theta0 = problem.theta0
-        start = Checkpoint(theta=theta0)
-        saved = Checkpoint.load(ckpt_path)
-        if saved is not None and not scipy:
+        start = Checkpoint(theta=theta0, identity=self.identity(job))
+        saved = None if scipy else self.load_checkpoint(job)
+        if saved is not None:
             start = saved
             start.theta = saved.theta.to(dtype=theta0.dtype, device=theta0.device)
+            start.identity = self.identity(job)
             restore_counters(problem.objective, saved.objective)
             set_rng_state(saved.rng, problem.noise)
-            if saved.finished:
-                return saved.result
         trace = rundir.TraceFile(job.cell_dir, job.slug, start.rows)
         desc = solver["name"] if job.cell.id == "main" else f"{job.cell.id} | {solver['name']}"
         progress = Progress(self.options.progress, max_iter, start.iteration, desc)
@@ -285,13 +320,23 @@ class _Runner:
         every = spec["metrics_every"]
         rec = _Recorder(problem, start.rows, trace, progress, every, start.metrics_time, wall_start)
         try:
-            finished, result_info = self._segments(job, rec, start, max_iter, ckpt_path)
+            return self._segments(job, rec, start, max_iter, ckpt_path)
         finally:
             trace.close()
             progress.close()
-        if finished:
-            trace.finish(rec.rows)
-        return self._solver_summary(job, rec, result_info, finished, max_iter)
+
+    def _repair(self, job: _SolverJob) -> dict[str, Any] | None:
+        """For a solver whose checkpoint says it finished: rewrite its derived files (trace
+        JSON Lines and CSV) from the checkpoint and return its summary entry; else None.
+
+        A kill after the final checkpoint and before these files were written, or a file
+        deleted since, is thereby repaired by any resume, without rebuilding the problem."""
+        saved = self.load_checkpoint(job)
+        if saved is None or not saved.finished:
+            return None
+        rundir.TraceFile(job.cell_dir, job.slug, saved.rows).finish(saved.rows)
+        # a checkpoint of the first format holds the result, not the whole entry
+        return saved.summary or saved.result
 
     def _callback(self, rec: _Recorder):
         def callback(info: Any):
@@ -306,9 +351,13 @@ class _Runner:
 
         return callback
 
-    def _segments(self, job, rec, start, max_iter, ckpt_path) -> tuple[bool, dict[str, Any]]:
+    def _segments(self, job, rec, start, max_iter, ckpt_path) -> dict[str, Any]:
         """Call the solver segment by segment, checkpointing after each, until it finishes or
-        a signal arrives; return (finished, the result's summary entry)."""
+        a signal arrives; return the solver's summary entry.
+
+        The order of the writes is what makes a kill at any point recoverable: the trace rows
+        are made durable (or, at the end, the trace files written whole) before the checkpoint
+        that refers to them, and the final checkpoint holds the summary entry."""
         spec, solver = job.cell.spec, job.solver
         method = solver["method"]
         scipy = method.startswith("scipy:")
@@ -322,7 +371,8 @@ class _Runner:
         while True:
             if max_iter == 0:  # nothing to run: record θ₀ only
                 rec.record({"k": 0}, theta, force=True)
-                return True, {"status": "max_iter", "nit": 0, "message": "max_iter = 0"}
+                info = {"status": "max_iter", "nit": 0, "message": "max_iter = 0"}
+                return self._finish(job, rec, start, theta, state, 0, info, max_iter, ckpt_path)
             if scipy:  # one call: scipy cannot continue a run from a saved state
                 call = {"maxiter": max_iter, **kwargs}
             else:
@@ -343,15 +393,33 @@ class _Runner:
             if seen:
                 result_info["warnings"] = list(seen)
             if finished:
-                rec.finish_rows(theta)
-            if not scipy or finished:
-                wall = time.perf_counter() - rec.wall_start
-                ckpt = Checkpoint(theta, state, rec.rows, k_done, finished, rec.metrics_time, wall)
-                ckpt.result = result_info
-                ckpt.rng, ckpt.objective = rng_state(rec.problem.noise), counters(obj)
-                ckpt.save(ckpt_path)
-            if finished or self.stop.set:
-                return finished, result_info
+                return self._finish(
+                    job, rec, start, theta, state, k_done, result_info, max_iter, ckpt_path
+                )
+            if not scipy:
+                rec.trace.sync()
+                self._checkpoint(rec, start, theta, state, k_done, result_info, ckpt_path)
+            if self.stop.set:
+                return self._solver_summary(job, rec, result_info, False, max_iter)
+
+    def _checkpoint(self, rec, start, theta, state, k_done, result_info, path, summary=None):
+        wall = time.perf_counter() - rec.wall_start
+        ckpt = Checkpoint(
+            theta, state, rec.rows, k_done, summary is not None, rec.metrics_time, wall
+        )
+        ckpt.result, ckpt.summary, ckpt.identity = result_info, summary or {}, start.identity
+        ckpt.rng, ckpt.objective = rng_state(rec.problem.noise), counters(rec.problem.objective)
+        ckpt.rows_sha256 = rec.trace.digest()
+        ckpt.save(path)
+
+    def _finish(self, job, rec, start, theta, state, k_done, info, max_iter, path):
+        """The last row's metrics, the trace files whole, then the final checkpoint with the
+        summary entry (in this order: see :meth:`_segments`)."""
+        rec.finish_rows(theta)
+        rec.trace.finish(rec.rows)
+        summary = self._solver_summary(job, rec, info, True, max_iter)
+        self._checkpoint(rec, start, theta, state, k_done, info, path, summary)
+        return summary
 
     def _solver_summary(self, job, rec, result_info, finished, max_iter) -> dict[str, Any]:
         summary = dict(result_info)
@@ -395,12 +463,13 @@ def _prepare(spec: Spec, run_dir: Path, cache: DataCache) -> None:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()  # empty: nothing was written yet
         raise
-    rundir.write_meta(spec, run_dir)
-    _write_environment(spec, run_dir)
+    # run.json last, parts before the suite: a directory without it was never started
     for name, part in spec.parts:
         rundir.check_run_dir(run_dir / name, must_be_new=True)
-        rundir.write_meta(part, run_dir / name)
         _write_environment(part, run_dir / name)
+        rundir.write_meta(part, run_dir / name)
+    _write_environment(spec, run_dir)
+    rundir.write_meta(spec, run_dir)
 
 
 def preflight(spec: Spec, cache: DataCache | None = None) -> None:
@@ -453,13 +522,16 @@ def _execute(spec: Spec, run_dir: Path, options: RunOptions, cache: DataCache) -
         if failed:
             raise RunErrors(run_dir, failed)
         return
-    runner = _Runner(spec, run_dir, options, cache)
-    previous = rundir.read_summary(run_dir)
-    if previous:
-        runner.summary = previous
-        runner.summary["status"] = "running"
     try:
-        runner.run()
+        with rundir.lock(run_dir):
+            rundir.clean_temporary_files(run_dir)
+            runner = _Runner(spec, run_dir, options, cache)
+            runner.check_checkpoints()
+            previous = rundir.read_summary(run_dir)
+            if previous:
+                runner.summary = previous
+                runner.summary["status"] = "running"
+            runner.run()
         if runner.errors:
             raise RunErrors(run_dir, runner.errors)
     except Interrupted:
@@ -499,6 +571,7 @@ def load_run_spec(run_dir: str | os.PathLike[str]) -> Spec:
     run_dir = Path(run_dir)
     meta = rundir.read_meta(run_dir)
     raw = rundir.read_spec_toml(run_dir)
+    rundir.check_spec_unchanged(run_dir, meta, raw)
     if meta.get("kind") == "suite":
         parts = [(p["name"], load_run_spec(run_dir / p["dir"])) for p in meta["parts"]]
         return Spec(raw, meta.get("source", ""), parts)
@@ -509,16 +582,35 @@ def load_run_spec(run_dir: str | os.PathLike[str]) -> Spec:
     return spec
 
 
+def _complete_creation(run_dir: Path) -> None:
+    """A run killed while its directory was being created has spec.toml (the resolved spec)
+    but no run.json, and nothing ran yet: write the rest of the files from spec.toml."""
+    if (run_dir / rundir.RUN_JSON).is_file() or not (run_dir / rundir.SPEC_TOML).is_file():
+        return
+    raw = rundir.read_spec_toml(run_dir)
+    if "parts" in raw:
+        raise rundir.RunDirError(
+            f"{run_dir} was interrupted while it was being created, before anything ran; "
+            "start it again with `secondorder run SPEC --run-dir` on the same directory"
+        )
+    spec = spec_from_dict(raw, rundir.spec_toml_source(run_dir))
+    _write_environment(spec, run_dir)
+    rundir.write_meta(spec, run_dir)
+
+
 def resume_run(run_dir: str | os.PathLike[str], options: RunOptions | None = None) -> Path:
     """Finish an interrupted run: solvers already finished are skipped, the others continue
     from their last checkpoint."""
     options = options or RunOptions()
     run_dir = Path(run_dir)
+    _complete_creation(run_dir)
     spec = load_run_spec(run_dir)
     check_data_available(spec)
     rundir.check_run_dir(run_dir, must_be_new=False)
-    if rundir.read_summary(run_dir).get("status") == "complete":
+    complete = rundir.read_summary(run_dir).get("status") == "complete"
+    if complete:  # nothing to train; the files derived from the checkpoints are still checked
+        options = dataclasses.replace(options, progress=False)
         options.log(f"{run_dir}: already complete; nothing to resume")
-        return run_dir
-    options.log(f"resuming {run_dir}")
+    else:
+        options.log(f"resuming {run_dir}")
     return _execute_named(spec, run_dir, options, DataCache())
