@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from secondorder.experiments import io
-from secondorder.experiments.schema import SpecError, slugify
+from secondorder.experiments.schema import RunDirError, slugify
 from secondorder.experiments.spec_toml import read_toml, to_toml
 
 if TYPE_CHECKING:  # annotations only: spec.py re-exports check_run_dir from here
@@ -75,9 +75,9 @@ def check_run_dir(path: str | os.PathLike[str], *, must_be_new: bool = True) -> 
     path = Path(path).expanduser()
     if must_be_new and path.exists():
         if not path.is_dir():
-            raise SpecError(f"run directory {path} exists and is not a directory")
+            raise RunDirError(f"run directory {path} exists and is not a directory")
         if (path / RUN_JSON).exists() or (path / SPEC_TOML).exists():
-            raise SpecError(
+            raise RunDirError(
                 f"run directory {path} already holds a run; continue it with "
                 f"`secondorder resume {path}` or choose another --run-dir"
             )
@@ -87,7 +87,7 @@ def check_run_dir(path: str | os.PathLike[str], *, must_be_new: bool = True) -> 
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise SpecError(f"run directory {path} is not writable: {err.strerror or err}") from None
+        raise RunDirError(f"run directory {path} is not writable: {err.strerror or err}") from None
     return path
 
 
@@ -164,12 +164,26 @@ def write_meta(spec: Spec, run_dir: Path) -> None:
     io.atomic_write_text(run_dir / SPEC_TOML, header + to_toml(spec.data))
 
 
+def _read_object(path: Path) -> dict[str, Any]:
+    """A run file holding one JSON object; :class:`~.io.CheckpointError` naming the file when
+    it holds anything else (a damaged file must not surface as a crash of its reader)."""
+    try:
+        value = io.read_json(path)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise io.CheckpointError(f"{path} is damaged: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise io.CheckpointError(
+            f"{path} is damaged: expected a JSON object, got {type(value).__name__}"
+        )
+    return value
+
+
 def read_meta(run_dir: Path, hint: str = "") -> dict[str, Any]:
     """run.json; :class:`FileNotFoundError` (followed by ``hint``) when there is none."""
     path = run_dir / RUN_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json){hint}")
-    return io.read_json(path)
+    return _read_object(path)
 
 
 def read_spec_toml(run_dir: Path) -> dict[str, Any]:
@@ -180,7 +194,7 @@ def read_spec_toml(run_dir: Path) -> dict[str, Any]:
 def read_point_spec(cell_path: Path) -> dict[str, Any] | None:
     """The resolved spec of one grid point (None for a run with a single cell)."""
     path = cell_path / POINT_JSON
-    return io.read_json(path).get("spec") if path.is_file() else None
+    return _read_object(path).get("spec") if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +206,7 @@ def write_environment(run_dir: Path, env: dict[str, Any]) -> None:
 
 def read_environment(run_dir: Path) -> dict[str, Any]:
     path = run_dir / ENVIRONMENT_JSON
-    return io.read_json(path) if path.is_file() else {}
+    return _read_object(path) if path.is_file() else {}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -204,7 +218,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json, or ``{}`` before the first solver finished."""
     path = run_dir / SUMMARY_JSON
-    return io.read_json(path) if path.is_file() else {}
+    return _read_object(path) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,13 @@ from secondorder.experiments.checkpoint import (
 )
 from secondorder.experiments.environment import environment, load_average
 from secondorder.experiments.problems import DataCache, Problem, build_problem
-from secondorder.experiments.progress import Progress, StopFlag, threads
+from secondorder.experiments.progress import (
+    Progress,
+    RunProgress,
+    StopFlag,
+    threads,
+    warning_line,
+)
 from secondorder.experiments.rows import (
     final_metrics,
     one_line,
@@ -181,7 +187,7 @@ def _call_solver(minimize_fn, obj, theta, method, callback, call, seen, progress
         text = str(w.message)
         if text not in seen:
             seen.append(text)
-            progress.write(f"warning ({name}): {text}")
+            progress.write(warning_line(name, w))
     return res
 
 
@@ -216,15 +222,18 @@ class _Runner:
     def run(self) -> None:
         spec = self.spec
         cells = spec.cells()
+        overall = RunProgress(cells, self.options.progress, self.options.log)
         with self.stop, threads(spec.data.get("threads", 0)):
-            for cell in cells:
+            for ci, cell in enumerate(cells):
                 cell_dir = rundir.cell_dir(self.run_dir, cell, len(cells))
                 entry = self._cell_summary(cell, cell_dir)
                 for solver in cell.spec["solvers"]:
                     if self.stop.set:
                         break
                     name = solver["name"]
-                    if entry["solvers"].get(name, {}).get("finished"):
+                    finished = entry["solvers"].get(name, {}).get("finished")
+                    overall.solver(ci, name, skipped=bool(finished))
+                    if finished:
                         continue
                     job = _SolverJob(cell, cell_dir, solver, slugify(name), self.run_dir)
                     entry["solvers"][name] = self._run_guarded(job)
