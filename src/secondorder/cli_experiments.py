@@ -55,9 +55,17 @@ def os_error_text(err: OSError) -> str:
     return f"{names}: {what}"
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line, ``secondorder: warning: ...``, not Python's source location."""
-    print(f"secondorder: warning: {message}", file=sys.stderr)
+def _one_line_warnings():
+    """Warnings as one line each, ``secondorder: warning: ...`` (not Python's source
+    location), every distinct message once."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"secondorder: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def guarded(func, args: argparse.Namespace) -> int:
@@ -66,7 +74,7 @@ def guarded(func, args: argparse.Namespace) -> int:
     line on stderr and exit status 2 (bad input) or 1 (the environment); anything else is a
     bug and keeps its traceback."""
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _one_line_warnings()
         try:
             return int(func(args) or 0)
         except KeyboardInterrupt:

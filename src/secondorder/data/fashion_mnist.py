@@ -110,10 +110,12 @@ def _warn_unused_env() -> None:
     if not env:
         return
     where = Path(env).expanduser()
+    if any(_file_paths(d) is not None for d in (where, where / "fashion-mnist")):
+        return
     problem = "does not exist" if not where.exists() else "holds none of the four files"
     warnings.warn(
         f"${ENV_VAR}={env} {problem} (looked in it and its fashion-mnist subdirectory); "
-        "it is ignored",
+        "it is ignored and the other places are searched",
         UserWarning,
         stacklevel=3,
     )
@@ -144,11 +146,11 @@ def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path | Non
             raise DataError(f"Fashion-MNIST directory {root} does not exist")
         if not root.is_dir():
             raise DataError(f"Fashion-MNIST root {root} is not a directory")
+    if root is None:
+        _warn_unused_env()
     for directory in search_dirs(root):
         if _file_paths(directory) is not None:
             return directory
-    if root is None:
-        _warn_unused_env()
     if root is not None:
         missing = [
             f"{base}(.gz)"
