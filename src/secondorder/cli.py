@@ -309,20 +309,8 @@ def _subparser(sub, name: str, help: str, description: str) -> argparse.Argument
     return sub.add_parser(name, help=help, description=description, formatter_class=Formatter)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="secondorder",
-        description="Second-order optimisation and exact curvature for neural networks: run "
-        "experiment specs into resumable run directories and report them, test derivatives, "
-        "and diagnose the curvature of a network. `secondorder COMMAND --help` describes a "
-        "command.",
-        epilog="Fashion-MNIST is looked for in $SECONDORDER_DATA (a directory with the four idx "
-        "files), /usr/share/datasets/fashion-mnist and ~/.cache/secondorder.",
-        formatter_class=Formatter,
-    )
-    parser.add_argument("--version", action="version", version=f"secondorder {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_derivative_commands(sub) -> None:
+    """``gradtest`` and ``curvature``: the commands that build a model from the options."""
     p = _subparser(
         sub,
         "gradtest",
@@ -369,6 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_progress_option(p)
     p.set_defaults(func=_cmd_curvature)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secondorder",
+        description="Second-order optimisation and exact curvature for neural networks: run "
+        "experiment specs into resumable run directories and report them, test derivatives, "
+        "and diagnose the curvature of a network. `secondorder COMMAND --help` describes a "
+        "command.",
+        epilog="Fashion-MNIST is looked for in $SECONDORDER_DATA (a directory with the four idx "
+        "files), /usr/share/datasets/fashion-mnist and ~/.cache/secondorder.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"secondorder {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_derivative_commands(sub)
 
     p = _subparser(
         sub,
