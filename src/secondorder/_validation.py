@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder.errors import InvalidTypeError, InvalidValueError
+
 
 def closest(name: str, choices: Iterable[str]) -> str:
     """Return a ' (did you mean 'x'?)' hint for a misspelt ``name``, or ''."""
@@ -21,7 +23,7 @@ def check_choice(arg: str, value: Any, choices: Iterable[str]) -> str:
     """Check that ``value`` is one of ``choices``; the error suggests the closest name."""
     choices = list(choices)
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(
+        raise InvalidValueError(
             f"{arg}={value!r} is not one of {sorted(choices)}{closest(str(value), choices)}"
         )
     return value
@@ -30,10 +32,10 @@ def check_choice(arg: str, value: Any, choices: Iterable[str]) -> str:
 def check_positive(arg: str, value: Any, *, allow_zero: bool = False) -> float:
     """Check that ``value`` is a finite real number > 0 (or >= 0 with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{arg} must be a real number, got {type(value).__name__}")
+        raise InvalidTypeError(f"{arg} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{arg} must be a finite number {bound}, got {value!r}")
+        raise InvalidValueError(f"{arg} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
@@ -48,10 +50,12 @@ def check_positive_int(arg: str, value: Any, *, allow_zero: bool = False) -> int
             else:
                 raise TypeError
         except TypeError:
-            raise TypeError(f"{arg} must be an integer, got {type(value).__name__}") from None
+            raise InvalidTypeError(
+                f"{arg} must be an integer, got {type(value).__name__}"
+            ) from None
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{arg} must be an integer {bound}, got {value}")
+        raise InvalidValueError(f"{arg} must be an integer {bound}, got {value}")
     return value
 
 
@@ -75,7 +79,7 @@ def check_finite(arg: str, t: Tensor) -> None:
     if not bool(bad.any()):
         return
     sample = int(bad.reshape(len(t), -1).any(1).nonzero()[0, 0])
-    raise ValueError(
+    raise InvalidValueError(
         f"{arg} contains NaN or inf values (first in sample {sample}): {int(bad.sum())} "
         f"non-finite in all, the first at index {first_index(bad)}"
     )
@@ -84,7 +88,7 @@ def check_finite(arg: str, t: Tensor) -> None:
 def check_same_length(X: Tensor, y: Tensor) -> None:
     """Raise ValueError unless ``y`` holds one target per sample (first dimension) of ``X``."""
     if X.ndim < 1 or y.ndim < 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise InvalidValueError(
             "y must hold one target per sample of X: X and y must have the same number of "
             f"samples (first dimension), got X {tuple(X.shape)} and y {tuple(y.shape)}"
         )
@@ -95,4 +99,4 @@ def check_shape(arg: str, out, shape) -> None:
     otherwise broadcast or slice silently)."""
     if not isinstance(out, torch.Tensor) or out.shape != shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{arg} must return a tensor of shape {tuple(shape)}, got {got}")
+        raise InvalidValueError(f"{arg} must return a tensor of shape {tuple(shape)}, got {got}")

@@ -13,6 +13,8 @@ import os
 import torch
 from torch import Tensor
 
+from secondorder.errors import EnvironmentFault
+
 __all__ = ["MemoryError_", "available_bytes", "check_dense_fits", "dot64", "norm64"]
 
 
@@ -28,7 +30,7 @@ def norm64(a: Tensor) -> float:
     return math.sqrt(dot64(a, a))
 
 
-class MemoryError_(MemoryError):
+class MemoryError_(EnvironmentFault, MemoryError):
     """A dense request that would not fit; the message names the bytes and an alternative."""
 
 

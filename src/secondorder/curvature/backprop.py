@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from secondorder._progress import ProgressArg, reporting
 from secondorder._validation import check_choice, check_finite
 from secondorder.linalg import check_dense_fits
 from secondorder.losses import Loss
@@ -283,6 +284,7 @@ def hessian(
     max_bytes: int | None = None,
     chunk_size: int | None = None,
     method: str = "auto",
+    progress: ProgressArg = False,
 ) -> Tensor:
     """The dense P×P Hessian of J(θ) = mean loss + (l2/2)·‖W‖² (weights only).
 
@@ -290,10 +292,13 @@ def hessian(
     exact second-order backpropagation, every other model the autodiff fallback (with a warning
     saying why); ``method="backprop"`` or ``"autodiff"`` forces one. ``max_bytes`` bounds the
     dense result (default: half the free memory); ``chunk_size`` the samples per chunk.
+    ``progress`` (True: a line on stderr; or a callable taking a ``ProgressEvent``) reports
+    the samples backpropagated so far.
     """
-    return _compute(
-        HESSIAN, model, X, y, loss, l2, method, chunk_size=chunk_size, max_bytes=max_bytes
-    )
+    with reporting(progress, "hessian"):
+        return _compute(
+            HESSIAN, model, X, y, loss, l2, method, chunk_size=chunk_size, max_bytes=max_bytes
+        )
 
 
 def ggn(

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from secondorder._progress import tick
 from secondorder._validation import check_positive_int
 from secondorder.losses import Loss
 
@@ -158,3 +159,4 @@ def sample_chunks(
     X0 = struct.input(problem.X)
     for a in range(0, N, chunk_size):
         yield X0[a : a + chunk_size], problem.y[a : a + chunk_size]
+        tick(min(a + chunk_size, N), N)  # samples done, to a caller's progress= (if any)

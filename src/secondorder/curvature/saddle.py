@@ -20,6 +20,7 @@ negative-curvature direction when λ_min < 0), the gradient norm and a verdict:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from secondorder._progress import ProgressArg, Reporter, reporting
 from secondorder._validation import check_positive, check_positive_int
 from secondorder.losses import Loss
 
@@ -168,16 +170,27 @@ def saddle_report(
     dense_limit: int = 3000,
     max_iter: int | None = None,
     seed: int | None = 0,
+    progress: ProgressArg = False,
 ) -> SaddleReport:
     """Convexity / saddle diagnosis of J(θ) = mean loss + (l2/2)·‖W‖² at θ (see module doc).
 
     ``theta`` (flat, ordered as ``model.parameters()``) defaults to the model's parameters;
     the model itself is never modified. Eigenvalues come from the dense Hessian when P ≤
-    ``dense_limit`` (and likewise per layer block), else from Lanczos (``max_iter`` steps at
-    most). ``tol`` defaults to √ε·max(1, |λ|_max) and ``grad_tol`` to 10·√ε, with ε the
-    machine epsilon of the model's dtype.
+    ``dense_limit`` (and likewise per layer block; 0: never dense), else from Lanczos
+    (``max_iter`` steps at most). ``tol`` defaults to √ε·max(1, |λ|_max) and ``grad_tol`` to
+    10·√ε, with ε the machine epsilon of the model's dtype. ``progress`` (True: a line on
+    stderr; or a callable taking a ``ProgressEvent``) reports the samples and Lanczos steps.
     """
-    check_positive_int("dense_limit", dense_limit)
+    check_positive_int("dense_limit", dense_limit, allow_zero=True)
+    with reporting(progress, "saddle report") as rep:
+        return _saddle_report(
+            model, X, y, loss, l2, theta, tol, grad_tol, dense_limit, max_iter, seed, rep
+        )
+
+
+def _saddle_report(
+    model, X, y, loss, l2, theta, tol, grad_tol, dense_limit, max_iter, seed, rep: Reporter
+) -> SaddleReport:
     if theta is not None:
         model = _load_theta(model, theta)
     problem = prepare(model, X, y, loss, l2)
@@ -186,15 +199,16 @@ def saddle_report(
     struct, reason = analyse_mlp(model)
     activations: list[ActivationCurvature] = []
     if struct is not None:
+        rep.update(0, problem.n_samples, "σ″ signs, samples")
         activations = _activation_curvature(problem, struct)
     else:
         notes.append(f"no σ″ statistics and autodiff curvature: {reason}")
     op = HessianOperator(model, problem.X, problem.y, problem.loss, l2)
     value, grad = op.objective.value_and_grad(op.theta)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _counting_products(op, rep):
         warnings.simplefilter("ignore")
-        spectrum = _extreme_eigenpairs(problem, op, dense_limit, max_iter, seed)
-        layers = _layer_curvature(problem, struct, op, spectrum.H, dense_limit, max_iter, seed)
+        spectrum = _extreme_eigenpairs(problem, op, dense_limit, max_iter, seed, rep)
+        layers = _layer_curvature(problem, struct, op, spectrum.H, dense_limit, max_iter, seed, rep)
     lam_min, lam_max = spectrum.lambda_min, spectrum.lambda_max
     scale = max(1.0, abs(lam_min), abs(lam_max))
     tol = math.sqrt(eps) * scale if tol is None else check_positive("tol", tol)
@@ -267,11 +281,13 @@ class _Spectrum:
 
 
 def _extreme_eigenpairs(
-    problem: CurvatureRequest, op: HessianOperator, dense_limit: int, max_iter, seed
+    problem: CurvatureRequest, op: HessianOperator, dense_limit: int, max_iter, seed, rep
 ) -> _Spectrum:
     """λ_min, λ_max and the unit eigenvector of λ_min: dense when P ≤ dense_limit, else by
     Lanczos on the operator."""
-    if op.shape[0] <= dense_limit:
+    n = op.shape[0]
+    rep.update(0, None if n <= dense_limit else _steps(n, max_iter), _stage("", n, dense_limit))
+    if n <= dense_limit:
         H = hessian(problem.model, problem.X, problem.y, problem.loss, problem.l2).double()
         evals, evecs = torch.linalg.eigh(H)
         return _Spectrum(
@@ -294,13 +310,19 @@ def _layer_curvature(
     dense_limit: int,
     max_iter,
     seed,
+    rep: Reporter,
 ) -> list[LayerCurvature]:
     """The extreme eigenvalues of every layer's diagonal block: dense (from H when it was
     formed) when the block has at most dense_limit rows, else by Lanczos on the block."""
     p = problem
     layers: list[LayerCurvature] = []
-    for i, (name, a, b) in enumerate(theta_blocks(p.model, struct)):
+    blocks = theta_blocks(p.model, struct)
+    for i, (name, a, b) in enumerate(blocks):
         n = b - a
+        where = f"block {i + 1}/{len(blocks)} ({name}), "
+        rep.update(
+            0, None if n <= dense_limit else _steps(n, max_iter), _stage(where, n, dense_limit)
+        )
         if n <= dense_limit:
             block = (
                 H[a:b, a:b]
@@ -316,6 +338,38 @@ def _layer_curvature(
             v, _ = lanczos_eigs(sub, k=1, which="both", max_iter=max_iter, seed=seed)
             layers.append(LayerCurvature(i, name, n, float(v[0]), float(v[-1]), "lanczos"))
     return layers
+
+
+def _steps(n: int, max_iter: int | None) -> int:
+    """The most Lanczos steps on an n×n operator (lanczos_eigs's default for k = 1)."""
+    return min(n, 300) if max_iter is None else max_iter
+
+
+def _stage(where: str, n: int, dense_limit: int) -> str:
+    return f"{where}dense {n}×{n}" if n <= dense_limit else f"{where}Lanczos step"
+
+
+@contextlib.contextmanager
+def _counting_products(op: HessianOperator, rep: Reporter):
+    """Report every Hessian-vector product of ``op`` (one per Lanczos step) to ``rep``; the
+    count restarts at each stage."""
+    if not rep.enabled:
+        yield
+        return
+    inner, count = op.matvec, {"stage": None, "n": 0}
+
+    def matvec(v):
+        if count["stage"] != rep.stage:
+            count["stage"], count["n"] = rep.stage, 0
+        count["n"] += 1
+        rep.update(count["n"])
+        return inner(v)
+
+    op.matvec = matvec
+    try:
+        yield
+    finally:
+        del op.matvec  # the operator kept in the report is the plain one
 
 
 class _BlockOperator:

@@ -24,13 +24,14 @@ from secondorder._validation import (
     check_same_length,
     first_index,
 )
+from secondorder.errors import EnvironmentFault
 
 __all__ = ["DataError", "Dataset", "Splits", "from_arrays", "stratified_split"]
 
 TASKS = ("classification", "regression")
 
 
-class DataError(ValueError):
+class DataError(EnvironmentFault, ValueError):
     """A data file is missing, corrupt or truncated, or a download failed."""
 
 

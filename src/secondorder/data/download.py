@@ -79,9 +79,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], *, 
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            # a failed write(2) (a full disk) names no file: name the one being written
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
         raise
     fsync_directory(path.parent)
     return path

@@ -15,6 +15,7 @@ Debian package ``dataset-fashion-mnist``); and in the user cache
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,23 @@ def search_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
     return dirs
 
 
+def _warn_unused_env() -> None:
+    """A $SECONDORDER_DATA that holds no files is a mistake to point out, not to skip."""
+    env = os.environ.get(ENV_VAR)
+    if not env:
+        return
+    where = Path(env).expanduser()
+    if any(_file_paths(d) is not None for d in (where, where / "fashion-mnist")):
+        return
+    problem = "does not exist" if not where.exists() else "holds none of the four files"
+    warnings.warn(
+        f"${ENV_VAR}={env} {problem} (looked in it and its fashion-mnist subdirectory); "
+        "it is ignored and the other places are searched",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _file_paths(directory: Path) -> dict[str, Path] | None:
     """The four files in ``directory`` (gzipped preferred), or None if any is missing."""
     found = {}
@@ -128,6 +146,8 @@ def find_fashion_mnist(root: str | os.PathLike[str] | None = None) -> Path | Non
             raise DataError(f"Fashion-MNIST directory {root} does not exist")
         if not root.is_dir():
             raise DataError(f"Fashion-MNIST root {root} is not a directory")
+    if root is None:
+        _warn_unused_env()
     for directory in search_dirs(root):
         if _file_paths(directory) is not None:
             return directory

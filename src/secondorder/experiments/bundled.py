@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from secondorder._validation import closest
-from secondorder.experiments.schema import SpecError
+from secondorder.experiments.schema import SpecNotFoundError
 from secondorder.experiments.spec_toml import read_toml
 
 __all__ = ["bundled_specs", "load_raw", "resolve_spec_path"]
@@ -37,8 +37,8 @@ def resolve_spec_path(name: str) -> Path:
     if key in bundled:
         return bundled[key]
     if p.suffix == ".toml" or os.sep in name and not key.startswith("paper/"):
-        raise SpecError(f"spec file {name} not found")
-    raise SpecError(
+        raise SpecNotFoundError(f"spec file {name} not found")
+    raise SpecNotFoundError(
         f"{name!r} is neither a spec file nor a bundled spec; bundled specs are "
         f"{sorted(bundled)}{closest(key, bundled)} (see `secondorder list`)"
     )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from secondorder.data.download import atomic_write, atomic_write_bytes, fsync_directory
+from secondorder.errors import EnvironmentFault
 
 __all__ = [
     "append_jsonl",
@@ -173,7 +174,7 @@ def torch_save(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EnvironmentFault, ValueError):
     """A run file the safe loader cannot read: truncated, corrupted, or not the runner's."""
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Any
 
 from secondorder._validation import closest
-from secondorder.experiments.schema import SpecError
+from secondorder.experiments.schema import SpecError, SpecWarning
 from secondorder.experiments.spec_toml import tomllib
 
 __all__ = ["apply_override", "apply_quick", "flatten_overrides", "parse_override"]
@@ -50,6 +51,20 @@ def _set_path(table: dict[str, Any], parts: list[str], value: Any, key: str) -> 
     table[parts[-1]] = copy.deepcopy(value)
 
 
+def _solver_names(solvers: list[Any], key: str) -> list[str]:
+    """Each solver's name (its method when unnamed); every solver must be a table."""
+    names = []
+    for i, s in enumerate(solvers):
+        if not isinstance(s, dict):
+            raise SpecError(f"{key}: solvers[{i}] is not a table (a [[solvers]] entry)")
+        names.append(str(s.get("name", s.get("method"))))
+    return names
+
+
+def _table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set the dotted ``key`` of a raw spec to ``value`` in place (see the module doc)."""
     parts = _split_key(key)
@@ -64,10 +79,11 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
         raise SpecError(f"{key}: name a key inside the solver, e.g. 'solvers.options.memory'")
     sel = m.group(1)
     rest = parts[1:]
+    names = _solver_names(solvers, key)
     if sel is None:
         targets = solvers
         if rest[0] == "options" and len(rest) == 2:
-            having = [s for s in solvers if rest[1] in (s.get("options") or {})]
+            having = [s for s in solvers if rest[1] in _table(s.get("options"))]
             targets = having or solvers
     else:
         if sel.lstrip("-").isdigit():
@@ -76,7 +92,6 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
                 raise SpecError(f"{key}: solver index {i} is out of range (0..{len(solvers) - 1})")
             targets = [solvers[i]]
         else:
-            names = [s.get("name", s.get("method")) for s in solvers]
             if sel not in names:
                 raise SpecError(
                     f"{key}: no solver named {sel!r}; names are {names}{closest(sel, names)}"
@@ -101,9 +116,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_quick(raw: dict[str, Any], source: str) -> None:
+    """Apply the ``[quick]`` overrides in place; a :class:`SpecWarning` when there are none
+    (a suite's parts may still have ``quick = true``)."""
     quick = raw.get("quick") or {}
     if not isinstance(quick, dict):
         raise SpecError("quick: expected a table", source)
+    if not quick and "parts" not in raw:
+        warnings.warn(
+            f"{source or 'the spec'} has no [quick] table: --quick changes nothing, the spec "
+            "runs in full",
+            SpecWarning,
+            stacklevel=3,
+        )
     quick = dict(quick)
     only = quick.pop("only_solvers", None)
     for k, v in flatten_overrides(quick):
@@ -112,14 +136,18 @@ def apply_quick(raw: dict[str, Any], source: str) -> None:
         except SpecError as err:
             raise SpecError(f"quick.{k}: {err.errors[0]}", source) from None
     if only is not None:
-        solvers = raw.get("solvers") or []
-        names = [s.get("name", s.get("method")) for s in solvers]
+        if not isinstance(only, list) or not all(isinstance(n, str) for n in only):
+            raise SpecError(f"quick.only_solvers: expected a list of solver names, got {only!r}")
+        solvers = raw.get("solvers")
+        if not isinstance(solvers, list):
+            return  # the check of the spec reports it
+        names = _solver_names(solvers, "quick.only_solvers")
         for n in only:
             if n not in names:
                 raise SpecError(
                     f"quick.only_solvers: no solver named {n!r}{closest(n, names)}", source
                 )
-        raw["solvers"] = [s for s in solvers if s.get("name", s.get("method")) in only]
+        raw["solvers"] = [s for s, n in zip(solvers, names) if n in only]
 
 
 def flatten_overrides(table: dict[str, Any], prefix: str = ""):

@@ -6,12 +6,24 @@ import contextlib
 import signal
 import sys
 import threading
+import time
+import warnings
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-__all__ = ["Progress", "StopFlag", "threads"]
+from secondorder._progress import format_seconds
+from secondorder.errors import ModeNote
+
+__all__ = ["Progress", "RunProgress", "StopFlag", "threads", "warning_line"]
+
+
+def warning_line(solver: str, warning: warnings.WarningMessage) -> str:
+    """How a warning caught from a solver is shown: a documented mode
+    (:class:`~secondorder.errors.ModeNote`) as a note, anything else as a warning."""
+    kind = "note" if issubclass(warning.category, ModeNote) else "warning"
+    return f"{kind} ({solver}): {warning.message}"
 
 
 @contextlib.contextmanager
@@ -107,3 +119,38 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RunProgress:
+    """One overall line before each solver of a run with several: how far the run is, the
+    time so far and an estimate of the time left (the mean time of the solvers run so far,
+    times the solvers left)."""
+
+    def __init__(self, cells: list, enabled: bool, log) -> None:
+        self.n_cells = len(cells)
+        self.total = sum(len(c.spec["solvers"]) for c in cells)
+        self.enabled = enabled and self.total > 1
+        self.log = log
+        self.start = time.perf_counter()
+        self.done = 0  # solvers finished (or skipped as finished) so far
+        self.timed: list[float] = []
+        self._began: float | None = None
+
+    def solver(self, cell_index: int, name: str, skipped: bool = False) -> None:
+        """Solver ``name`` of cell ``cell_index`` starts (or is skipped: finished before)."""
+        now = time.perf_counter()
+        if self._began is not None:
+            self.timed.append(now - self._began)
+        self._began = None if skipped else now
+        self.done += 1
+        if skipped or not self.enabled:
+            return
+        cell = f", cell {cell_index + 1}/{self.n_cells}" if self.n_cells > 1 else ""
+        left = ""
+        if self.timed:
+            mean = sum(self.timed) / len(self.timed)
+            left = f", estimate {format_seconds(mean * (self.total - self.done + 1))} left"
+        self.log(
+            f"solver {self.done}/{self.total}{cell} ({name}), elapsed "
+            f"{format_seconds(now - self.start)}{left}"
+        )

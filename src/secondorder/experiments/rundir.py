@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from secondorder.experiments import io
-from secondorder.experiments.schema import SpecError, slugify
+from secondorder.experiments.schema import RunDirError, slugify
 from secondorder.experiments.spec_toml import read_toml, to_toml
 
 if TYPE_CHECKING:  # annotations only: spec.py re-exports check_run_dir from here
@@ -82,18 +82,6 @@ POINT_JSON = "point.json"
 TRACE_DIR = "trace"
 CHECKPOINT_DIR = "checkpoints"
 LOCK = ".lock"
-
-
-class RunDirError(SpecError):
-    """A run directory that cannot be run or resumed as it is: in use, edited or incomplete.
-
-    A :class:`SpecError` for the callers that catch those, but its message is its own: the
-    spec is not what is at fault."""
-
-    def __init__(self, message: str) -> None:
-        ValueError.__init__(self, message)
-        self.errors = [message]
-        self.source = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +263,26 @@ def check_spec_unchanged(run_dir: Path, meta: dict[str, Any], data: dict[str, An
     )
 
 
+def _read_object(path: Path) -> dict[str, Any]:
+    """A run file holding one JSON object; :class:`~.io.CheckpointError` naming the file when
+    it holds anything else (a damaged file must not surface as a crash of its reader)."""
+    try:
+        value = io.read_json(path)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise io.CheckpointError(f"{path} is damaged: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise io.CheckpointError(
+            f"{path} is damaged: expected a JSON object, got {type(value).__name__}"
+        )
+    return value
+
+
 def read_meta(run_dir: Path, hint: str = "") -> dict[str, Any]:
     """run.json; :class:`FileNotFoundError` (followed by ``hint``) when there is none."""
     path = run_dir / RUN_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json){hint}")
-    return io.read_json(path)
+    return _read_object(path)
 
 
 def read_spec_toml(run_dir: Path) -> dict[str, Any]:
@@ -300,7 +302,7 @@ def spec_toml_source(run_dir: Path) -> str:
 def read_point_spec(cell_path: Path) -> dict[str, Any] | None:
     """The resolved spec of one grid point (None for a run with a single cell)."""
     path = cell_path / POINT_JSON
-    return io.read_json(path).get("spec") if path.is_file() else None
+    return _read_object(path).get("spec") if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def write_environment(run_dir: Path, env: dict[str, Any]) -> None:
 
 def read_environment(run_dir: Path) -> dict[str, Any]:
     path = run_dir / ENVIRONMENT_JSON
-    return io.read_json(path) if path.is_file() else {}
+    return _read_object(path) if path.is_file() else {}
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -324,7 +326,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json, or ``{}`` before the first solver finished."""
     path = run_dir / SUMMARY_JSON
-    return io.read_json(path) if path.is_file() else {}
+    return _read_object(path) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,13 @@ from secondorder.experiments.checkpoint import (
 from secondorder.experiments.environment import environment, load_average
 from secondorder.experiments.io import CheckpointError
 from secondorder.experiments.problems import DataCache, Problem, build_problem
-from secondorder.experiments.progress import Progress, StopFlag, threads
+from secondorder.experiments.progress import (
+    Progress,
+    RunProgress,
+    StopFlag,
+    threads,
+    warning_line,
+)
 from secondorder.experiments.rows import (
     final_metrics,
     one_line,
@@ -184,7 +190,7 @@ def _call_solver(minimize_fn, obj, theta, method, callback, call, seen, progress
         text = str(w.message)
         if text not in seen:
             seen.append(text)
-            progress.write(f"warning ({name}): {text}")
+            progress.write(warning_line(name, w))
     return res
 
 
@@ -223,17 +229,17 @@ class _Runner:
     def jobs(self):
         """Every (cell, solver) of the run, in order, with its summary entry."""
         cells = self.spec.cells()
-        for cell in cells:
+        for ci, cell in enumerate(cells):
             cell_dir = rundir.cell_dir(self.run_dir, cell, len(cells))
             entry = self._cell_summary(cell, cell_dir)
             for solver in cell.spec["solvers"]:
                 slug = slugify(solver["name"])
-                yield entry, _SolverJob(cell, cell_dir, solver, slug, self.run_dir)
+                yield ci, entry, _SolverJob(cell, cell_dir, solver, slug, self.run_dir)
 
     def check_checkpoints(self) -> None:
         """Load every checkpoint once before any work, so that a foreign, altered or
         mismatched one is refused up front rather than after hours of other solvers."""
-        for _, job in self.jobs():
+        for _, _, job in self.jobs():
             self.load_checkpoint(job)
 
     def _write_summary(self) -> None:
@@ -253,12 +259,14 @@ class _Runner:
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> None:
+        overall = RunProgress(self.spec.cells(), self.options.progress, self.options.log)
         with self.stop, threads(self.spec.data.get("threads", 0)):
-            for entry, job in self.jobs():
+            for ci, entry, job in self.jobs():
                 if self.stop.set:
                     break
                 name = job.solver["name"]
                 repaired = self._repair(job)
+                overall.solver(ci, name, skipped=repaired is not None)
                 if repaired is not None:
                     if entry["solvers"].get(name) != repaired:
                         entry["solvers"][name] = repaired

@@ -15,14 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from secondorder._validation import closest
+from secondorder.errors import InvalidValueError
 
 __all__ = [
     "MISSING",
     "TYPE_NAMES",
     "F",
+    "RunDirError",
     "SpecError",
+    "SpecNotFoundError",
+    "SpecWarning",
     "check_table",
     "check_value",
+    "describe",
     "did_you_mean",
     "fmt_path",
     "kind_table",
@@ -30,20 +35,41 @@ __all__ = [
 ]
 
 
-class SpecError(ValueError):
+class SpecError(InvalidValueError):
     """A spec is invalid; ``errors`` lists every problem found (each names its key path)."""
+
+    #: how the message starts; the subclasses below are about files, not the spec's content
+    prefix = "invalid spec "
 
     def __init__(self, errors: list[str] | str, source: str = "") -> None:
         self.errors = [errors] if isinstance(errors, str) else list(errors)
         self.source = source
         where = f"{source}: " if source else ""
         if len(self.errors) == 1:
-            text = f"invalid spec {where}{self.errors[0]}"
+            text = f"{self.prefix}{where}{self.errors[0]}"
         else:
-            text = f"invalid spec {where}{len(self.errors)} problems:\n  " + "\n  ".join(
+            text = f"{self.prefix}{where}{len(self.errors)} problems:\n  " + "\n  ".join(
                 self.errors
             )
         super().__init__(text)
+
+
+class SpecNotFoundError(SpecError):
+    """The spec named is neither a file nor a bundled spec."""
+
+    prefix = ""
+
+
+class RunDirError(SpecError):
+    """A run directory cannot be used: it holds a run already, is not a directory, or is not
+    writable."""
+
+    prefix = ""
+
+
+class SpecWarning(UserWarning):
+    """A spec that is valid but probably not what was meant (a sweep whose points define the
+    same problem, ``--quick`` on a spec without ``[quick]``)."""
 
 
 MISSING = object()
@@ -101,15 +127,28 @@ def type_ok(value: Any, t: str) -> bool:
     raise AssertionError(t)
 
 
+def describe(value: Any) -> str:
+    """What a TOML value is: ``'ten'`` → ``"str ('ten')"``, a list or a table in words."""
+    if isinstance(value, dict):
+        return "a table"
+    kind = "a list" if isinstance(value, list) else type(value).__name__
+    return f"{kind} ({value!r})"
+
+
+def _type_error(value: Any, f: F) -> str:
+    """Why ``value`` is not of type ``f.type`` (for a list, which item is wrong)."""
+    if f.type.startswith("list[") and isinstance(value, list):
+        i, bad = next((i, v) for i, v in enumerate(value) if not type_ok(v, f.type[5:-1]))
+        return f"expected {TYPE_NAMES[f.type]}, but item {i} is {describe(bad)}"
+    return f"expected {TYPE_NAMES[f.type]}, got {describe(value)}"
+
+
 def check_value(value: Any, f: F, where: str, errors: list[str]) -> Any:
+    """``value`` checked against ``f`` (problems appended to ``errors``, each starting with
+    ``where``); :data:`MISSING` when its type is wrong, so that no later check sees it."""
     if not type_ok(value, f.type):
-        got = type(value).__name__
-        if isinstance(value, dict):
-            got = "a table"
-        elif isinstance(value, list):
-            got = "a list" if not f.type.startswith("list[") else "a list with other items"
-        errors.append(f"{where}: expected {TYPE_NAMES[f.type]}, got {got} ({value!r})")
-        return value
+        errors.append(f"{where}: {_type_error(value, f)}")
+        return MISSING
     if f.type == "float":
         value = float(value)
         if not math.isfinite(value):
@@ -146,7 +185,7 @@ def check_table(
 
     ``other_keys`` maps keys valid elsewhere (e.g. for another ``kind``) to a note."""
     if not isinstance(table, dict):
-        errors.append(f"{path or 'spec'}: expected a table, got {type(table).__name__}")
+        errors.append(f"{path or 'spec'}: expected a table, got {describe(table)}")
         return {}
     out: dict[str, Any] = {}
     for key, value in table.items():
@@ -157,10 +196,14 @@ def check_table(
             else:
                 errors.append(f"{where}: unknown key{did_you_mean(key, schema)}")
             continue
-        out[key] = check_value(value, schema[key], where, errors)
+        checked = check_value(value, schema[key], where, errors)
+        if checked is not MISSING:
+            out[key] = checked
     for key, f in schema.items():
         if key in out:
             continue
+        if key in table and f.default is MISSING:
+            continue  # given with a wrong type: reported above, not missing
         if f.required:
             errors.append(f"{fmt_path(path, key)}: missing (required)")
         elif f.default is not MISSING:
@@ -182,15 +225,15 @@ def kind_table(
     default_kind: str | None = None,
 ) -> dict[str, Any]:
     if not isinstance(value, dict):
-        errors.append(f"{path}: expected a table, got {type(value).__name__}")
+        errors.append(f"{path}: expected a table, got {describe(value)}")
         return {}
     kind = value.get("kind", default_kind)
     if kind is None:
         errors.append(f"{path}.kind: missing (required): one of {list(by_kind)}")
         return {}
-    if kind not in by_kind:
-        check_value(kind, common["kind"], f"{path}.kind", errors)
-        return {"kind": kind}
+    if not isinstance(kind, str) or kind not in by_kind:
+        checked = check_value(kind, common["kind"], f"{path}.kind", errors)
+        return {} if checked is MISSING else {"kind": kind}
     schema = {**common, **by_kind[kind]}
     others = {}
     for other, sch in by_kind.items():

@@ -43,7 +43,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,7 @@ from secondorder.experiments.rundir import check_run_dir
 from secondorder.experiments.schema import (
     F,  # noqa: F401 - public before the split
     SpecError,
+    SpecWarning,
     check_table,
     fmt_path,
     kind_table,
@@ -106,6 +110,7 @@ __all__ = [
     "Cell",
     "Spec",
     "SpecError",
+    "SpecWarning",
     "apply_override",
     "bundled_specs",
     "check_data_available",
@@ -135,11 +140,12 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
         if "x0" in data and len(data["x0"]) < 2:
             errors.append("data.x0: needs at least 2 coordinates")
     else:
-        if "model" not in spec:
-            errors.append(f"model: missing (required for data.kind = {kind!r})")
-            spec["model"] = {}
-        else:
+        if "model" in spec:
             spec["model"] = kind_table(spec["model"], MODEL_COMMON, MODEL, "model", errors)
+        else:
+            if "model" not in raw:  # (one of the wrong type is reported already)
+                errors.append(f"model: missing (required for data.kind = {kind!r})")
+            spec["model"] = {}
         model = spec["model"]
         if model.get("kind") == "mlp" and ("widths" in model) == ("hidden" in model):
             errors.append("model: give exactly one of 'widths' and 'hidden'")
@@ -335,10 +341,13 @@ def spec_from_dict(
     *,
     quick: bool = False,
     overrides: list[tuple[str, Any]] | None = None,
+    max_cells: int | None = None,
     _depth: int = 0,
 ) -> Spec:
     """Validate a raw spec (a dict as read from TOML); raise :class:`SpecError` listing every
-    problem. ``quick`` applies the ``[quick]`` overrides; ``overrides`` are (dotted key, value)."""
+    problem. ``quick`` applies the ``[quick]`` overrides; ``overrides`` are (dotted key, value).
+    ``max_cells`` refuses, before expanding it, a grid of more cells (sweep points × seeds).
+    Sweep points that define the same problem are reported with a :class:`SpecWarning`."""
     raw = copy.deepcopy(raw)
     if quick:
         apply_quick(raw, source)
@@ -349,7 +358,7 @@ def spec_from_dict(
         except SpecError as err:
             raise SpecError(err.errors, source) from None
     if "parts" in raw:
-        return _suite_from_dict(raw, source, quick=quick, depth=_depth)
+        return _suite_from_dict(raw, source, quick=quick, depth=_depth, max_cells=max_cells)
     errors: list[str] = []
     data = _validate(raw, errors)
     sweep = data.get("sweep") or {}
@@ -364,13 +373,100 @@ def spec_from_dict(
                 errors.append(f"{fmt_path('sweep', k)}: {err.errors[0]}")
     if errors:
         raise SpecError(errors, source)
+    _check_grid_size(data, max_cells, source)
     data.setdefault("name", Path(source).stem if source else "run")
     spec = Spec(data, source)
-    spec.cells()  # validates every sweep point
+    cells = spec.cells()  # validates every sweep point
+    for note in same_problem_notes(cells):
+        warnings.warn(f"{source or spec.name}: {note}", SpecWarning, stacklevel=2)
     return spec
 
 
-def _suite_from_dict(raw: dict[str, Any], source: str, *, quick: bool, depth: int) -> Spec:
+def _check_grid_size(data: dict[str, Any], max_cells: int | None, source: str) -> None:
+    """Refuse a grid larger than ``max_cells`` before any cell is built."""
+    if max_cells is None:
+        return
+    sizes = [len(v) for v in (data.get("sweep") or {}).values()]
+    n_seeds = len(data.get("seeds", [0]))
+    n = math.prod(sizes) * n_seeds
+    if n > max_cells:
+        shape = " × ".join(str(k) for k in sizes) or "1"
+        raise SpecError(
+            f"sweep: the grid has {n:,} cells ({shape} sweep points × {n_seeds} seed(s)), more "
+            f"than the limit of {max_cells:,}; allow it explicitly (secondorder run --max-cells "
+            f"{n}) or sweep fewer values",
+            source,
+        )
+
+
+def _train_size(spec: dict[str, Any]) -> int | None:
+    """The number of training samples m a cell's spec gives its sampler (None: not known)."""
+    data = spec.get("data", {})
+    kind = data.get("kind")
+    if kind in ("two-class-2d", "random"):
+        return data.get("n_train")
+    if kind == "fashion-mnist":
+        return data.get("n_train") or 60000 - data.get("dev_size", 0)
+    return None
+
+
+def _problem_key(spec: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """What determines a cell's results, with keys that cannot matter normalised away, and
+    why each was: fixed batches that cover every sample equally often are the full
+    objective (eq. 28 weights all 1/m); without an L2 term its convention does not matter."""
+    s = copy.deepcopy(spec)
+    why = []
+    sampler, m = s.get("sampler") or {}, _train_size(s)
+    if sampler.get("kind") == "fixed" and m:
+        b = sampler["batch_size"]
+        r = sampler.get("n_batches") or -(-m // b)
+        if m % b == 0 and (r * b) % m == 0:
+            s["sampler"] = {"kind": "full"}
+            why.append(
+                (
+                    "sampler",
+                    f"sampler.kind = 'fixed' with batch_size dividing m = {m} and n_batches × "
+                    "batch_size a multiple of m weights every sample 1/m: the full objective",
+                )
+            )
+    if not s.get("l2"):
+        for key in ("l2_convention", "l2_m", "regularize_bias"):
+            s.pop(key, None)
+        why.append(("l2", "l2 = 0 makes l2_convention, l2_m and regularize_bias irrelevant"))
+    elif s.get("l2_convention") == "plain":
+        s.pop("l2_m", None)
+        why.append(("l2", "l2_convention = 'plain' does not use l2_m"))
+    for key in ("metrics", "metrics_every", "checkpoint_every", "report", "threads", "name"):
+        s.pop(key, None)
+    return json.dumps(s, sort_keys=True, default=str), why
+
+
+def same_problem_notes(cells: list[Cell]) -> list[str]:
+    """One line per group of sweep points that define the same problem (their runs can
+    differ only by rounding)."""
+    groups: dict[str, list[Cell]] = {}
+    reasons: dict[str, list[tuple[str, str]]] = {}
+    for c in cells:
+        key, why = _problem_key(c.spec)
+        groups.setdefault(key, []).append(c)
+        reasons[key] = why
+    notes = []
+    for key, same in groups.items():
+        if len(same) > 1:
+            labels = "; ".join(c.label for c in same[:4]) + ("; ..." if len(same) > 4 else "")
+            swept = [k for c in same for k in c.point]
+            texts = [t for tag, t in reasons[key] if any(k.startswith(tag) for k in swept)]
+            why = f" ({'; '.join(texts)})" if texts else ""
+            notes.append(
+                f"sweep: {len(same)} cells define the same problem, so their results can "
+                f"differ only by rounding: {labels}{why}"
+            )
+    return notes
+
+
+def _suite_from_dict(
+    raw: dict[str, Any], source: str, *, quick: bool, depth: int, max_cells: int | None
+) -> Spec:
     if depth > 3:
         raise SpecError("parts: suites nested too deeply", source)
     errors: list[str] = []
@@ -388,6 +484,7 @@ def _suite_from_dict(raw: dict[str, Any], source: str, *, quick: bool, depth: in
                 sub_source,
                 quick=p.get("quick", False),
                 overrides=list(flatten_overrides(p.get("set", {}))),
+                max_cells=max_cells,
                 _depth=depth + 1,
             )
         except SpecError as err:
@@ -406,11 +503,16 @@ def _suite_from_dict(raw: dict[str, Any], source: str, *, quick: bool, depth: in
 
 
 def load_spec(
-    name: str, *, quick: bool = False, overrides: list[tuple[str, Any]] | None = None
+    name: str,
+    *,
+    quick: bool = False,
+    overrides: list[tuple[str, Any]] | None = None,
+    max_cells: int | None = None,
 ) -> Spec:
-    """Load, override and validate a spec from a path or a bundled name."""
+    """Load, override and validate a spec from a path or a bundled name (the arguments are
+    those of :func:`spec_from_dict`)."""
     raw, source = load_raw(name)
-    return spec_from_dict(raw, source, quick=quick, overrides=overrides)
+    return spec_from_dict(raw, source, quick=quick, overrides=overrides, max_cells=max_cells)
 
 
 def check_data_available(spec: Spec) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder.errors import ModeNote
 from secondorder.objective import Objective
 from secondorder.solvers.linesearch import evaluator
 from secondorder.solvers.protocol import Iterate
@@ -185,7 +186,7 @@ def _warn_about_changing_functions(loop: _Loop) -> None:
             f"{entry.label} on an objective whose batches change every iteration keeps "
             "its memory across changes (faithful mode): curvature pairs mix different "
             "functions and the method may stop early; pass robust=True or use fixed batches",
-            RuntimeWarning,
+            ModeNote,
             stacklevel=4,
         )
 

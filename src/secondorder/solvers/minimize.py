@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from secondorder._progress import Reporter, reporting
 from secondorder.objective import FunctionObjective, Objective
 from secondorder.solvers.loop import run
 from secondorder.solvers.options import (  # noqa: F401 (LINE_SEARCHES: re-exported)
@@ -104,7 +105,8 @@ def minimize(
     the dtype), ``ftol`` (eq. 29, off by default), ``max_evals``, ``max_time`` (seconds),
     ``callback(info) -> True | dict | None``, ``preconditioner``, ``precondition_every``,
     ``precondition_damping`` (the γ of ``preconditioner="kfac"``),
-    ``verbose``, ``initial_state`` (a previous ``Result.state``: continue that run),
+    ``verbose``, ``progress`` (True: one status line on stderr; or a callable taking a
+    ``ProgressEvent``), ``initial_state`` (a previous ``Result.state``: continue that run),
     ``check_saddle`` (second-order methods: on convergence, test the Hessian for a negative
     eigenvalue), ``trace_theta`` (store θ in every trace row). Line-search options: ``lr`` (or
     ``step_size``), ``c1``, ``c2``, ``max_ls``. Method options: see ``docs/solvers.md``.
@@ -114,7 +116,22 @@ def minimize(
     ``objective.begin_iteration(k)`` at the top of every iteration and re-evaluates f and g
     when the function changed.
     """
+    progress = options.pop("progress", False)
     objective = _as_objective(f_or_objective, theta0)
     theta = _check_theta0(objective, theta0)
     cfg = validate_options(objective, method, line_search=line_search, **options)
-    return run(objective, theta, cfg)
+    if not progress:
+        return run(objective, theta, cfg)
+    with reporting(progress, f"minimize ({method})") as rep:
+        cfg["callback"] = _reporting_callback(cfg["callback"], rep, cfg["max_iter"])
+        return run(objective, theta, cfg)
+
+
+def _reporting_callback(callback, rep: Reporter, max_iter: int):
+    """The user's callback, after reporting iteration k of max_iter and f to ``rep``."""
+
+    def report(info: dict):
+        rep.update(int(info["k"]), max_iter, f"f={float(info['f']):.6g}, iteration")
+        return None if callback is None else callback(info)
+
+    return report

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from secondorder._validation import check_choice, check_positive, check_positive_int, closest
+from secondorder.errors import InvalidTypeError
 from secondorder.linalg import check_dense_fits
 from secondorder.objective import Objective
 from secondorder.solvers.linesearch import UnevaluatedStep, make_step_rule
@@ -43,7 +44,7 @@ LINE_SEARCHES = ("armijo", "wolfe", "fixed")
 DEFAULT: Any = object()
 
 
-class OptionError(TypeError, ValueError):
+class OptionError(InvalidTypeError, ValueError):
     """An option that does not exist or does not apply to the chosen method."""
 
 
