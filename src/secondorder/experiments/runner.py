@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from secondorder.distributed import NullTrace, PeerLost, is_writer
 from secondorder.experiments import rundir
 from secondorder.experiments.checkpoint import (
     Checkpoint,
@@ -198,7 +199,8 @@ class _Runner:
         self.errors = 0
 
     def _write_summary(self) -> None:
-        rundir.write_summary(self.run_dir, self.summary)
+        if is_writer():  # data-parallel: rank 0 writes the run directory
+            rundir.write_summary(self.run_dir, self.summary)
 
     def _cell_summary(self, cell: Cell, cell_dir: Path) -> dict[str, Any]:
         entry = self.summary["cells"].setdefault(
@@ -242,7 +244,7 @@ class _Runner:
         """Run one solver; a failure is logged and recorded, and the run goes on."""
         try:
             return self._run_solver(job)
-        except (KeyboardInterrupt, SystemExit, SpecError):
+        except (KeyboardInterrupt, SystemExit, SpecError, PeerLost):
             raise
         except Exception as exc:  # one failing solver does not end a long run
             name = job.solver["name"]
@@ -277,7 +279,7 @@ class _Runner:
             set_rng_state(saved.rng, problem.noise)
             if saved.finished:
                 return saved.result
-        trace = rundir.TraceFile(job.cell_dir, job.slug, start.rows)
+        trace = rundir.TraceFile(job.cell_dir, job.slug, start.rows) if is_writer() else NullTrace()
         desc = solver["name"] if job.cell.id == "main" else f"{job.cell.id} | {solver['name']}"
         progress = Progress(self.options.progress, max_iter, start.iteration, desc)
         wall_start = time.perf_counter() - start.wall_time
@@ -349,7 +351,8 @@ class _Runner:
                 ckpt = Checkpoint(theta, state, rec.rows, k_done, finished, rec.metrics_time, wall)
                 ckpt.result = result_info
                 ckpt.rng, ckpt.objective = rng_state(rec.problem.noise), counters(obj)
-                ckpt.save(ckpt_path)
+                if is_writer():
+                    ckpt.save(ckpt_path)
             if finished or self.stop.set:
                 return finished, result_info
 
@@ -386,6 +389,9 @@ def _write_environment(spec: Spec, run_dir: Path) -> None:
 def _prepare(spec: Spec, run_dir: Path, cache: DataCache) -> None:
     """Everything that can fail before training: data, directory, solver options, files."""
     check_data_available(spec)
+    if not is_writer():  # data-parallel: the other ranks check, rank 0 writes
+        preflight(spec, cache)
+        return
     created = not run_dir.exists()
     rundir.check_run_dir(run_dir, must_be_new=True)
     try:
@@ -449,7 +455,8 @@ def _execute(spec: Spec, run_dir: Path, options: RunOptions, cache: DataCache) -
                 _execute(part, run_dir / name, options, cache)
             except RunErrors as err:
                 failed += err.n
-        rundir.write_summary(run_dir, {"status": "errors" if failed else "complete"})
+        if is_writer():
+            rundir.write_summary(run_dir, {"status": "errors" if failed else "complete"})
         if failed:
             raise RunErrors(run_dir, failed)
         return
@@ -464,7 +471,7 @@ def _execute(spec: Spec, run_dir: Path, options: RunOptions, cache: DataCache) -
             raise RunErrors(run_dir, runner.errors)
     except Interrupted:
         parent = run_dir.parent
-        if parent != run_dir and (parent / rundir.RUN_JSON).is_file():
+        if parent != run_dir and (parent / rundir.RUN_JSON).is_file() and is_writer():
             with contextlib.suppress(OSError, ValueError):
                 if rundir.read_meta(parent).get("kind") == "suite":
                     rundir.write_summary(parent, {"status": "interrupted"})
