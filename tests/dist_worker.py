@@ -1,10 +1,17 @@
 """One process of the data-parallel tests (tests/test_distributed.py), or the same work in one
-process: ``python tests/dist_worker.py OUT_DIR`` with RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT in the environment writes ``OUT_DIR/rank<r>.pt``; :func:`scenario` is also called
-in the test process itself for the single-process reference."""
+process. With RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment:
+
+- ``python tests/dist_worker.py scenario OUT_DIR [NAME ...]`` writes ``OUT_DIR/rank<r>.pt``
+  (:func:`scenario` is also called in the test process for the single-process reference);
+- ``python tests/dist_worker.py cli FAULT AT ARGS...`` runs the command line
+  ``secondorder ARGS...``; with FAULT ``kill`` or ``stop`` the last rank sends itself SIGKILL
+  or SIGSTOP at its AT-th collective (a process that dies or hangs mid-run).
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -66,10 +73,13 @@ RUNS = {
 }
 
 
-def scenario() -> dict:
-    """Traces of every method, curvature by the engine, the local batch shares."""
+def scenario(names: list[str] | None = None) -> dict:
+    """Traces of every method (or of ``names``), curvature by the engine, the local shares
+    of three batches."""
     out: dict = {}
     for name, (make, options) in RUNS.items():
+        if names and name not in names:
+            continue
         obj = make()
         res = minimize(obj, obj.initial_theta(), max_iter=ITERS, gtol=1e-300, **options)
         out[name] = {
@@ -102,12 +112,35 @@ def scenario() -> dict:
     return out
 
 
-def main(out_dir: str) -> None:
+def _fault(how: str, at: int) -> None:
+    """Make the last rank die (SIGKILL) or hang (SIGSTOP) at its ``at``-th collective."""
+    if how == "none" or distributed.rank() != distributed.world_size() - 1:
+        return
+    sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[how]
+    original = distributed.Shard._all_reduce
+    calls = [0]
+
+    def counted(self, buf):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), sig)
+        return original(self, buf)
+
+    distributed.Shard._all_reduce = counted
+
+
+def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
+    if argv[0] == "cli":
+        from secondorder.cli import main as cli_main
+
+        _fault(argv[1], int(argv[2]))
+        return cli_main(argv[3:])
     distributed.init(timeout=30)
-    result = scenario()
-    torch.save(result, Path(out_dir) / f"rank{distributed.rank()}.pt")
+    result = scenario(argv[2:])
+    torch.save(result, Path(argv[1]) / f"rank{distributed.rank()}.pt")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1:]))
