@@ -66,6 +66,12 @@ RUNS = {
         lambda: objective(EpochBatches(N, 20, seed=4)),
         {"method": "kfac", "kind": "mc", "momentum": True, "factor_samples": 13, "lr": 0.5},
     ),
+    # diagonal preconditioners: eq. 14 (per-sample gradients) and the engine's exact diagonal
+    "gd-eq14": (
+        lambda: objective(EpochBatches(N, 16, seed=8)),
+        {"method": "gd", "preconditioner": "eq14", "lr": 0.1, "line_search": None},
+    ),
+    "nlcg-ggn-diag": (lambda: objective(), {"method": "nlcg", "preconditioner": "ggn-diag"}),
     "hessian-free": (
         lambda: objective(EpochBatches(N, 30, seed=5), Subsample(N, 17, seed=6)),
         {"method": "hessian-free", "max_cg": 5},

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from secondorder import distributed
+from secondorder.curvature import hessian_diagonal
 from secondorder.experiments import io
 from secondorder.experiments.rundir import TIME_COLUMNS
 from secondorder.experiments.runner import RunOptions, start_run
@@ -277,6 +278,28 @@ def test_bad_environment_and_timeout_are_refused(monkeypatch):
         distributed.timeout_seconds(-1.0)
     monkeypatch.delenv(distributed.TIMEOUT_ENV)
     assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT == 60.0
+
+
+def test_a_rendezvous_nobody_answers_fails_within_the_timeout(monkeypatch):
+    port = _free_port()  # nothing listens there: rank 0 never comes
+    for key, value in dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    start = time.monotonic()
+    with pytest.raises(distributed.PeerLost, match=rf"rank 1 of 2 .*127.0.0.1:{port} within 2 s"):
+        distributed.init(timeout=2)
+    assert time.monotonic() - start < 30
+    assert not torch.distributed.is_initialized()
+
+
+def test_shares_that_cannot_be_summed_are_refused_before_any_collective():
+    shard = distributed.Shard(0, 3)  # no group: a collective would fail differently
+    with pytest.raises(ValueError, match="share a dtype and device"):
+        shard.sum([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
+    X, y = dist_worker.data()
+    model = dist_worker.mlp([dist_worker.D, 8, dist_worker.K], "tanh", seed=1)
+    with pytest.raises(ValueError, match="X has 2 samples, fewer than the 3 processes"):
+        shard.curvature(hessian_diagonal, model, X[:2], y[:2], "cross_entropy", 0.0)
 
 
 def test_data_parallel_needs_a_model_objective_and_a_group():
