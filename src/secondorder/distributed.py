@@ -358,3 +358,10 @@ class NullTrace:
 
     def finish(self, rows: list[dict[str, Any]]) -> None:
         pass
+
+    def sync(self) -> None:
+        pass
+
+    def digest(self) -> str:
+        """Nothing was written, so nothing to fingerprint (such processes save no checkpoint)."""
+        return ""
