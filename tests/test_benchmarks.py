@@ -144,3 +144,17 @@ def test_time_to_accuracy_subprocess_row_and_width_table(tmp_path):
     line = next(row for row in table.splitlines() if row.startswith("| secondorder L-BFGS"))
     cells = [c.strip() for c in line.split("|")[2:-1]]
     assert len(cells) == 2 and all(float(c) > 0 for c in cells)
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_times_one_and_two_processes(capsys, fashion_mnist):
+    bench = _load("distributed")
+    bench.main(["--n-train", "64", "--iters", "1"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "-|" not in r]
+    body = [[c.strip() for c in r.split("|")[1:-1]] for r in rows[1:]]
+    assert [(c[0], c[1]) for c in body] == [
+        (task, n) for task in ("gradient", "L-BFGS", "Newton-CG (GGN)") for n in ("1", "2")
+    ]
+    for cells in body:
+        seconds, speedup, efficiency = map(float, cells[2:])
+        assert seconds > 0 and math.isclose(efficiency, speedup / int(cells[1]), rel_tol=0.02)

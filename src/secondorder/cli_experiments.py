@@ -100,15 +100,19 @@ def progress_wanted(args: argparse.Namespace) -> bool:
 
 
 def _options(args: argparse.Namespace):
+    from secondorder.distributed import is_writer
     from secondorder.experiments.runner import RunOptions
 
+    if not is_writer():  # data-parallel: rank 0 shows progress and messages
+        return RunOptions(progress=False, log=lambda msg: None)
     return RunOptions(progress=not getattr(args, "no_progress", False))
 
 
 def _report_after(run_dir: Path, args: argparse.Namespace) -> None:
+    from secondorder.distributed import is_writer
     from secondorder.report import write_report
 
-    if getattr(args, "no_report", False):
+    if getattr(args, "no_report", False) or not is_writer():
         return
     (path,) = write_report([run_dir], fmt=args.format)
     print(f"report: {path}")
@@ -134,8 +138,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _drive(launch, args: argparse.Namespace) -> int:
-    """Run or resume, turning interruptions and failed solvers into exit codes; report
-    afterwards (other errors are left to :func:`guarded`)."""
+    """Run or resume, turning interruptions, lost peers and failed solvers into exit codes;
+    report afterwards (other errors are left to :func:`guarded`)."""
+    from secondorder.distributed import PeerLost
     from secondorder.experiments.runner import Interrupted, RunErrors
 
     code = 0
@@ -144,6 +149,9 @@ def _drive(launch, args: argparse.Namespace) -> int:
     except Interrupted as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
+    except PeerLost as err:
+        _err(f"{err} (`secondorder resume RUN`)")
+        return 3
     except RunErrors as err:
         _err(str(err))
         run_dir, code = err.run_dir, 1

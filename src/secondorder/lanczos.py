@@ -55,7 +55,9 @@ class Lanczos:
         self.matvec = matvec
         self.generator = generator
         # the basis is n × steps float64: refuse it readably before allocating
-        check_dense_fits((self.n, self.max_steps), torch.float64, "the Lanczos basis")
+        check_dense_fits(
+            (self.n, self.max_steps), torch.float64, "the Lanczos basis", device=q0.device
+        )
         self._Q = torch.empty(self.n, self.max_steps, dtype=torch.float64, device=q0.device)
         self._alpha = np.zeros(self.max_steps)
         self._beta = np.zeros(self.max_steps)  # β_i couples q_i and q_{i+1}; the last is β_m

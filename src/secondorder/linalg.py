@@ -34,8 +34,12 @@ class MemoryError_(EnvironmentFault, MemoryError):
     """A dense request that would not fit; the message names the bytes and an alternative."""
 
 
-def available_bytes() -> int:
-    """Host memory available now (8 GiB where the platform cannot say)."""
+def available_bytes(device: torch.device | str | None = None) -> int:
+    """Memory available now where tensors on ``device`` live: the GPU's free memory for a
+    CUDA device, else the host's (8 GiB where the platform cannot say)."""
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -43,20 +47,27 @@ def available_bytes() -> int:
 
 
 def check_dense_fits(
-    shape: tuple[int, ...], dtype: torch.dtype, what: str, *, max_bytes: int | None = None
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    what: str,
+    *,
+    max_bytes: int | None = None,
+    device: torch.device | str | None = None,
 ) -> int:
     """Refuse, before allocating, a dense tensor that would exceed ``max_bytes``.
 
-    The default limit is half the memory available now. Returns the number of bytes.
+    The default limit is half the memory available now on ``device`` (the GPU's free memory
+    for CUDA, host memory otherwise). Returns the number of bytes.
     """
     n = 1
     for s in shape:
         n *= int(s)
     nbytes = n * torch.empty((), dtype=dtype).element_size()
-    limit = available_bytes() // 2 if max_bytes is None else int(max_bytes)
+    limit = available_bytes(device) // 2 if max_bytes is None else int(max_bytes)
     if nbytes > limit:
+        where = "" if device is None else f" on {torch.device(device)}"
         raise MemoryError_(
-            f"{what} of shape {tuple(shape)} in {dtype} needs {nbytes:,} bytes "
+            f"{what} of shape {tuple(shape)} in {dtype}{where} needs {nbytes:,} bytes "
             f"({nbytes / 2**30:.2f} GiB), above the limit of {limit:,} bytes; use matrix-free "
             "products instead (Objective.hvp / Objective.ggnvp, or the linear operators of "
             "secondorder.curvature), or raise max_bytes"

@@ -17,8 +17,9 @@ small dense ``hessian``, and counts its evaluations. Two kinds exist:
   ``regularize_bias=True``.
 
 The only sum over samples lives in :meth:`ModelObjective._weighted_loss`; a data-parallel
-objective would all-reduce there. The function changes only when the sampler says so (see
-:mod:`secondorder.sampling`): ask ``begin_iteration(k)`` at the top of each iteration.
+objective (:mod:`secondorder.distributed`) sums each result of it over the processes. The
+function changes only when the sampler says so (see :mod:`secondorder.sampling`): ask
+``begin_iteration(k)`` at the top of each iteration.
 """
 
 from __future__ import annotations
@@ -288,23 +289,27 @@ class ModelObjective(Objective):
 
     @property
     def batch_size(self) -> int:
-        return int(self.samples("value")[0].shape[0])
+        return int(self.samples("value", whole=True)[0].shape[0])
 
     def samples(
-        self, which: str = "value", *, max_samples: int | None = None
+        self, which: str = "value", *, max_samples: int | None = None, whole: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(X, y, w) of the current function: the sampler's samples and eq.-28 weights.
 
         ``which`` is ``"value"`` (value and gradient) or ``"curvature"`` (Hessian and
         Gauss–Newton products; the same as ``"value"`` without a ``curvature_sampler``).
         ``max_samples=n`` keeps the first n of them, weights renormalised to sum to one (a
-        cheaper estimate on a random subset: the samplers' batches are random).
+        cheaper estimate on a random subset: the samplers' batches are random). In a
+        data-parallel run (:mod:`secondorder.distributed`) this process's share of those
+        samples comes back, with their weights in the whole batch, unless ``whole=True``.
         """
         X, y, w = self._samples(which)
         if max_samples is not None and max_samples < len(X):
             X, y, w = X[:max_samples], y[:max_samples], w[:max_samples]
             w = w / w.sum()
-        return X, y, w
+        if self.data_parallel is None or whole:
+            return X, y, w
+        return self.data_parallel.take(X, y, w)
 
     def _samples(self, which: str) -> tuple[Tensor, Tensor, Tensor]:
         if which == "curvature" and self.curvature_sampler is None:
@@ -337,7 +342,8 @@ class ModelObjective(Objective):
         self.counts.f += 1
         self._count_evaluation()
         with torch.no_grad():
-            return self._weighted_loss(theta, X, y, w) + self._regulariser(theta)
+            (f,) = self.sum_over_shards(self._weighted_loss(theta, X, y, w))
+            return f + self._regulariser(theta)
 
     def value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         theta = self.check_theta(theta)
@@ -349,6 +355,7 @@ class ModelObjective(Objective):
         with torch.enable_grad():
             f = self._weighted_loss(t, X, y, w)
             (g,) = torch.autograd.grad(f, t)
+        f, g = self.sum_over_shards(f.detach(), g)  # one collective when data-parallel
         c = self.l2_coefficient
         if c:
             f = f + self._regulariser(theta)
@@ -373,6 +380,7 @@ class ModelObjective(Objective):
                 hv = torch.zeros_like(v) if hv is None else hv.detach()
             else:
                 hv = torch.zeros_like(v)
+            (hv,) = self.sum_over_shards(hv)
             return hv + c * mask * v if c else hv
 
         return product
@@ -402,6 +410,7 @@ class ModelObjective(Objective):
             (jv,) = torch.autograd.grad(jtu @ v, u, retain_graph=True)
             hjv = w[:, None] * self.loss.hessian_output_matvec(out_d, y, jv)
             (gv,) = torch.autograd.grad((out * hjv).sum(), t, retain_graph=True)
+            (gv,) = self.sum_over_shards(gv)
             return gv + c * mask * v if c else gv
 
         return product

@@ -43,6 +43,9 @@ class Objective:
     n_params: int
     dtype: torch.dtype
     device: torch.device
+    #: set by :func:`secondorder.distributed.data_parallel`: this process's share of every
+    #: batch and the sum over the processes (``None``: one process, every sample here)
+    data_parallel = None
 
     def __init__(self) -> None:
         self.counts = EvalCounts()
@@ -125,7 +128,9 @@ class Objective:
     def hessian(self, theta: Tensor, *, max_bytes: int | None = None) -> Tensor:
         """The dense P×P Hessian, refused before allocation when it would not fit."""
         P = self.n_params
-        check_dense_fits((P, P), self.dtype, "the dense Hessian", max_bytes=max_bytes)
+        check_dense_fits(
+            (P, P), self.dtype, "the dense Hessian", max_bytes=max_bytes, device=self.device
+        )
         self.counts.hessian += 1
         product = self.hvp_at(theta)
         before = self.counts.hv
@@ -133,6 +138,13 @@ class Objective:
         H = torch.stack([product(eye[i]) for i in range(P)], dim=1)
         self.counts.hv = before
         return 0.5 * (H + H.T)
+
+    def sum_over_shards(self, *parts: Tensor) -> tuple[Tensor, ...]:
+        """Each part (a sum over this process's samples) summed over the processes of a
+        data-parallel run, all in one collective; the parts themselves in one process."""
+        if self.data_parallel is None:
+            return parts
+        return self.data_parallel.sum(parts)
 
     # -- helpers ---------------------------------------------------------------------------------
     def check_theta(self, theta: Tensor, arg: str = "theta") -> Tensor:

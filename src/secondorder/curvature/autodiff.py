@@ -172,7 +172,9 @@ def autodiff_hessian(
 ) -> Tensor:
     """The dense P×P Hessian from chunks of Hessian-vector products with identity columns."""
     P = problem.n_params
-    check_dense_fits((P, P), problem.dtype, "the dense Hessian", max_bytes=max_bytes)
+    check_dense_fits(
+        (P, P), problem.dtype, "the dense Hessian", max_bytes=max_bytes, device=problem.device
+    )
     H = torch.empty(P, P, dtype=problem.dtype, device=problem.device)
     rows, _ = hessian_rows(problem.objective(), problem.theta, route)
     c = _column_chunk(problem, chunk_columns)
@@ -214,7 +216,9 @@ def autodiff_hessian_blocks(
     for a, b in pairs:
         need.setdefault(a, []).append(b)
     total = sum((groups[a][1] - groups[a][0]) * (groups[b][1] - groups[b][0]) for a, b in pairs)
-    check_dense_fits((total,), problem.dtype, "the Hessian blocks", max_bytes=max_bytes)
+    check_dense_fits(
+        (total,), problem.dtype, "the Hessian blocks", max_bytes=max_bytes, device=problem.device
+    )
     P = problem.n_params
     rows, _ = hessian_rows(problem.objective(), problem.theta, route)
     c = _column_chunk(problem, chunk_columns)
@@ -280,7 +284,13 @@ def autodiff_ggn(
 ) -> Tensor:
     """G = (1/N) Σ_i J_iᵀ H_{out,i} J_i (+ l2 on weight diagonals), J_i by ``vmap(jacrev)``."""
     P = problem.n_params
-    check_dense_fits((P, P), problem.dtype, "the dense Gauss-Newton matrix", max_bytes=max_bytes)
+    check_dense_fits(
+        (P, P),
+        problem.dtype,
+        "the dense Gauss-Newton matrix",
+        max_bytes=max_bytes,
+        device=problem.device,
+    )
     G = torch.zeros(P, P, dtype=problem.dtype, device=problem.device)
     for J, Hout in _ggn_chunks(problem, chunk_size):
         HJ = torch.matmul(Hout, J)

@@ -105,7 +105,7 @@ def _compute(
     call = _Call(problem, struct, chunk_size, max_bytes, options)
     if q.guard is not None:
         shape, what = q.guard(call)
-        check_dense_fits(shape, problem.dtype, what, max_bytes=max_bytes)
+        check_dense_fits(shape, problem.dtype, what, max_bytes=max_bytes, device=problem.device)
     return q.fast(call) if struct is not None else q.fallback(call)
 
 

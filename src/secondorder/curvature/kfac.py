@@ -106,20 +106,41 @@ def kfac_factors(
         L = loss.hessian_output_sqrt(z.detach(), y)
         columns = [L[:, :, c] for c in range(L.shape[2])]
     else:
-        columns = [loss.grad_output(z.detach(), loss.sample_targets(z.detach(), generator))]
+        targets = _sampled_targets(objective, z, which, max_samples, generator)
+        columns = [loss.grad_output(z.detach(), targets)]
     per_layer: list[list[Tensor]] = [[] for _ in outputs]
     for i, col in enumerate(columns):
         grads = torch.autograd.grad(z, outputs, col, retain_graph=i + 1 < len(columns))
         for j, g in enumerate(grads):
             per_layer[j].append(g)
-    return [layer_factors(*args, w) for args in zip(struct.layers, inputs, per_layer)]
+    factors = [layer_factors(*args, w) for args in zip(struct.layers, inputs, per_layer)]
+    # data-parallel: every factor is a sum over samples; all of them in one collective
+    sums = getattr(objective, "sum_over_shards", None)
+    if sums is not None:
+        summed = sums(*[t for f in factors for t in (f.A, f.G)])
+        for i, f in enumerate(factors):
+            f.A, f.G = summed[2 * i], summed[2 * i + 1]
+    return factors
+
+
+def _sampled_targets(objective, z: Tensor, which: str, max_samples, generator) -> Tensor:
+    """Targets drawn from the model at the outputs z; in a data-parallel run they are drawn
+    for the whole batch's outputs (gathered) and this process keeps its rows, so the draws
+    and the generator's state are those of one process."""
+    z = z.detach()
+    shard = getattr(objective, "data_parallel", None)
+    if shard is None:
+        return objective.loss.sample_targets(z, generator)
+    n = len(objective.samples(which, max_samples=max_samples, whole=True)[0])
+    lo, hi = shard.bounds(n)
+    return objective.loss.sample_targets(shard.gather_rows(z, n), generator)[lo:hi]
 
 
 def layer_factors(info: LayerInfo, a: Tensor, grads: list[Tensor], w: Tensor) -> KroneckerFactors:
     """One layer's factors from its per-sample inputs a (m, n_in) and per-sample output
     gradients (one (m, n_out) tensor per back-propagated column c), weights w (m,):
     A = Σ_i w_i ã_i ã_iᵀ with ã = (a, 1) when the layer has a bias, G = Σ_c Σ_i w_i g_ic g_icᵀ."""
-    a = a.reshape(len(a), -1)
+    a = a.flatten(1)  # (m, n_in), also for a process whose share is empty
     if info.bias:
         a = torch.cat([a, a.new_ones(len(a), 1)], 1)
     G = sum((g * w[:, None]).T @ g for g in grads)

@@ -88,7 +88,13 @@ class CurvatureOperator:
     def to_dense(self, *, max_bytes: int | None = None) -> Tensor:
         """The dense matrix from P products with identity columns (refused when too large)."""
         n = self.shape[0]
-        check_dense_fits((n, n), self.dtype, f"the dense {self.kind} matrix", max_bytes=max_bytes)
+        check_dense_fits(
+            (n, n),
+            self.dtype,
+            f"the dense {self.kind} matrix",
+            max_bytes=max_bytes,
+            device=self.device,
+        )
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
         A = self.matmat(eye)
         return 0.5 * (A + A.T)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secondorder import distributed
 from secondorder.data import from_arrays, load_fashion_mnist, stratified_split, two_class_2d
 from secondorder.data.dataset import Splits
 from secondorder.experiments.noisy import NoisyFunctionObjective
@@ -243,7 +244,7 @@ def _model_problem(spec: dict[str, Any], cache: DataCache) -> Problem:
         l2_m=spec.get("l2_m"),
         regularize_bias=spec["regularize_bias"],
         dtype=DTYPES[spec["dtype"]],
-        device=torch.device(spec["device"]),
+        device=distributed.local_device(spec["device"]),  # cuda → this process's GPU
     )
     obj = model_objective(
         model,
@@ -253,6 +254,7 @@ def _model_problem(spec: dict[str, Any], cache: DataCache) -> Problem:
         curvature_sampler=_sampler(spec.get("curvature_sampler"), len(train)),
         **common,
     )
+    obj = distributed.from_environment(obj)  # data-parallel under torchrun
     full_obj = None
     if "grad_norm" in spec["metrics"] and not isinstance(obj.sampler, FullBatch):
         full_obj = model_objective(model, spec["loss"], train, **common)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from secondorder.distributed import NullTrace, PeerLost, is_writer
 from secondorder.experiments import rundir
 from secondorder.experiments.checkpoint import (
     Checkpoint,
@@ -243,7 +244,8 @@ class _Runner:
             self.load_checkpoint(job)
 
     def _write_summary(self) -> None:
-        rundir.write_summary(self.run_dir, self.summary)
+        if is_writer():  # data-parallel: rank 0 writes the run directory
+            rundir.write_summary(self.run_dir, self.summary)
 
     def _cell_summary(self, cell: Cell, cell_dir: Path) -> dict[str, Any]:
         entry = self.summary["cells"].setdefault(
@@ -285,7 +287,7 @@ class _Runner:
         """Run one solver; a failure is logged and recorded, and the run goes on."""
         try:
             return self._run_solver(job)
-        except (KeyboardInterrupt, SystemExit, SpecError, CheckpointError):
+        except (KeyboardInterrupt, SystemExit, SpecError, CheckpointError, PeerLost):
             raise
         except Exception as exc:  # one failing solver does not end a long run
             name = job.solver["name"]
@@ -320,7 +322,8 @@ class _Runner:
             start.identity = self.identity(job)
             restore_counters(problem.objective, saved.objective)
             set_rng_state(saved.rng, problem.noise)
-        trace = rundir.TraceFile(job.cell_dir, job.slug, start.rows)
+        writes = is_writer()  # data-parallel: rank 0 writes the run directory
+        trace = rundir.TraceFile(job.cell_dir, job.slug, start.rows) if writes else NullTrace()
         desc = solver["name"] if job.cell.id == "main" else f"{job.cell.id} | {solver['name']}"
         progress = Progress(self.options.progress, max_iter, start.iteration, desc)
         wall_start = time.perf_counter() - start.wall_time
@@ -342,7 +345,8 @@ class _Runner:
         saved = self.load_checkpoint(job)
         if saved is None or not saved.finished:
             return None
-        rundir.TraceFile(job.cell_dir, job.slug, saved.rows).finish(saved.rows)
+        if is_writer():
+            rundir.TraceFile(job.cell_dir, job.slug, saved.rows).finish(saved.rows)
         # a checkpoint of the first format holds the result, not the whole entry
         return saved.summary or saved.result
 
@@ -418,7 +422,8 @@ class _Runner:
         ckpt.result, ckpt.summary, ckpt.identity = result_info, summary or {}, start.identity
         ckpt.rng, ckpt.objective = rng_state(rec.problem.noise), counters(rec.problem.objective)
         ckpt.rows_sha256 = rec.trace.digest()
-        ckpt.save(path)
+        if is_writer():
+            ckpt.save(path)
 
     def _finish(self, job, rec, start, theta, state, k_done, info, max_iter, path):
         """The last row's metrics, the trace files whole, then the final checkpoint with the
@@ -462,6 +467,9 @@ def _write_environment(spec: Spec, run_dir: Path) -> None:
 def _prepare(spec: Spec, run_dir: Path, cache: DataCache) -> None:
     """Everything that can fail before training: data, directory, solver options, files."""
     check_data_available(spec)
+    if not is_writer():  # data-parallel: the other ranks check, rank 0 writes
+        preflight(spec, cache)
+        return
     created = not run_dir.exists()
     rundir.check_run_dir(run_dir, must_be_new=True)
     try:
@@ -526,13 +534,15 @@ def _execute(spec: Spec, run_dir: Path, options: RunOptions, cache: DataCache) -
                 _execute(part, run_dir / name, options, cache)
             except RunErrors as err:
                 failed += err.n
-        rundir.write_summary(run_dir, {"status": "errors" if failed else "complete"})
+        if is_writer():
+            rundir.write_summary(run_dir, {"status": "errors" if failed else "complete"})
         if failed:
             raise RunErrors(run_dir, failed)
         return
     try:
-        with rundir.lock(run_dir):
-            rundir.clean_temporary_files(run_dir)
+        with rundir.lock(run_dir) if is_writer() else contextlib.nullcontext():
+            if is_writer():  # the lock is rank 0's: the other ranks only read
+                rundir.clean_temporary_files(run_dir)
             runner = _Runner(spec, run_dir, options, cache)
             runner.check_checkpoints()
             previous = rundir.read_summary(run_dir)
@@ -544,7 +554,7 @@ def _execute(spec: Spec, run_dir: Path, options: RunOptions, cache: DataCache) -
             raise RunErrors(run_dir, runner.errors)
     except Interrupted:
         parent = run_dir.parent
-        if parent != run_dir and (parent / rundir.RUN_JSON).is_file():
+        if parent != run_dir and (parent / rundir.RUN_JSON).is_file() and is_writer():
             with contextlib.suppress(OSError, ValueError):
                 if rundir.read_meta(parent).get("kind") == "suite":
                     rundir.write_summary(parent, {"status": "interrupted"})
@@ -596,7 +606,7 @@ def _complete_creation(run_dir: Path) -> None:
     if (run_dir / rundir.RUN_JSON).is_file() or not (run_dir / rundir.SPEC_TOML).is_file():
         return
     raw = rundir.read_spec_toml(run_dir)
-    if "parts" in raw:
+    if "parts" in raw or not is_writer():
         raise rundir.RunDirError(
             f"{run_dir} was interrupted while it was being created, before anything ran; "
             "start it again with `secondorder run SPEC --run-dir` on the same directory"
@@ -614,7 +624,8 @@ def resume_run(run_dir: str | os.PathLike[str], options: RunOptions | None = Non
     _complete_creation(run_dir)
     spec = load_run_spec(run_dir)
     check_data_available(spec)
-    rundir.check_run_dir(run_dir, must_be_new=False)
+    if is_writer():
+        rundir.check_run_dir(run_dir, must_be_new=False)
     complete = rundir.read_summary(run_dir).get("status") == "complete"
     if complete:  # nothing to train; the files derived from the checkpoints are still checked
         options = dataclasses.replace(options, progress=False)

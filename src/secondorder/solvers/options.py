@@ -265,7 +265,12 @@ def _preconditioner(entry: MethodEntry, objective, options: dict) -> Preconditio
 def _method_options(entry: MethodEntry, objective, options: dict) -> dict[str, Any]:
     """The method's own options, checked, with defaults; first the dense matrix must fit."""
     if entry.dense is not None:
-        check_dense_fits((objective.n_params, objective.n_params), objective.dtype, entry.dense)
+        check_dense_fits(
+            (objective.n_params, objective.n_params),
+            objective.dtype,
+            entry.dense,
+            device=getattr(objective, "device", None),
+        )
     return {opt.name: opt.value(options, objective) for opt in entry.options}
 
 

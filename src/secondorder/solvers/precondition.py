@@ -312,7 +312,8 @@ def eq14_diagonal(objective, theta: Tensor, *, chunk_bytes: int = 2**27) -> Tens
     for i in range(0, len(X), chunk):
         G = per_sample(theta, X[i : i + chunk], y[i : i + chunk])
         acc += (w[i : i + chunk, None] * G * G).sum(0)
-    return torch.sqrt(acc * len(X))
+    (acc,) = objective.sum_over_shards(acc)  # data-parallel: X is this process's share
+    return torch.sqrt(acc * objective.batch_size)
 
 
 def _library_diagonal(objective, theta: Tensor, which: str) -> Tensor | None:
@@ -322,8 +323,9 @@ def _library_diagonal(objective, theta: Tensor, which: str) -> Tensor | None:
     fn = getattr(curvature, f"{which}_diagonal", None)
     if fn is None or not isinstance(objective, ModelObjective) or objective.regularize_bias:
         return None
-    X, y, w = objective.samples("curvature")
-    if not bool(torch.all(w == w[0])):
+    X, y, w = objective.samples("curvature", whole=True)
+    shard = objective.data_parallel
+    if not bool(torch.all(w == w[0])) or (shard is not None and len(X) < shard.world_size):
         return None  # eq.-28 weights that are not uniform: use the products below
     model = copy.deepcopy(objective.model).to(dtype=objective.dtype, device=objective.device)
     with torch.no_grad():
@@ -332,7 +334,8 @@ def _library_diagonal(objective, theta: Tensor, which: str) -> Tensor | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "autodiff fallback" notices
-            out = fn(model, X, y, loss=objective.loss, l2=objective.l2_coefficient)
+            args = (model, X, y, objective.loss, objective.l2_coefficient)
+            out = fn(*args) if shard is None else shard.curvature(fn, *args)
     except (TypeError, ValueError, NotImplementedError):
         return None
     return out.detach().reshape(-1).to(dtype=theta.dtype, device=theta.device)

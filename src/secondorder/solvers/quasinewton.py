@@ -41,7 +41,7 @@ class BFGS(Direction):
 
     def _h0(self, it: Iterate, s: Tensor, y: Tensor, sy: float) -> Tensor:
         n = s.numel()
-        check_dense_fits((n, n), s.dtype, "the dense BFGS matrix")
+        check_dense_fits((n, n), s.dtype, "the dense BFGS matrix", device=s.device)
         if it.precond is not None and it.precond.is_diagonal:
             minv = it.precond.inverse_diagonal()
             gamma = sy / dot64(y, minv * y)
