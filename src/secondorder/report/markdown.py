@@ -1,5 +1,5 @@
 """``report.md``: a run's spec and environment, a results table per cell, figures, sweeps,
-means over seeds, and the seed study's published numbers beside ours
+means over seeds, and the study's published numbers beside ours
 (:mod:`secondorder.report.paper`).
 
 Everything comes from a :class:`~secondorder.report.rundata.RunData` (read from a run
@@ -8,6 +8,7 @@ directory).
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,14 @@ from secondorder.report.rundata import (
     convergence_iteration,
     final_value,
 )
-from secondorder.report.text import drop_empty_columns, md_table, show, value_label
+from secondorder.report.text import (
+    drop_empty_columns,
+    format_number,
+    format_pm,
+    md_table,
+    show,
+    value_label,
+)
 
 __all__ = ["render_comparison", "render_report", "run_sections"]
 
@@ -46,6 +54,10 @@ def _f_star(cell: CellRun) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # Results of a cell
 # ----------------------------------------------------------------------------------------------
+def _sampled(cell: CellRun) -> bool:
+    return (cell.spec.get("sampler") or {}).get("kind", "full") != "full"
+
+
 def results_table(cell: CellRun, epsilon: float) -> str:
     f_star = _f_star(cell)
     header = [
@@ -53,13 +65,13 @@ def results_table(cell: CellRun, epsilon: float) -> str:
         "method",
         "status",
         "it.",
-        "f (objective)",
+        "f (sampled objective, last row)" if _sampled(cell) else "f (objective)",
         "train loss",
         "train acc",
         "dev acc",
         "test acc",
         "‖∇f‖∞",
-        f"k_ε (ε={epsilon:g})",
+        f"k_ε (ε={value_label(epsilon)})",
         "k: f−f* ≤ 1e-8",
         "solver s",
         "s / it.",
@@ -103,7 +115,31 @@ def _messages(cell: CellRun) -> str:
         msg = s.summary.get("message")
         if msg:
             lines.append(f"- **{s.name}**: {msg}")
+        note = _final_f_note(s)
+        if note:
+            lines.append(f"- **{s.name}**: {note}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _final_f_note(s) -> str:
+    """Say why the solver's own final f differs from the last row's, when it does: a solver
+    that stops at the start of an iteration whose batch changed has evaluated the same iterate
+    on the new batch; the tables and the run log show the last row's value."""
+    f_end, f_row = s.summary.get("f"), final_value(s.rows, "f")
+    if not isinstance(f_end, float) or f_row is None or f_end == f_row:
+        return ""
+    if not math.isfinite(f_end) or abs(f_end - f_row) <= 1e-12 * max(1.0, abs(f_row)):
+        return ""
+    if not s.summary.get("objective_changes"):
+        return (
+            f"its final f = {format_number(f_end, 6)}; its last recorded iteration has "
+            f"f = {format_number(f_row, 6)}, the value the tables show."
+        )
+    return (
+        f"its final f = {format_number(f_end, 6)} is the last iterate's objective on the batch "
+        f"drawn for the iteration it did not take; the tables show f of its last recorded "
+        f"iteration, {format_number(f_row, 6)} (the same iterate on the batch it stepped on)."
+    )
 
 
 def _series(cell: CellRun, prefix: str = "") -> list[figs.Series]:
@@ -228,7 +264,7 @@ def _seed_means(run: RunData) -> str:
                 elif len(vals) == 1:
                     r.append(show(vals[0]))
                 else:
-                    r.append(f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+                    r.append(format_pm(statistics.fmean(vals), statistics.stdev(vals)))
             rows.append(r)
     return f"## Mean ± standard deviation over seeds {seeds}\n\n" + md_table(header, rows)
 
@@ -252,7 +288,7 @@ def _environment_line(env: dict[str, Any]) -> str:
     if env.get("started"):
         bits.append(f"started {env['started']}")
     if env.get("load_average"):
-        bits.append(f"load average at the start {env['load_average'][0]:g}")
+        bits.append(f"load average at the start {format_number(env['load_average'][0], 2)}")
     return "Environment: " + ", ".join(bits) + ".\n"
 
 
@@ -272,7 +308,8 @@ def _spec_line(spec: dict[str, Any]) -> str:
         conv = spec.get("l2_convention", "plain")
         m = spec.get("l2_m")
         bits.append(
-            f"λ = {spec['l2']:g} ({conv}{f', m = {m}' if m and conv == 'per-sample' else ''})"
+            f"λ = {value_label(spec['l2'])} "
+            f"({conv}{f', m = {m}' if m and conv == 'per-sample' else ''})"
         )
     sampler = spec.get("sampler") or {}
     if sampler:
@@ -301,6 +338,10 @@ def run_sections(
     out = [f"{h} {rep.get('title') or run.name}\n"]
     if run.spec.get("description"):
         out.append(f"{run.spec['description']}\n")
+    summary = paper.summary_section(run, eps, h)
+    if summary:
+        out.append(summary)
+        out.append(f"{h}# The run\n")
     out.append(
         f"Run directory `{run.dir}` (spec `{run.source or run.name}`), status **{run.status}**.\n"
     )
@@ -308,8 +349,6 @@ def run_sections(
     if environment:
         out.append(_environment_line(run.environment))
     claim = paper.headline(run)
-    if claim:
-        out.append(f"> The seed's claim: {claim.claim}\n")
     figdir.mkdir(parents=True, exist_ok=True)
     drawn: list[tuple[CellRun, str, Path]] = []
     for cell in run.cells:
