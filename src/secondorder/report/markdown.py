@@ -425,7 +425,8 @@ def render_comparison(
     target = Path(target)
     figdir = target / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    eps = float(epsilon) if epsilon is not None else 1e-6
+    # each run's k_ε with its own report.epsilon unless the caller sets one for all
+    eps_of = {id(r): _epsilon(r, epsilon) for _, r in flat}
     header = [
         "Run",
         "Cell",
@@ -436,7 +437,8 @@ def render_comparison(
         "train acc",
         "dev acc",
         "test acc",
-        f"k_ε (ε={eps:g})",
+        "ε",
+        "k_ε",
         "solver s",
         "s / it.",
     ]
@@ -457,7 +459,8 @@ def render_comparison(
                         show(final_value(s.rows, "train_accuracy")),
                         show(final_value(s.rows, "dev_accuracy")),
                         show(final_value(s.rows, "test_accuracy")),
-                        show(convergence_iteration(s.rows, eps)),
+                        value_label(eps_of[id(run)]),
+                        show(convergence_iteration(s.rows, eps_of[id(run)])),
                         show(solver_time(s), 2),
                         show(s_per_iter(s), 3),
                     ]
