@@ -16,7 +16,15 @@ from typing import Any
 from secondorder.experiments.io import atomic_write_text
 from secondorder.report import figures as figs
 from secondorder.report import paper
-from secondorder.report.measures import first_k, group_label, last_k, s_per_iter, solver_time
+from secondorder.report.cell_figures import cell_figures, cell_title
+from secondorder.report.measures import (
+    f_star,
+    first_k,
+    group_label,
+    last_k,
+    s_per_iter,
+    solver_time,
+)
 from secondorder.report.rundata import (
     CellRun,
     RunData,
@@ -41,16 +49,6 @@ def _epsilon(run: RunData, epsilon: float | None) -> float:
     return float((run.spec.get("report") or {}).get("epsilon", 1e-6))
 
 
-def _f_star(cell: CellRun) -> float | None:
-    rep = cell.spec.get("report") or {}
-    if "f_star" in rep:
-        return float(rep["f_star"])
-    data = cell.spec.get("data") or {}
-    if data.get("kind") == "rosenbrock":
-        return 0.0
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # Results of a cell
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +57,7 @@ def _sampled(cell: CellRun) -> bool:
 
 
 def results_table(cell: CellRun, epsilon: float) -> str:
-    f_star = _f_star(cell)
+    fs = f_star(cell)
     header = [
         "Solver",
         "method",
@@ -83,7 +81,7 @@ def results_table(cell: CellRun, epsilon: float) -> str:
     for s in cell.solvers:
         sm = s.summary
         key = "train_loss" if any("train_loss" in r for r in s.rows) else "f"
-        k8 = first_k(s, key, lambda v: v - f_star <= 1e-8) if f_star is not None else None
+        k8 = first_k(s, key, lambda v: v - fs <= 1e-8) if fs is not None else None
         rows.append(
             [
                 s.name,
@@ -97,8 +95,8 @@ def results_table(cell: CellRun, epsilon: float) -> str:
                 show(final_value(s.rows, "test_accuracy")),
                 show(final_value(s.rows, "grad_norm"), 3),
                 show(convergence_iteration(s.rows, epsilon)),
-                show(k8) if f_star is not None else "—",
-                show(solver_time(s), 2),
+                show(k8) if fs is not None else "—",
+                show(solver_time(s), 3),
                 show(s_per_iter(s), 3),
                 show(sm.get("nfev")),
                 show(sm.get("ngev")),
@@ -140,67 +138,6 @@ def _final_f_note(s) -> str:
         f"drawn for the iteration it did not take; the tables show f of its last recorded "
         f"iteration, {format_number(f_row, 6)} (the same iterate on the batch it stepped on)."
     )
-
-
-def _series(cell: CellRun, prefix: str = "") -> list[figs.Series]:
-    return [(prefix + s.name, s, figs.colour(s.index)) for s in cell.solvers if s.rows]
-
-
-def _objective_differs(series: list[figs.Series]) -> bool:
-    """Whether the sampled objective f differs from the full training loss anywhere."""
-    for _, s, _ in series:
-        for r in s.rows:
-            f, t = r.get("f"), r.get("train_loss")
-            if isinstance(f, float) and isinstance(t, float) and abs(f - t) > 1e-6 * max(1, abs(t)):
-                return True
-    return False
-
-
-def _rosenbrock_fn(cell: CellRun):
-    data = cell.spec.get("data") or {}
-    if data.get("kind") != "rosenbrock" or len(data.get("x0", [])) != 2:
-        return None
-    a, b = float(data.get("a", 1.0)), float(data.get("b", 100.0))
-    return (lambda X, Y: (a - X) ** 2 + b * (Y - X**2) ** 2), [a, a * a]
-
-
-def cell_figures(
-    cell: CellRun, figdir: Path, fmt: str, title: str, log_y: bool = True
-) -> list[tuple[str, str, Path]]:
-    """Draw a cell's figures; return (kind, caption, path) triples, kind being ``"loss"``,
-    ``"accuracy"`` or ``"paths"``."""
-    out = []
-    series = _series(cell)
-    if not series:
-        return out
-    stem = "" if cell.id == "main" else f"{cell.id}-"
-    f_star = _f_star(cell)
-    sampled = (cell.spec.get("sampler") or {}).get("kind", "full") != "full"
-    p = figs.loss_figure(
-        series,
-        figdir / f"{stem}loss.{fmt}",
-        title=title,
-        f_star=f_star,
-        log_y=log_y,
-        show_objective=sampled and _objective_differs(series),
-    )
-    what = "f − f*" if f_star is not None else "full training loss"
-    out.append(("loss", f"{what} against iteration and solver time; ‖∇f‖∞ against iteration", p))
-    if any(
-        any(k in r for k in ("train_accuracy", "test_accuracy"))
-        for _, s, _ in series
-        for r in s.rows
-    ):
-        p = figs.accuracy_figure(series, figdir / f"{stem}accuracy.{fmt}", title=title)
-        out.append(("accuracy", "accuracy (eq. 30) against iteration", p))
-    ros = _rosenbrock_fn(cell)
-    if ros is not None:
-        fn, minimum = ros
-        p = figs.paths_figure(
-            series, figdir / f"{stem}paths.{fmt}", fn, title=title or "paths", minimum=minimum
-        )
-        out.append(("paths", "iterates in the (x, y) plane over log-spaced contours", p))
-    return out
 
 
 def _sweep_section(run: RunData, figdir: Path, fmt: str, rel: str) -> str:
@@ -360,7 +297,7 @@ def run_sections(
         msgs = _messages(cell)
         if msgs:
             out.append("<details><summary>solver messages</summary>\n\n" + msgs + "\n</details>\n")
-        title = f"{run.name}" + ("" if cell.id == "main" else f" — {cell.label}")
+        title = cell_title(run.name, cell)
         for kind, caption, p in cell_figures(cell, figdir, fmt, title, log_y):
             out.append(f"![{caption}]({rel}{p.name})\n")
             drawn.append((cell, kind, p))
@@ -461,7 +398,7 @@ def render_comparison(
                         show(final_value(s.rows, "test_accuracy")),
                         value_label(eps_of[id(run)]),
                         show(convergence_iteration(s.rows, eps_of[id(run)])),
-                        show(solver_time(s), 2),
+                        show(solver_time(s), 3),
                         show(s_per_iter(s), 3),
                     ]
                 )
