@@ -259,7 +259,7 @@ def loss_figure(
         _shared_legend(fig, ax_it, 3)
     else:
         for ax in (ax_it, ax_t, ax_g):
-            if ax.lines:
+            if any(not ln.get_label().startswith("_") for ln in ax.lines):
                 ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
