@@ -13,6 +13,8 @@ import os
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
+
 __all__ = ["MemoryError_", "available_bytes", "check_dense_fits", "dot64", "norm64"]
 
 
@@ -55,7 +57,8 @@ def check_dense_fits(
     if nbytes > limit:
         raise MemoryError_(
             f"{what} of shape {tuple(shape)} in {dtype} needs {nbytes:,} bytes "
-            f"({nbytes / 2**30:.2f} GiB), above the limit of {limit:,} bytes; use matrix-free "
+            f"({format_number(nbytes / 2**30, 3)} GiB), above the limit of {limit:,} bytes; "
+            "use matrix-free "
             "products instead (Objective.hvp / Objective.ggnvp, or the linear operators of "
             "secondorder.curvature), or raise max_bytes"
         )

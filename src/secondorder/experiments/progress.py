@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from secondorder._format import format_number
+
 __all__ = ["Progress", "StopFlag", "threads"]
 
 
@@ -83,10 +85,10 @@ class Progress:
         bits = []
         f = row.get("f")
         if isinstance(f, float):
-            bits.append(f"f={f:.5g}")
+            bits.append(f"f={format_number(f, 5)}")
         g = row.get("grad_norm")
         if isinstance(g, float):
-            bits.append(f"|g|={g:.2e}")
+            bits.append(f"|g|={format_number(g, 3)}")
         for key, short in (
             ("train_accuracy", "acc"),
             ("dev_accuracy", "dev"),
@@ -94,7 +96,7 @@ class Progress:
         ):
             v = row.get(key)
             if isinstance(v, float):
-                bits.append(f"{short}={v:.4f}")
+                bits.append(f"{short}={format_number(v, 4)}")
         self.bar.set_postfix_str(" ".join(bits), refresh=False)
         self.bar.update(max(0, k - self.bar.n))  # redraws no more often than mininterval
 

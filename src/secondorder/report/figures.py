@@ -531,6 +531,7 @@ def sweep_figure(
     handles: dict[str, Any] = {}
     for row, (glabel, by_solver) in enumerate(groups):
         ax_l, ax_a = axes[row]
+        apart_l, apart_a = Distinct(), Distinct()
         losses: list[float] = []
         for i, (solver, points) in enumerate(by_solver.items()):
             c = (solver_colours or {}).get(solver, colour(i))
@@ -542,10 +543,12 @@ def sweep_figure(
             ya = [p[2] for p in pts if p[2] is not None]
             losses += yl
             if xl:
-                (h,) = ax_l.plot(xl, yl, color=c, marker=mk, label=solver)
+                kw = {"color": c, "marker": mk, "label": solver, **apart_l.style(xl, yl)}
+                (h,) = ax_l.plot(xl, yl, **kw)
                 handles.setdefault(solver, h)
             if xa:
-                (h,) = ax_a.plot(xa, ya, color=c, marker=mk, label=solver)
+                kw = {"color": c, "marker": mk, "label": solver, **apart_a.style(xa, ya)}
+                (h,) = ax_a.plot(xa, ya, **kw)
                 handles.setdefault(solver, h)
         _log_if_decades(ax_l, losses)
         for ax, what in ((ax_l, "final training loss"), (ax_a, f"final {test_label}")):
@@ -559,7 +562,8 @@ def sweep_figure(
                 ax.set_xticks(xs_all, labels)
             elif integer:
                 ax.set_xticks(xs_all, [str(int(v)) for v in xs_all])
-                ax.minorticks_off() if log else None
+                if log:
+                    ax.minorticks_off()
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
     if title:
