@@ -221,3 +221,31 @@ def test_compare_uses_each_runs_own_epsilon(tmp_path):
     for name in eps:
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| {name} |"))
         assert f"| {show(ks[name])} |" in line, line
+
+
+def test_suite_report_opens_with_the_study_and_each_parts_verdicts(tmp_path):
+    from secondorder.experiments.spec import to_toml
+
+    suite = tmp_path / "suite.toml"
+    parts = [
+        {"spec": "paper/rosenbrock", "set": {"max_iter": 30}},
+        {"spec": "paper/logistic-fixed", "set": {"max_iter": 12}},
+    ]
+    suite.write_text(to_toml({"name": "mini", "parts": parts}))
+    run = start_run(load_spec(str(suite)), tmp_path / "run", QUIET)
+    (report,) = write_report([run])
+    head = report.read_text().split("Contents:", 1)[0]
+    assert STUDY in head
+    assert (
+        "| [rosenbrock](#rosenbrock) |" in head and "| [logistic-fixed](#logistic-fixed) |" in head
+    )
+    data = load_run(run)
+    for name, part in data.parts:
+        n = len(
+            verdicts(
+                part,
+                float(part.spec["report"]["epsilon"]),
+                (1, 2) if name == "rosenbrock" else (3, 5),
+            )
+        )
+        assert f"| [{name}](#{name}) | {n} |" in head

@@ -324,6 +324,7 @@ def render_report(
         if run.spec.get("description"):
             body.append(f"{run.spec['description']}\n")
         body.append(_environment_line(run.environment))
+        body.append(paper.suite_summary(run, epsilon))
         body.append("Contents: " + ", ".join(f"[{n}](#{n})" for n, _ in run.parts) + "\n")
         for name, part in run.parts:
             body.append(f'<a id="{name}"></a>\n')

@@ -7,6 +7,7 @@ from secondorder.report.paper.beside import (
     paper_sections,
     paper_tables,
     seed_figures,
+    suite_summary,
     summary_section,
 )
 from secondorder.report.paper.published import (
@@ -39,6 +40,7 @@ __all__ = [
     "paper_sections",
     "paper_tables",
     "seed_figures",
+    "suite_summary",
     "summary_section",
     "table",
 ]

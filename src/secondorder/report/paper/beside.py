@@ -51,6 +51,7 @@ __all__ = [
     "paper_sections",
     "paper_tables",
     "seed_figures",
+    "suite_summary",
     "summary_section",
 ]
 
@@ -463,3 +464,25 @@ def summary_section(run: RunData, eps: float, h: str) -> str:
         rows.append([c.text, c.where, *setting, f.ours, f"**{f.verdict}**", f.rule])
     out.append(md_table(header, rows, align="l" * len(header)))
     return "\n".join(out)
+
+
+def suite_summary(suite: RunData, epsilon: float | None) -> str:
+    """The opening of a suite's report: the study its parts reproduce and, part by part, how
+    many of the study's claims each confirms ("" when no part tests a claim)."""
+    rows = []
+    for name, part in suite.parts:
+        eps = (
+            float(epsilon)
+            if epsilon is not None
+            else float((part.spec.get("report") or {}).get("epsilon", 1e-6))
+        )
+        claim = headline(part)
+        found = verdicts(part, eps, claim.figures if claim else ())
+        if found:
+            counts = [sum(1 for _, _, f in found if f.verdict == v) for v in _VERDICTS]
+            rows.append([f"[{name}](#{name})", len(found), *counts])
+    if not rows:
+        return ""
+    head = f"This suite reproduces parts of the study: {STUDY}. The study's claims each part "
+    head += "tests, with the verdicts of its summary below:\n\n"
+    return head + md_table(["part", "checks", *_VERDICTS], rows)
