@@ -26,86 +26,24 @@ from matplotlib.figure import Figure
 
 from secondorder.experiments.io import atomic_write
 from secondorder.report.rundata import SolverRun
+from secondorder.report.styles import _MARKERS, _PALETTE, Distinct, colour, series_style
 from secondorder.report.text import value_label
 
 __all__ = [
+    "CLIP",
+    "Distinct",
     "accuracy_figure",
     "colour",
     "loss_figure",
     "paths_figure",
     "save",
+    "series_style",
     "sweep_figure",
 ]
 
 Series = tuple[str, SolverRun, Any]
-_PALETTE = [
-    "#1f77b4",
-    "#d62728",
-    "#2ca02c",
-    "#ff7f0e",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#7f7f7f",
-    "#bcbd22",
-]
-_LINESTYLES = ["-", "--", "-.", ":"]
-_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<"]
-
 #: values at or below this are drawn at it on a log axis of f − f*
 CLIP = 1e-16
-
-
-def colour(i: int) -> str:
-    """The i-th colour of the report palette (solvers keep their colour across figures)."""
-    return _PALETTE[i % len(_PALETTE)]
-
-
-def series_style(i: int) -> dict[str, str]:
-    """Colour, line style and marker of the i-th series: the colour cycles every ten, the line
-    style and marker change with each cycle, so no two of the first 80 series look alike."""
-    cycle = i // len(_PALETTE)
-    return {
-        "color": colour(i),
-        "ls": _LINESTYLES[cycle % len(_LINESTYLES)],
-        "marker": _MARKERS[cycle % len(_MARKERS)],
-    }
-
-
-class Distinct:
-    """Keeps series with identical data distinguishable on one axes: the first is drawn as
-    asked; each later one with the same (x, y) values gets a dashed or dotted line, a hollow
-    marker of another shape placed between the earlier one's markers, and is drawn on top, so
-    both lines and both legend entries stay visible."""
-
-    _STYLES = ("--", ":", "-.")
-    _MARKS = ("s", "^", "D", "v")
-
-    def __init__(self) -> None:
-        self._seen: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def style(self, xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
-        """Extra keyword arguments of ``Axes.plot`` for this series ({} for a new one)."""
-        x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-        n = sum(
-            1
-            for a, b in self._seen
-            if a.shape == x.shape and np.allclose(a, x, rtol=1e-6) and np.allclose(b, y, rtol=1e-6)
-        )
-        self._seen.append((x, y))
-        if n == 0:
-            return {}
-        every = max(1, len(x) // 12)
-        return {
-            "ls": self._STYLES[(n - 1) % len(self._STYLES)],
-            "marker": self._MARKS[(n - 1) % len(self._MARKS)],
-            "markevery": (min(len(x) - 1, (every * n) // 2), every) if len(x) > 1 else None,
-            "mfc": "none",
-            "ms": 6,
-            "lw": 1.2,
-            "zorder": 3 + n,
-        }
 
 
 def _figure(ncols: int, nrows: int = 1, width: float = 5.2, height: float = 4.0) -> Figure:
@@ -172,6 +110,14 @@ def _iteration_axis(axes, series: Sequence[Series]) -> str:
         ax.set_xscale("symlog", linthresh=10, linscale=0.6)
         ax.set_xlim(left=0)
     return "iteration k (linear to 10, logarithmic beyond)"
+
+
+def _gradient_axes(ax, xlabel: str) -> None:
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("‖∇f‖∞ of the solver's objective")
+    ax.set_title("gradient norm vs iteration")
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _excess(values: Sequence[float], f_star: float | None, log_y: bool) -> tuple[list[float], bool]:
@@ -248,22 +194,23 @@ def loss_figure(
     ax_it.set_title(f"{what} vs iteration")
     ax_t.set_xlabel("solver seconds since iterate 0 (wall clock, metrics excluded)")
     ax_t.set_title(f"{what} vs time" + ("" if any_time else " (no times recorded)"))
-    ax_g.set_yscale("log")
-    ax_g.set_xlabel(xlabel)
-    ax_g.set_ylabel("‖∇f‖∞ of the solver's objective")
-    ax_g.set_title("gradient norm vs iteration")
-    ax_g.grid(True, which="both", alpha=0.3)
+    _gradient_axes(ax_g, xlabel)
     if show_objective:
         ax_it.plot([], [], color="grey", ls=":", lw=0.9, alpha=0.6, label="sampled objective f")
-    if rows:
-        _shared_legend(fig, ax_it, 3)
-    else:
-        for ax in (ax_it, ax_t, ax_g):
-            if any(not ln.get_label().startswith("_") for ln in ax.lines):
-                ax.legend(fontsize=8)
+    _legends(fig, (ax_it, ax_t, ax_g), rows, 3)
     if title:
         fig.suptitle(title)
     return save(fig, path)
+
+
+def _legends(fig: Figure, axes, shared_rows: int, ncol: int) -> None:
+    """One legend under the panels when ``shared_rows``, else one in each labelled panel."""
+    if shared_rows:
+        _shared_legend(fig, axes[0], ncol)
+        return
+    for ax in axes:
+        if any(not ln.get_label().startswith("_") for ln in ax.lines):
+            ax.legend(fontsize=8)
 
 
 #: (colour, split key, iteration, value, label): a published value drawn on an accuracy figure
@@ -311,7 +258,21 @@ def accuracy_figure(
     for key, ls in styles.items():
         if key in used:
             ax.plot([], [], color="black", ls=ls, lw=1.2, label=key.replace("_", " "))
-    # solvers side by side about the published iteration, so that close values stay apart
+    _draw_published(ax, published)
+    ax.set_xlabel("iteration k")
+    ax.set_ylabel("accuracy (eq. 30)")
+    ax.set_title(title or "accuracy vs iteration", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if rows:
+        _shared_legend(fig, ax, 2)
+    else:
+        ax.legend(fontsize=8, ncol=2)
+    return save(fig, path)
+
+
+def _draw_published(ax, published: Sequence[Published]) -> None:
+    """The study's values as marks in the solvers' colours (star: train, diamond: dev), the
+    solvers side by side about the published iteration so that close values stay apart."""
     cols = list(dict.fromkeys(c for c, *_ in published))
     for c, key, k, v, _lab in published:
         dx = 1.6 * (cols.index(c) - (len(cols) - 1) / 2)
@@ -343,15 +304,6 @@ def accuracy_figure(
             ax.plot(
                 [], [], marker="D", ms=6, color="0.6", mec="black", ls="none", label="study: dev"
             )
-    ax.set_xlabel("iteration k")
-    ax.set_ylabel("accuracy (eq. 30)")
-    ax.set_title(title or "accuracy vs iteration", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if rows:
-        _shared_legend(fig, ax, 2)
-    else:
-        ax.legend(fontsize=8, ncol=2)
-    return save(fig, path)
 
 
 def _label_positions(cs, levels, paths: Sequence[np.ndarray], lo, hi) -> list[tuple[float, float]]:
@@ -387,6 +339,40 @@ def _label_positions(cs, levels, paths: Sequence[np.ndarray], lo, hi) -> list[tu
     return out
 
 
+def _paths(series: Sequence[Series], max_points: int) -> list[tuple[str, np.ndarray, Any]]:
+    """(label, iterates (n × 2), colour) of the series that recorded finite iterates x."""
+    paths = []
+    for label, s, c in series:
+        xy = [r["x"][:2] for r in s.rows if isinstance(r.get("x"), list) and len(r["x"]) >= 2]
+        xy = [p for p in xy if all(math.isfinite(v) for v in p)]
+        if not xy:
+            continue
+        arr = np.asarray(xy, dtype=float)
+        if len(arr) > max_points:  # keep the first points and thin the rest
+            idx = np.unique(np.r_[np.arange(200), np.linspace(200, len(arr) - 1, max_points)])
+            arr = arr[idx.astype(int)]
+        paths.append((label, arr, c))
+    return paths
+
+
+def _contours(ax, fn, lo, hi, paths: Sequence[np.ndarray]) -> None:
+    """Log-spaced filled contours of ``fn`` on [lo, hi], every third level labelled away from
+    the paths."""
+    X, Y = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
+    Z = fn(X, Y)
+    shift = max(float(np.nanmin(Z)), 0.0)
+    zpos = Z - shift + 1e-3
+    lo_z = max(float(np.nanmin(zpos)), 1e-3)
+    levels = np.logspace(math.log10(lo_z), math.log10(float(np.nanmax(zpos))), 20)
+    norm = LogNorm(vmin=levels[0], vmax=levels[-1])
+    ax.contourf(X, Y, zpos, levels=levels, norm=norm, cmap="Greys_r", alpha=0.25)
+    cs = ax.contour(X, Y, zpos, levels=levels, norm=norm, cmap="viridis", linewidths=0.7)
+    labelled = list(cs.levels[1::3])
+    where = _label_positions(cs, labelled, paths, lo, hi)
+    if where:
+        ax.clabel(cs, labelled, manual=where, fmt=lambda v: f"{v + shift - 1e-3:.2g}", fontsize=7)
+
+
 def paths_figure(
     series: Sequence[Series],
     path: str | Path,
@@ -403,37 +389,15 @@ def paths_figure(
     the contour is farthest from every path; the legend explains the markers."""
     fig = _figure(1, width=8.4, height=5.4)
     ax = fig.subplots()
-    pts, paths = [], []
-    for label, s, c in series:
-        xy = [r["x"][:2] for r in s.rows if isinstance(r.get("x"), list) and len(r["x"]) >= 2]
-        xy = [p for p in xy if all(math.isfinite(v) for v in p)]
-        if not xy:
-            continue
-        arr = np.asarray(xy, dtype=float)
-        if len(arr) > max_points:  # keep the first points and thin the rest
-            idx = np.unique(np.r_[np.arange(200), np.linspace(200, len(arr) - 1, max_points)])
-            arr = arr[idx.astype(int)]
-        paths.append((label, arr, c))
-        pts.append(arr)
+    paths = _paths(series, max_points)
+    pts = [arr for _, arr, _ in paths]
     if minimum is not None:
         pts.append(np.asarray([minimum[:2]], dtype=float))
     allp = np.concatenate(pts) if pts else np.zeros((1, 2))
     lo, hi = allp.min(axis=0), allp.max(axis=0)
     span = np.maximum(hi - lo, 0.5)
     lo, hi = lo - 0.15 * span, hi + 0.15 * span
-    X, Y = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
-    Z = fn(X, Y)
-    shift = max(float(np.nanmin(Z)), 0.0)
-    zpos = Z - shift + 1e-3
-    lo_z = max(float(np.nanmin(zpos)), 1e-3)
-    levels = np.logspace(math.log10(lo_z), math.log10(float(np.nanmax(zpos))), 20)
-    norm = LogNorm(vmin=levels[0], vmax=levels[-1])
-    ax.contourf(X, Y, zpos, levels=levels, norm=norm, cmap="Greys_r", alpha=0.25)
-    cs = ax.contour(X, Y, zpos, levels=levels, norm=norm, cmap="viridis", linewidths=0.7)
-    labelled = list(cs.levels[1::3])
-    where = _label_positions(cs, labelled, [a for _, a, _ in paths], lo, hi)
-    if where:
-        ax.clabel(cs, labelled, manual=where, fmt=lambda v: f"{v + shift - 1e-3:.2g}", fontsize=7)
+    _contours(ax, fn, lo, hi, [a for _, a, _ in paths])
     if minimum is not None:
         ax.plot(
             minimum[0],
