@@ -58,9 +58,9 @@ def test_rosenbrock_report_has_paths_and_convergence(runs, tmp_path):
         assert f"(figures/{name})" in text
     assert "| Solver |" in text and "Steplength estimator" in text
     assert "k: f−f* ≤ 1e-8" in text
-    assert "Newton's method converges quadratically" in text  # the seed's claim
-    # the seed's Figures 1 and 2 are named and linked to the images that redraw them
-    section = text.split("The seed's figures", 1)[1].split("\n#", 1)[0]
+    assert "Newton's method converges quadratically" in text  # the study's claim
+    # the study's Figures 1 and 2 are named and linked to the images that redraw them
+    section = text.split("The study's figures", 1)[1].split("\n#", 1)[0]
     assert "**Figure 1**" in section and "(figures/paths.png)" in section.split("**Figure 2**")[0]
     assert "(figures/loss.png)" in section.split("**Figure 2**")[1]
 
@@ -78,7 +78,7 @@ def test_logistic_report_sets_every_published_cell_beside_ours(runs):
                 f"{v:.2f}" in text
             )
     assert "abs diff" in text and "our test error" in text
-    assert "behave like accuracy" in text  # the note on the seed's "Test error" column
+    assert "behave like accuracy" in text  # the note on the study's "Test error" column
     assert "**Figure 5**" in text and "[accuracy](figures/accuracy.png)" in text
     _nontrivial_png(fixed / "report" / "figures" / "accuracy.png")
 
@@ -192,7 +192,7 @@ def test_convention_paragraph_and_relative_costs(tmp_path):
     assert "| Gradient 1L | Gradient | 0.7232 |" in text
     assert "| NLCG 1L | _(not run)_ | 0.8363 |" in text
     assert "Gradient 2L" not in text  # only the depth we ran
-    assert "Which setting explains the seed's Table 3? (l2_convention)" in text
+    assert "Which setting explains the study's Table 3? (l2_convention)" in text
     assert "On the L2 convention the **" in text
     assert "Cost per iteration relative to gradient descent" in text
     assert "†" in text  # fewer than 50 iterations: runtime extrapolated, and said so

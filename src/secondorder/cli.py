@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from secondorder import __version__
+from secondorder._format import format_number
 from secondorder._progress import format_seconds
 from secondorder.cli_experiments import Formatter, add_commands, guarded, progress_wanted
 from secondorder.curvature import saddle_report
@@ -215,8 +216,8 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
         )
         theta = res.theta
         print(
-            f"trained {res.nit} L-BFGS iterations: f = {float(res.f):.6g}, "
-            f"|g| = {float(res.grad_norm):.3g} ({res.message})\n"
+            f"trained {res.nit} L-BFGS iterations: f = {format_number(float(res.f), 6)}, "
+            f"|g| = {format_number(float(res.grad_norm), 3)} ({res.message})\n"
         )
     print(
         f"saddle report: {_curvature_estimate(objective, theta, args.dense_limit)}", file=sys.stderr
@@ -277,7 +278,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         mlp([10, 16, 4], "tanh", seed=args.seed, dtype=f64), "cross_entropy", (X, y), l2=0.01
     )
     r = gradient_test(net)
-    print(f"\n   MLP 10-16-4 (tanh, softmax cross-entropy): measured order {r.order:.3f}\n")
+    print(
+        "\n   MLP 10-16-4 (tanh, softmax cross-entropy): measured order "
+        f"{format_number(r.order, 3)}\n"
+    )
     print("2. Logistic regression on the 2-D data set (800 train / 100 validation points)")
     print(
         f"   {'method':<22} {'iters':>5} {'f evals':>7} {'train loss':>11} {'|g|':>9} "
@@ -299,8 +303,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         acc = obj.accuracy(res.theta, data.test.X, data.test.y)
         label = method + (" (armijo)" if method == "gd" else "")
         print(
-            f"   {label:<22} {res.nit:>5} {res.nfev:>7} {float(res.f):>11.6f} "
-            f"{float(res.grad_norm):>9.1e} {acc:>7.3f} {elapsed:>6.2f}s"
+            f"   {label:<22} {res.nit:>5} {res.nfev:>7} {format_number(float(res.f), 6):>11} "
+            f"{format_number(float(res.grad_norm), 2):>9} {format_number(acc, 3):>7} "
+            f"{format_number(elapsed, 3):>6}s"
         )
     return 0
 

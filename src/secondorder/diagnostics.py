@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number, format_spec_value
 from secondorder.objective import Objective
 
 __all__ = ["TaylorTest", "gradient_test", "hessian_test"]
@@ -63,7 +64,7 @@ class TaylorTest:
 
     def table(self) -> str:
         """A text table of ε against the error, with the fitted order."""
-        lines = [f"{self.kind} test: expected order {self.expected_order:g}"]
+        lines = [f"{self.kind} test: expected order {format_spec_value(self.expected_order)}"]
         lines.append(f"{'eps':>12} {'error':>12}  fit")
         for e, err, u in zip(self.eps, self.errors, self.used):
             lines.append(f"{e:12.3e} {err:12.3e}  {'*' if u else ' '}")
@@ -74,7 +75,9 @@ class TaylorTest:
             )
         else:
             verdict = "PASS" if self.passed else "FAIL"
-            lines.append(f"measured order {self.order:.3f} (points marked * used)  {verdict}")
+            lines.append(
+                f"measured order {format_number(self.order, 3)} (points marked * used)  {verdict}"
+            )
         return "\n".join(lines)
 
 

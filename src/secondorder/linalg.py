@@ -13,6 +13,7 @@ import os
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
 from secondorder.errors import EnvironmentFault
 
 __all__ = ["MemoryError_", "available_bytes", "check_dense_fits", "dot64", "norm64"]
@@ -68,7 +69,8 @@ def check_dense_fits(
         where = "" if device is None else f" on {torch.device(device)}"
         raise MemoryError_(
             f"{what} of shape {tuple(shape)} in {dtype}{where} needs {nbytes:,} bytes "
-            f"({nbytes / 2**30:.2f} GiB), above the limit of {limit:,} bytes; use matrix-free "
+            f"({format_number(nbytes / 2**30, 3)} GiB), above the limit of {limit:,} bytes; "
+            "use matrix-free "
             "products instead (Objective.hvp / Objective.ggnvp, or the linear operators of "
             "secondorder.curvature), or raise max_bytes"
         )

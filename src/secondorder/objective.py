@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from secondorder._format import format_spec_value
 from secondorder._validation import (
     check_choice,
     check_finite,
@@ -159,7 +160,7 @@ def rosenbrock(a: float = 1.0, b: float = 100.0) -> Callable[[Tensor], Tensor]:
     def f(x: Tensor) -> Tensor:
         return ((a - x[:-1]) ** 2 + b * (x[1:] - x[:-1] ** 2) ** 2).sum()
 
-    f.__name__ = f"rosenbrock(a={a:g}, b={b:g})"
+    f.__name__ = f"rosenbrock(a={format_spec_value(a)}, b={format_spec_value(b)})"
     return f
 
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
 from secondorder._validation import check_choice, check_positive_int
 from secondorder.optim_kfac import KFAC
 from secondorder.solvers import minimize
@@ -161,7 +162,8 @@ class LBFGS(torch.optim.Optimizer):
             warnings.warn(
                 "L-BFGS made no progress from steepest descent either (the step was "
                 f"{'too long' if too_long else 'too short to change θ or f at this precision'}); "
-                f"rescaling its first step by {factor:g} and retrying (stall {self.stalls})",
+                f"rescaling its first step by {format_number(factor, 3)} and retrying "
+                f"(stall {self.stalls})",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -240,7 +242,7 @@ class LBFGS(torch.optim.Optimizer):
                 if first or not S or -float(g.dot(g)) > -tol_change:
                     break  # nothing to gain, as torch.optim.LBFGS decides
                 state.update(old_dirs=Y, old_stps=S, ro=ro, H_diag=H_diag)
-                if not self._stall(state, f"∇fᵀd = {gtd:.3g} ≥ −tolerance_change"):
+                if not self._stall(state, f"∇fᵀd = {format_number(gtd, 3)} ≥ −tolerance_change"):
                     break
                 S, Y, ro, H_diag = state["old_stps"], state["old_dirs"], state["ro"], 1.0
                 d = g.neg()

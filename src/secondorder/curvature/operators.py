@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from secondorder._format import format_number, format_spec_value
 from secondorder._validation import check_choice, check_positive, check_positive_int
 from secondorder.lanczos import Lanczos
 from secondorder.linalg import check_dense_fits
@@ -288,7 +289,8 @@ def lanczos_eigs(
         import warnings
 
         warnings.warn(
-            f"lanczos_eigs: the wanted Ritz pairs did not reach tol={tol:g} in {lz.m} "
+            "lanczos_eigs: the wanted Ritz pairs did not reach "
+            f"tol={format_spec_value(tol)} in {lz.m} "
             "steps; raise max_iter",
             stacklevel=2,
         )
@@ -374,7 +376,8 @@ class TraceEstimate(NamedTuple):
 
     def __repr__(self) -> str:
         return (
-            f"TraceEstimate(estimate={self.estimate:.6g}, stderr={self.stderr:.3g}, "
+            f"TraceEstimate(estimate={format_number(self.estimate, 6)}, "
+            f"stderr={format_number(self.stderr, 3)}, "
             f"n_probes={len(self.samples)})"
         )
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from secondorder._format import format_number
 from secondorder._progress import ProgressArg, Reporter, reporting
 from secondorder._validation import check_positive, check_positive_int
 from secondorder.losses import Loss
@@ -97,7 +98,7 @@ class SaddleReport:
         """A readable table of the report."""
         lines = [
             f"verdict: {self.verdict}",
-            f"  loss J(θ)            {self.loss:.6g}",
+            f"  loss J(θ)            {format_number(self.loss, 6)}",
             f"  ‖∇J(θ)‖              {self.grad_norm:.3e}   (small if ≤ {self.grad_tol:.1e})",
             f"  λ_min(H)             {self.lambda_min:.6e}   (negative if < −{self.tol:.1e})",
             f"  λ_max(H)             {self.lambda_max:.6e}",

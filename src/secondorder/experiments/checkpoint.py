@@ -213,7 +213,8 @@ class Checkpoint:
         Refused with a :class:`CheckpointError` naming the file: content that does not match
         its digest, an ``identity`` other than the one expected, and a trace (``trace_lines``,
         the complete lines of the solver's trace file) whose first rows are not those the
-        checkpoint was taken with.
+        checkpoint was taken with. Without ``trace_lines`` the rows are left empty (for
+        readers that want θ only).
         """
         if not path.is_file():
             return None
@@ -222,7 +223,10 @@ class Checkpoint:
             raise io.CheckpointError(f"{path} is not a secondorder checkpoint (no θ or iteration)")
         _check_digest(path, ckpt)
         _check_identity(path, ckpt.get("identity"), identity)
-        rows = _rows_of(path, ckpt, trace_lines or [])
+        if trace_lines is None:  # θ and state only: the rows are not wanted, nor checked
+            rows = list(ckpt.get("rows", []))
+        else:
+            rows = _rows_of(path, ckpt, trace_lines)
         return cls(
             theta=ckpt["theta"],
             state=ckpt["state"],

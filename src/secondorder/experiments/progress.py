@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from secondorder._format import format_number
 from secondorder._progress import format_seconds
 from secondorder.errors import ModeNote
 
@@ -95,10 +96,10 @@ class Progress:
         bits = []
         f = row.get("f")
         if isinstance(f, float):
-            bits.append(f"f={f:.5g}")
+            bits.append(f"f={format_number(f, 5)}")
         g = row.get("grad_norm")
         if isinstance(g, float):
-            bits.append(f"|g|={g:.2e}")
+            bits.append(f"|g|={format_number(g, 3)}")
         for key, short in (
             ("train_accuracy", "acc"),
             ("dev_accuracy", "dev"),
@@ -106,7 +107,7 @@ class Progress:
         ):
             v = row.get(key)
             if isinstance(v, float):
-                bits.append(f"{short}={v:.4f}")
+                bits.append(f"{short}={format_number(v, 4)}")
         self.bar.set_postfix_str(" ".join(bits), refresh=False)
         self.bar.update(max(0, k - self.bar.n))  # redraws no more often than mininterval
 

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from secondorder._format import format_number
+
 __all__ = ["final_metrics", "one_line", "result_summary", "row_from_info", "theta_from_info"]
 
 
@@ -105,12 +107,13 @@ def one_line(name: str, cell_id: str, s: dict[str, Any]) -> str:
     """The line a finished solver logs: status, iterations, f, final metrics, seconds."""
     final = s.get("final", {})
     bits = [f"{name}: {s.get('status', '?')} after {s.get('nit', 0)} it."]
-    if "f" in s:
-        bits.append(f"f={s['f']:.6g}")
+    f = final.get("f", s.get("f"))  # the last recorded iteration's f, as the report shows
+    if f is not None:
+        bits.append(f"f={format_number(f, 6)}")
     for key in ("train_loss", "train_accuracy", "dev_accuracy", "test_accuracy"):
         if key in final:
-            bits.append(f"{key}={final[key]:.4f}")
+            bits.append(f"{key}={format_number(final[key], 4)}")
     if "solver_time" in s:
-        bits.append(f"{s['solver_time']:.1f}s")
+        bits.append(f"{format_number(s['solver_time'], 3)}s")
     prefix = "" if cell_id == "main" else f"[{cell_id}] "
     return prefix + ", ".join(bits)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from secondorder._format import format_spec_value
 from secondorder._validation import closest
 from secondorder.errors import InvalidValueError
 
@@ -169,7 +170,7 @@ def check_value(value: Any, f: F, where: str, errors: list[str]) -> Any:
                 v < f.minimum or (f.exclusive_min and v == f.minimum)
             ):
                 op = ">" if f.exclusive_min else ">="
-                errors.append(f"{where}: must be {op} {f.minimum:g}, got {v!r}")
+                errors.append(f"{where}: must be {op} {format_spec_value(f.minimum)}, got {v!r}")
     return value
 
 

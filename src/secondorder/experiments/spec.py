@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from secondorder._format import format_spec_value
 from secondorder.data import DataError, fashion_mnist
 from secondorder.experiments.bundled import bundled_specs, load_raw, resolve_spec_path
 from secondorder.experiments.overrides import (
@@ -265,7 +266,7 @@ def _short(v: Any) -> str:
     if isinstance(v, list):
         return "-".join(_short(x) for x in v)
     if isinstance(v, float):
-        return f"{v:g}"
+        return format_spec_value(v)
     return str(v)
 
 

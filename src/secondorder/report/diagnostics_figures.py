@@ -19,7 +19,24 @@ if TYPE_CHECKING:  # annotations only: the core never needs this module to run
     from secondorder.curvature import SaddleReport
     from secondorder.diagnostics import TaylorTest
 
-__all__ = ["plot_gradient_test", "plot_saddle_report"]
+from secondorder._format import format_number
+
+__all__ = ["plot_gradient_test", "plot_saddle_report", "slq_window"]
+
+
+def slq_window(
+    grid: np.ndarray, density: np.ndarray, lam_min: float, lam_max: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The part of an SLQ density worth drawing: the grid within [λ_min − σ, λ_max + σ] (the
+    Gaussian smoothing of width σ spreads mass past the extreme eigenvalues, which is not
+    spectrum), with values below 10⁻¹⁰ of the peak set to NaN (not drawn) rather than floored
+    into a flat line on the log axis."""
+    grid, density = np.asarray(grid, dtype=float), np.asarray(density, dtype=float)
+    keep = (grid >= lam_min - sigma) & (grid <= lam_max + sigma)
+    g, d = grid[keep], density[keep].copy()
+    if d.size:
+        d[d < float(np.max(d)) * 1e-10] = np.nan
+    return g, d
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -35,7 +52,7 @@ def plot_gradient_test(result: TaylorTest, path: str) -> str:
     ax = fig.add_subplot(1, 1, 1)
     eps = np.asarray(result.eps)
     err = np.maximum(np.asarray(result.errors), np.finfo(float).tiny)
-    ax.loglog(eps, err, "o-", label=f"measured (order {result.order:.2f})")
+    ax.loglog(eps, err, "o-", label=f"measured (order {format_number(result.order, 3)})")
     used = np.asarray(result.used, dtype=bool)
     if used.any():
         e0, r0 = eps[used][0], err[used][0]
@@ -43,7 +60,7 @@ def plot_gradient_test(result: TaylorTest, path: str) -> str:
             eps,
             r0 * (eps / e0) ** result.expected_order,
             "--",
-            label=f"slope {result.expected_order:g}",
+            label=f"slope {format_number(result.expected_order, 2)}",
         )
     ax.set_xlabel("ε (step along the random direction)")
     ax.set_ylabel("Taylor remainder |error|")
@@ -70,17 +87,32 @@ def plot_saddle_report(
         kind = "eigenvalue histogram"
     else:
         sd = report.spectral_density(n_probes=n_probes)
-        floor = max(float(sd.density.max()) * 1e-10, 1e-300)
-        ax.plot(sd.grid, np.maximum(sd.density, floor), color="tab:blue")
+        grid, density = slq_window(
+            sd.grid, sd.density, report.lambda_min, report.lambda_max, sd.sigma
+        )
+        ax.plot(
+            grid,
+            density,
+            color="tab:blue",
+            label=f"Gaussian smoothing σ = {format_number(sd.sigma, 3)}",
+        )
         ax.set_yscale("log")
         ax.set_ylabel("spectral density")
+        ax.text(
+            0.01,
+            0.02,
+            "drawn on [λ_min − σ, λ_max + σ]; values below 1e-10 × peak left out (no floor)",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="0.35",
+        )
         kind = "SLQ spectral density"
     ax.axvline(
         report.lambda_min,
         color="tab:red",
         ls="--",
         lw=1,
-        label=f"λ_min = {report.lambda_min:.3g}",
+        label=f"λ_min = {format_number(report.lambda_min, 3)}",
     )
     ax.axvline(0.0, color="0.5", lw=0.8)
     ax.set_xlabel("eigenvalue of the Hessian")

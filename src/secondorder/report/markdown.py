@@ -1,5 +1,5 @@
 """``report.md``: a run's spec and environment, a results table per cell, figures, sweeps,
-means over seeds, and the seed study's published numbers beside ours
+means over seeds, and the study's published numbers beside ours
 (:mod:`secondorder.report.paper`).
 
 Everything comes from a :class:`~secondorder.report.rundata.RunData` (read from a run
@@ -8,6 +8,7 @@ directory).
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,29 @@ from typing import Any
 from secondorder.experiments.io import atomic_write_text
 from secondorder.report import figures as figs
 from secondorder.report import paper
-from secondorder.report.measures import first_k, group_label, last_k, s_per_iter, solver_time
+from secondorder.report.cell_figures import cell_figures, cell_title
+from secondorder.report.measures import (
+    f_star,
+    first_k,
+    group_label,
+    last_k,
+    s_per_iter,
+    solver_time,
+)
 from secondorder.report.rundata import (
     CellRun,
     RunData,
     convergence_iteration,
     final_value,
 )
-from secondorder.report.text import drop_empty_columns, md_table, show, value_label
+from secondorder.report.text import (
+    drop_empty_columns,
+    format_number,
+    format_pm,
+    md_table,
+    show,
+    value_label,
+)
 
 __all__ = ["render_comparison", "render_report", "run_sections"]
 
@@ -33,33 +49,27 @@ def _epsilon(run: RunData, epsilon: float | None) -> float:
     return float((run.spec.get("report") or {}).get("epsilon", 1e-6))
 
 
-def _f_star(cell: CellRun) -> float | None:
-    rep = cell.spec.get("report") or {}
-    if "f_star" in rep:
-        return float(rep["f_star"])
-    data = cell.spec.get("data") or {}
-    if data.get("kind") == "rosenbrock":
-        return 0.0
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # Results of a cell
 # ----------------------------------------------------------------------------------------------
+def _sampled(cell: CellRun) -> bool:
+    return (cell.spec.get("sampler") or {}).get("kind", "full") != "full"
+
+
 def results_table(cell: CellRun, epsilon: float) -> str:
-    f_star = _f_star(cell)
+    fs = f_star(cell)
     header = [
         "Solver",
         "method",
         "status",
         "it.",
-        "f (objective)",
+        "f (sampled objective, last row)" if _sampled(cell) else "f (objective)",
         "train loss",
         "train acc",
         "dev acc",
         "test acc",
         "‖∇f‖∞",
-        f"k_ε (ε={epsilon:g})",
+        f"k_ε (ε={value_label(epsilon)})",
         "k: f−f* ≤ 1e-8",
         "solver s",
         "s / it.",
@@ -71,7 +81,7 @@ def results_table(cell: CellRun, epsilon: float) -> str:
     for s in cell.solvers:
         sm = s.summary
         key = "train_loss" if any("train_loss" in r for r in s.rows) else "f"
-        k8 = first_k(s, key, lambda v: v - f_star <= 1e-8) if f_star is not None else None
+        k8 = first_k(s, key, lambda v: v - fs <= 1e-8) if fs is not None else None
         rows.append(
             [
                 s.name,
@@ -85,8 +95,8 @@ def results_table(cell: CellRun, epsilon: float) -> str:
                 show(final_value(s.rows, "test_accuracy")),
                 show(final_value(s.rows, "grad_norm"), 3),
                 show(convergence_iteration(s.rows, epsilon)),
-                show(k8) if f_star is not None else "—",
-                show(solver_time(s), 2),
+                show(k8) if fs is not None else "—",
+                show(solver_time(s), 3),
                 show(s_per_iter(s), 3),
                 show(sm.get("nfev")),
                 show(sm.get("ngev")),
@@ -103,68 +113,31 @@ def _messages(cell: CellRun) -> str:
         msg = s.summary.get("message")
         if msg:
             lines.append(f"- **{s.name}**: {msg}")
+        note = _final_f_note(s)
+        if note:
+            lines.append(f"- **{s.name}**: {note}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def _series(cell: CellRun, prefix: str = "") -> list[figs.Series]:
-    return [(prefix + s.name, s, figs.colour(s.index)) for s in cell.solvers if s.rows]
-
-
-def _objective_differs(series: list[figs.Series]) -> bool:
-    """Whether the sampled objective f differs from the full training loss anywhere."""
-    for _, s, _ in series:
-        for r in s.rows:
-            f, t = r.get("f"), r.get("train_loss")
-            if isinstance(f, float) and isinstance(t, float) and abs(f - t) > 1e-6 * max(1, abs(t)):
-                return True
-    return False
-
-
-def _rosenbrock_fn(cell: CellRun):
-    data = cell.spec.get("data") or {}
-    if data.get("kind") != "rosenbrock" or len(data.get("x0", [])) != 2:
-        return None
-    a, b = float(data.get("a", 1.0)), float(data.get("b", 100.0))
-    return (lambda X, Y: (a - X) ** 2 + b * (Y - X**2) ** 2), [a, a * a]
-
-
-def cell_figures(
-    cell: CellRun, figdir: Path, fmt: str, title: str, log_y: bool = True
-) -> list[tuple[str, str, Path]]:
-    """Draw a cell's figures; return (kind, caption, path) triples, kind being ``"loss"``,
-    ``"accuracy"`` or ``"paths"``."""
-    out = []
-    series = _series(cell)
-    if not series:
-        return out
-    stem = "" if cell.id == "main" else f"{cell.id}-"
-    f_star = _f_star(cell)
-    sampled = (cell.spec.get("sampler") or {}).get("kind", "full") != "full"
-    p = figs.loss_figure(
-        series,
-        figdir / f"{stem}loss.{fmt}",
-        title=title,
-        f_star=f_star,
-        log_y=log_y,
-        show_objective=sampled and _objective_differs(series),
-    )
-    what = "f − f*" if f_star is not None else "full training loss"
-    out.append(("loss", f"{what} against iteration and solver time; ‖∇f‖∞ against iteration", p))
-    if any(
-        any(k in r for k in ("train_accuracy", "test_accuracy"))
-        for _, s, _ in series
-        for r in s.rows
-    ):
-        p = figs.accuracy_figure(series, figdir / f"{stem}accuracy.{fmt}", title=title)
-        out.append(("accuracy", "accuracy (eq. 30) against iteration", p))
-    ros = _rosenbrock_fn(cell)
-    if ros is not None:
-        fn, minimum = ros
-        p = figs.paths_figure(
-            series, figdir / f"{stem}paths.{fmt}", fn, title=title or "paths", minimum=minimum
+def _final_f_note(s) -> str:
+    """Say why the solver's own final f differs from the last row's, when it does: a solver
+    that stops at the start of an iteration whose batch changed has evaluated the same iterate
+    on the new batch; the tables and the run log show the last row's value."""
+    f_end, f_row = s.summary.get("f"), final_value(s.rows, "f")
+    if not isinstance(f_end, float) or f_row is None or f_end == f_row:
+        return ""
+    if not math.isfinite(f_end) or abs(f_end - f_row) <= 1e-12 * max(1.0, abs(f_row)):
+        return ""
+    if not s.summary.get("objective_changes"):
+        return (
+            f"its final f = {format_number(f_end, 6)}; its last recorded iteration has "
+            f"f = {format_number(f_row, 6)}, the value the tables show."
         )
-        out.append(("paths", "iterates in the (x, y) plane over log-spaced contours", p))
-    return out
+    return (
+        f"its final f = {format_number(f_end, 6)} is the last iterate's objective on the batch "
+        f"drawn for the iteration it did not take; the tables show f of its last recorded "
+        f"iteration, {format_number(f_row, 6)} (the same iterate on the batch it stepped on)."
+    )
 
 
 def _sweep_section(run: RunData, figdir: Path, fmt: str, rel: str) -> str:
@@ -228,7 +201,7 @@ def _seed_means(run: RunData) -> str:
                 elif len(vals) == 1:
                     r.append(show(vals[0]))
                 else:
-                    r.append(f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+                    r.append(format_pm(statistics.fmean(vals), statistics.stdev(vals)))
             rows.append(r)
     return f"## Mean ± standard deviation over seeds {seeds}\n\n" + md_table(header, rows)
 
@@ -252,7 +225,7 @@ def _environment_line(env: dict[str, Any]) -> str:
     if env.get("started"):
         bits.append(f"started {env['started']}")
     if env.get("load_average"):
-        bits.append(f"load average at the start {env['load_average'][0]:g}")
+        bits.append(f"load average at the start {format_number(env['load_average'][0], 2)}")
     return "Environment: " + ", ".join(bits) + ".\n"
 
 
@@ -272,7 +245,8 @@ def _spec_line(spec: dict[str, Any]) -> str:
         conv = spec.get("l2_convention", "plain")
         m = spec.get("l2_m")
         bits.append(
-            f"λ = {spec['l2']:g} ({conv}{f', m = {m}' if m and conv == 'per-sample' else ''})"
+            f"λ = {value_label(spec['l2'])} "
+            f"({conv}{f', m = {m}' if m and conv == 'per-sample' else ''})"
         )
     sampler = spec.get("sampler") or {}
     if sampler:
@@ -301,6 +275,10 @@ def run_sections(
     out = [f"{h} {rep.get('title') or run.name}\n"]
     if run.spec.get("description"):
         out.append(f"{run.spec['description']}\n")
+    summary = paper.summary_section(run, eps, h)
+    if summary:
+        out.append(summary)
+        out.append(f"{h}# The run\n")
     out.append(
         f"Run directory `{run.dir}` (spec `{run.source or run.name}`), status **{run.status}**.\n"
     )
@@ -308,8 +286,6 @@ def run_sections(
     if environment:
         out.append(_environment_line(run.environment))
     claim = paper.headline(run)
-    if claim:
-        out.append(f"> The seed's claim: {claim.claim}\n")
     figdir.mkdir(parents=True, exist_ok=True)
     drawn: list[tuple[CellRun, str, Path]] = []
     for cell in run.cells:
@@ -321,7 +297,7 @@ def run_sections(
         msgs = _messages(cell)
         if msgs:
             out.append("<details><summary>solver messages</summary>\n\n" + msgs + "\n</details>\n")
-        title = f"{run.name}" + ("" if cell.id == "main" else f" — {cell.label}")
+        title = cell_title(run.name, cell)
         for kind, caption, p in cell_figures(cell, figdir, fmt, title, log_y):
             out.append(f"![{caption}]({rel}{p.name})\n")
             drawn.append((cell, kind, p))
@@ -348,6 +324,7 @@ def render_report(
         if run.spec.get("description"):
             body.append(f"{run.spec['description']}\n")
         body.append(_environment_line(run.environment))
+        body.append(paper.suite_summary(run, epsilon))
         body.append("Contents: " + ", ".join(f"[{n}](#{n})" for n, _ in run.parts) + "\n")
         for name, part in run.parts:
             body.append(f'<a id="{name}"></a>\n')
@@ -386,7 +363,8 @@ def render_comparison(
     target = Path(target)
     figdir = target / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    eps = float(epsilon) if epsilon is not None else 1e-6
+    # each run's k_ε with its own report.epsilon unless the caller sets one for all
+    eps_of = {id(r): _epsilon(r, epsilon) for _, r in flat}
     header = [
         "Run",
         "Cell",
@@ -397,7 +375,8 @@ def render_comparison(
         "train acc",
         "dev acc",
         "test acc",
-        f"k_ε (ε={eps:g})",
+        "ε",
+        "k_ε",
         "solver s",
         "s / it.",
     ]
@@ -418,8 +397,9 @@ def render_comparison(
                         show(final_value(s.rows, "train_accuracy")),
                         show(final_value(s.rows, "dev_accuracy")),
                         show(final_value(s.rows, "test_accuracy")),
-                        show(convergence_iteration(s.rows, eps)),
-                        show(solver_time(s), 2),
+                        value_label(eps_of[id(run)]),
+                        show(convergence_iteration(s.rows, eps_of[id(run)])),
+                        show(solver_time(s), 3),
                         show(s_per_iter(s), 3),
                     ]
                 )

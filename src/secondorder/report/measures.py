@@ -11,6 +11,7 @@ from secondorder.report.text import value_label
 
 __all__ = [
     "DEPTH_KEYS",
+    "f_star",
     "first_k",
     "group_key",
     "group_label",
@@ -46,6 +47,18 @@ def time_at(s: SolverRun, k: int) -> float | None:
 def s_per_iter(s: SolverRun) -> float | None:
     t, k = solver_time(s), last_k(s)
     return t / k if t is not None and k > 0 else None
+
+
+def f_star(cell: CellRun) -> float | None:
+    """The optimal value f* a cell's f − f* is measured from: the spec's ``report.f_star``,
+    0 for the Rosenbrock function, else None."""
+    rep = cell.spec.get("report") or {}
+    if "f_star" in rep:
+        return float(rep["f_star"])
+    data = cell.spec.get("data") or {}
+    if data.get("kind") == "rosenbrock":
+        return 0.0
+    return None
 
 
 def first_k(s: SolverRun, key: str, holds: Callable[[float], bool]) -> int | None:

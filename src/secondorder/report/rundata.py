@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from secondorder.experiments import rundir
+from secondorder.experiments.checkpoint import Checkpoint
 from secondorder.experiments.rundir import TIME_COLUMNS
 from secondorder.report.text import value_label
 
@@ -20,6 +21,7 @@ __all__ = [
     "RunData",
     "SolverRun",
     "convergence_iteration",
+    "final_theta",
     "final_value",
     "load_run",
 ]
@@ -214,3 +216,11 @@ def final_value(rows: list[dict[str, Any]], key: str) -> float | None:
         if _num(v):
             return float(v)
     return None
+
+
+def final_theta(cell: CellRun, s: SolverRun) -> list[float] | None:
+    """The solver's last iterate θ, read from its checkpoint (None when there is none)."""
+    ckpt = Checkpoint.load(rundir.checkpoint_path(cell.dir, s.slug))
+    if ckpt is None or ckpt.theta is None:
+        return None
+    return [float(v) for v in ckpt.theta.reshape(-1)]

@@ -1,30 +1,41 @@
-"""Text of a report: one formatter for every value shown, and Markdown tables."""
+"""Text of a report: one formatter for every value shown, and Markdown tables.
+
+Numbers go through :func:`secondorder._format.format_number` (``digits`` significant digits,
+scientific below 10⁻³ and from 10⁶, ``inf`` / ``nan`` as such), the formatter the run log and
+the solvers' messages use too, so a value reads the same wherever it is printed.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["drop_empty_columns", "md_table", "show", "value_label"]
+from secondorder._format import format_number, format_pm, format_spec_value
+
+__all__ = [
+    "drop_empty_columns",
+    "format_number",
+    "format_pm",
+    "md_table",
+    "published",
+    "show",
+    "value_label",
+]
 
 
 def show(v: Any, digits: int = 4) -> str:
-    """A table cell: None as "—", floats with ``digits`` decimals (scientific when tiny or
-    huge), booleans as yes / no; ``|`` escaped."""
+    """A table cell: None as "—", numbers with ``digits`` significant digits (scientific
+    when tiny or huge), booleans as yes / no; ``|`` escaped."""
     if v is None:
         return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v != 0 and (abs(v) < 10 ** (-digits) or abs(v) >= 1e6):
-            return f"{v:.{max(1, digits - 1)}e}"
-        return f"{v:.{digits}f}"
+    if isinstance(v, (bool, int, float)):
+        return format_number(v, digits)
     return str(v).replace("|", "\\|")
+
+
+def published(v: float | int | None) -> str:
+    """A published number as the study prints it (``0.83``, ``411.9``), "—" when absent."""
+    return "—" if v is None else format_spec_value(v)
 
 
 def value_label(v: Any) -> str:
@@ -32,7 +43,7 @@ def value_label(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(value_label(x) for x in v) + "]"
     if isinstance(v, float):
-        return f"{v:g}"
+        return format_spec_value(v)
     return str(v)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
 from secondorder.linalg import dot64, norm64
 from secondorder.solvers.protocol import Direction, Iterate
 from secondorder.solvers.quasinewton import BFGS, LBFGS, two_loop
@@ -93,7 +94,9 @@ class Newton(Direction):
         evals, evecs = torch.linalg.eigh(H)
         lam_min = float(evals[0])
         if lam_min < 0:
-            it.negative_curvature = f"the Hessian is indefinite (smallest eigenvalue {lam_min:.3g})"
+            it.negative_curvature = (
+                f"the Hessian is indefinite (smallest eigenvalue {format_number(lam_min, 3)})"
+            )
         it.info["lambda_min"] = lam_min
         eps = torch.finfo(H.dtype).eps
         scale = max(1.0, float(evals.abs().max()))
@@ -209,7 +212,7 @@ def negative_curvature_note(res: CGResult, curvature: str) -> str:
     kind = "Hessian" if curvature == "hessian" else "Gauss-Newton matrix"
     return (
         f"negative curvature of the {kind} met in CG step {res.iterations + 1} "
-        f"(pᵀBp/pᵀp = {res.curvature:.3g})"
+        f"(pᵀBp/pᵀp = {format_number(res.curvature, 3)})"
     )
 
 

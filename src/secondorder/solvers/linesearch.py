@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
 from secondorder.linalg import dot64
 from secondorder.objective import FunctionObjective, Objective
 from secondorder.solvers.line import (
@@ -59,7 +60,7 @@ def _fixed(phi: LineFunction, alpha: float, max_ls: int, shrink: float = 0.5) ->
                 if phi.nonfinite == 0
                 else (
                     f"non-finite value met at trial step; backtracked {phi.nonfinite} time(s) to "
-                    f"α = {alpha:.3g}"
+                    f"α = {format_number(alpha, 3)}"
                 )
             )
             return phi.result(alpha, success=True, wolfe=False, message=msg)
@@ -298,7 +299,9 @@ def _prepare(fun, theta: Tensor, d: Tensor, f0, g0):
         f0, g0 = evaluate(theta)
     dphi0 = dot64(g0, d)
     if not dphi0 < 0:
-        raise ValueError(f"the direction is not a descent direction: ∇fᵀd = {dphi0:.3g} ≥ 0")
+        raise ValueError(
+            f"the direction is not a descent direction: ∇fᵀd = {format_number(dphi0, 3)} ≥ 0"
+        )
     return evaluate, float(f0), g0, dphi0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number, format_spec_value
 from secondorder.errors import ModeNote
 from secondorder.objective import Objective
 from secondorder.solvers.linesearch import evaluator
@@ -138,8 +139,9 @@ class _Loop:
         v = self.cfg["verbose"]
         if v and (v is True or row["k"] % int(v) == 0):
             print(
-                f"[{self.entry.name}] k={row['k']:5d}  f={row['f']:.10g}  "
-                f"|g|={row['grad_norm']:.3e}  step={row['step']:.3g}  nfev={row['nfev']}"
+                f"[{self.entry.name}] k={row['k']:5d}  f={format_number(row['f'], 10)}  "
+                f"|g|={format_number(row['grad_norm'], 4)}  "
+                f"step={format_number(row['step'], 3)}  nfev={row['nfev']}"
             )
         return stop_now
 
@@ -226,7 +228,8 @@ def _start(loop: _Loop, state: dict | None) -> None:
     if loop.status is None and loop.stop.converged(_gnorm(loop.g)):
         loop.end(
             "gtol",
-            f"gradient norm ‖g‖∞ = {_gnorm(loop.g):.3g} ≤ gtol = {loop.stop.gtol:.3g} at the start",
+            f"gradient norm ‖g‖∞ = {format_number(_gnorm(loop.g), 3)} ≤ "
+            f"gtol = {format_spec_value(loop.stop.gtol)} at the start",
         )
 
 
@@ -336,13 +339,16 @@ def _check_saddle(loop: _Loop) -> None:
     lam, _ = found
     loop.end(
         "saddle",
-        f"the gradient vanished (‖g‖∞ = {_gnorm(loop.g):.3g}) but the Hessian has a negative "
-        f"eigenvalue ≈ {lam:.3g}: θ is a saddle point or a maximum, not a minimum",
+        f"the gradient vanished (‖g‖∞ = {format_number(_gnorm(loop.g), 3)}) but the Hessian "
+        "has a negative "
+        f"eigenvalue ≈ {format_number(lam, 3)}: θ is a saddle point or a maximum, not a minimum",
     )
     if not loop.neg_iters or loop.neg_iters[-1] != loop.k:
         loop.neg_iters.append(loop.k)
     if loop.neg_first is None:
-        loop.neg_first = f"at iteration {loop.k} (Hessian eigenvalue {lam:.3g} at the final point)"
+        loop.neg_first = (
+            f"at iteration {loop.k} (Hessian eigenvalue {format_number(lam, 3)} at the final point)"
+        )
 
 
 def _message(loop: _Loop) -> str:

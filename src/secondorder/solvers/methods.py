@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
 from secondorder.linalg import dot64
 from secondorder.solvers.directions import NonlinearCG
 from secondorder.solvers.line import LineSearchResult
@@ -90,7 +91,9 @@ class LineSearchMethod:
         if not momentum_step and not (math.isfinite(dphi0) and dphi0 < 0):
             if self._broken_by_change():
                 return self._changed_failure(
-                    it, f"the search direction is not a descent direction, ∇fᵀd = {dphi0:.3g}"
+                    it,
+                    "the search direction is not a descent direction, "
+                    f"∇fᵀd = {format_number(dphi0, 3)}",
                 )
             if self.has_memory or dr.restart_on_non_descent:
                 self._reset()
@@ -99,7 +102,9 @@ class LineSearchMethod:
                 restarted = True
             if not (math.isfinite(dphi0) and dphi0 < 0):
                 return Outcome.stop(
-                    it, "stalled", f"no descent direction at iteration {it.k}: ∇fᵀd = {dphi0:.3g}"
+                    it,
+                    "stalled",
+                    f"no descent direction at iteration {it.k}: ∇fᵀd = {format_number(dphi0, 3)}",
                 )
         alpha0 = dr.initial_step(it, d, dphi0)
         ls = self.rule.search(evaluate, it.theta, d, it.f, it.g, dphi0, alpha0, budget)
@@ -141,7 +146,8 @@ class LineSearchMethod:
         if ls.success:
             status = "stalled"
             msg = (
-                f"no progress at iteration {it.k}: the accepted step α = {ls.alpha:.3g} no "
+                f"no progress at iteration {it.k}: the accepted step "
+                f"α = {format_number(ls.alpha, 3)} no "
                 f"longer changes θ in {it.theta.dtype}"
             )
         elif nonfinite and nonfinite == ls.nfev:

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number, format_spec_value
+
 __all__ = [
     "STATUSES",
     "Result",
@@ -156,7 +158,8 @@ class Result:
         flag = " negative_curvature=True" if self.negative_curvature else ""
         return (
             f"Result(method={self.method!r}, status={self.status!r}, success={self.success}, "
-            f"f={self.f:.6g}, grad_norm={self.grad_norm:.3g}, nit={self.nit}, nfev={self.nfev}, "
+            f"f={format_number(self.f, 6)}, grad_norm={format_number(self.grad_norm, 3)}, "
+            f"nit={self.nit}, nfev={self.nfev}, "
             f"ngev={self.ngev}, nhev={self.nhev}{flag},\n  message={self.message!r})"
         )
 
@@ -193,7 +196,11 @@ class StopRules:
         """(status, message) when a rule fires, else None. ``iterations`` and ``evals``
         count this call only."""
         if self.converged(grad_norm):
-            return "gtol", f"gradient norm ‖g‖∞ = {grad_norm:.3g} ≤ gtol = {self.gtol:.3g}"
+            return (
+                "gtol",
+                f"gradient norm ‖g‖∞ = {format_number(grad_norm, 3)} ≤ "
+                f"gtol = {format_spec_value(self.gtol)}",
+            )
         if (
             self.ftol is not None
             and moved
@@ -203,7 +210,8 @@ class StopRules:
         ):
             return (
                 "ftol",
-                f"change in f |f_k − f_(k−1)| = {abs(f - f_prev):.3g} ≤ ftol = {self.ftol:.3g}"
+                f"change in f |f_k − f_(k−1)| = {format_number(abs(f - f_prev), 3)} ≤ "
+                f"ftol = {format_spec_value(self.ftol)}"
                 " (eq. 29)",
             )
         if self.max_evals is not None and evals >= self.max_evals:
@@ -211,7 +219,7 @@ class StopRules:
         if self.max_iter is not None and iterations >= self.max_iter:
             return "max_iter", f"maximum number of iterations ({self.max_iter}) reached"
         if self.max_time is not None and self.elapsed() >= self.max_time:
-            return "max_time", f"time limit of {self.max_time:g} s reached"
+            return "max_time", f"time limit of {format_spec_value(self.max_time)} s reached"
         return None
 
     def elapsed(self) -> float:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from secondorder._format import format_number
 from secondorder.lanczos import Lanczos
 from secondorder.linalg import dot64, norm64
 from secondorder.solvers.protocol import Iterate, Outcome
@@ -196,7 +197,8 @@ class TrustNCG(_TrustBase):
         if res.negative_curvature:
             it.negative_curvature = (
                 f"negative curvature met in CG step {res.iterations} "
-                f"(dᵀBd/dᵀd = {res.curvature:.3g}); stepped to the trust-region boundary"
+                f"(dᵀBd/dᵀd = {format_number(res.curvature, 3)}); stepped to the trust-region "
+                "boundary"
             )
         p = B.vec(res.p)
         x, f_new, g_new = self.trial(it, p, evaluate)
@@ -220,7 +222,8 @@ class TrustNCG(_TrustBase):
             return _rejected(
                 it,
                 note,
-                f"trust region radius shrank to {self.radius:.3g}: no step lowers f at "
+                f"trust region radius shrank to {format_number(self.radius, 3)}: no step lowers "
+                "f at "
                 "this precision",
             )
         return _rejected(it, note)
@@ -347,7 +350,8 @@ class ARC(_TrustBase):
         it.info["sigma"] = self.sigma
         if lam_min < 0:
             it.negative_curvature = (
-                f"negative curvature in the Krylov space (smallest Ritz value {lam_min:.3g})"
+                "negative curvature in the Krylov space "
+                f"(smallest Ritz value {format_number(lam_min, 3)})"
             )
         p = B.vec(p_hat)
         x, f_new, g_new = self.trial(it, p, evaluate)
@@ -364,7 +368,8 @@ class ARC(_TrustBase):
             return _rejected(
                 it,
                 note,
-                f"cubic regularisation σ grew to {self.sigma:.3g}: no step lowers f at "
+                f"cubic regularisation σ grew to {format_number(self.sigma, 3)}: no step lowers "
+                "f at "
                 "this precision",
             )
         return _rejected(it, note)

@@ -1,4 +1,4 @@
-"""The seed study in the report: its published numbers (:mod:`.published`) and how they are set
+"""The study in the report: its published numbers (:mod:`.published`) and how they are set
 beside ours (:mod:`.beside`)."""
 
 from secondorder.report.paper.beside import (
@@ -7,13 +7,17 @@ from secondorder.report.paper.beside import (
     paper_sections,
     paper_tables,
     seed_figures,
+    suite_summary,
+    summary_section,
 )
 from secondorder.report.paper.published import (
     FIGURES,
     HEADLINES,
+    STUDY,
     TABLES,
     Column,
     Headline,
+    Note,
     PaperFigure,
     PaperTable,
     paper_row_key,
@@ -23,9 +27,11 @@ from secondorder.report.paper.published import (
 __all__ = [
     "FIGURES",
     "HEADLINES",
+    "STUDY",
     "TABLES",
     "Column",
     "Headline",
+    "Note",
     "PaperFigure",
     "PaperTable",
     "headline",
@@ -34,5 +40,7 @@ __all__ = [
     "paper_sections",
     "paper_tables",
     "seed_figures",
+    "suite_summary",
+    "summary_section",
     "table",
 ]

@@ -1,4 +1,5 @@
-"""The seed's published numbers beside ours: the tables, the figures and the headline claim.
+"""The study's published numbers beside ours: the verdicts on its claims, the tables, the
+figures and the headline claim.
 
 For a spec that names published tables (``report.paper = ["table1", ...]``), every published
 cell is listed with our value and the absolute difference, grouped by the swept settings other
@@ -26,12 +27,15 @@ from secondorder.report.measures import (
 from secondorder.report.paper.published import (
     FIGURES,
     HEADLINES,
+    STUDY,
     TABLES,
     Column,
     Headline,
+    Note,
     PaperTable,
     paper_row_key,
 )
+from secondorder.report.paper.verdicts import value_at, verdicts
 from secondorder.report.rundata import (
     CellRun,
     RunData,
@@ -39,9 +43,17 @@ from secondorder.report.rundata import (
     convergence_iteration,
     final_value,
 )
-from secondorder.report.text import md_table, show
+from secondorder.report.text import format_number, md_table, published, show, value_label
 
-__all__ = ["headline", "ours", "paper_sections", "paper_tables", "seed_figures"]
+__all__ = [
+    "headline",
+    "ours",
+    "paper_sections",
+    "paper_tables",
+    "seed_figures",
+    "suite_summary",
+    "summary_section",
+]
 
 #: |Δ| per table id and group label: (depth "1L" / "2L" or "", |Δ|; NaN for iteration counts)
 Diffs = dict[str, dict[str, list[tuple[str, float]]]]
@@ -49,13 +61,16 @@ Entry = tuple[CellRun, SolverRun, str]
 
 
 def headline(run: RunData) -> Headline | None:
-    """The seed's claim a bundled ``paper/...`` spec checks, if any."""
+    """The study's claim a bundled ``paper/...`` spec checks, if any."""
     short = run.source.split("/", 1)[-1] if run.source.startswith("paper/") else run.name
     return HEADLINES.get(short)
 
 
-def ours(s: SolverRun, col: Column, epsilon: float) -> tuple[float | int | None, str]:
-    """(our value, a footnote mark) for a published column (see ``Column.ours``)."""
+def ours(
+    s: SolverRun, col: Column, epsilon: float, at: int | None = None
+) -> tuple[float | int | None, str]:
+    """(our value, a footnote mark) for a published column (see ``Column.ours``); a final
+    value is read at iteration ``at`` (the last recorded one at or before it) when given."""
     if col.ours == "k_eps":
         return convergence_iteration(s.rows, epsilon), ""
     if col.ours == "runtime_50":
@@ -66,6 +81,8 @@ def ours(s: SolverRun, col: Column, epsilon: float) -> tuple[float | int | None,
         return (None, "") if spi is None else (50 * spi, "†")
     if col.ours == "s_per_iter":
         return s_per_iter(s), ""
+    if at is not None:
+        return value_at(s, col.ours, at)[0], ""
     return final_value(s.rows, col.ours), ""
 
 
@@ -89,25 +106,31 @@ def _groups(run: RunData, tab: PaperTable) -> tuple[dict[tuple, list[Entry]], di
     return groups, labels
 
 
-def _header(tab: PaperTable) -> list[str]:
-    header = ["Seed row", "Ours"]
+def _header(tab: PaperTable, ours_at: list[int]) -> list[str]:
+    """The columns; where the study's values are after ``tab.iterations`` and ours after
+    another count, both counts are in the header."""
+    study, mine = "study", "ours"
+    if tab.iterations is not None and ours_at and ours_at != [tab.iterations]:
+        study = f"study (it. {tab.iterations})"
+        mine = f"ours (it. {', '.join(map(str, ours_at))})"
+    header = ["Study row", "Ours"]
     for col in tab.columns:
-        header += [f"{col.label}: seed", "ours", "abs diff"]
+        header += [f"{col.label}: {study}", mine, "abs diff"]
         if col.error_column:
             header.append("our test error")
     return header
 
 
 def _our_row(tab, cell, s, key, epsilon, marks, diffs: list[tuple[str, float]]) -> list[str]:
-    """Seed row, our solver, and per column: the seed's value, ours, |Δ| (and our error)."""
+    """Study row, our solver, and per column: the study's value, ours, |Δ| (and our error)."""
     name = s.name + (f" (seed {cell.seed})" if cell.seed else "")
     r: list[str] = [key, name]
     for col in tab.columns:
         seed_v = tab.rows[key].get(col.key)
-        v, mark = ours(s, col, epsilon)
+        v, mark = ours(s, col, epsilon, tab.iterations)
         if mark:
             marks.add(mark)
-        r.append(show(seed_v, col.digits) if seed_v is not None else "—")
+        r.append(published(seed_v))
         r.append(show(v, col.digits) + mark if v is not None else _not_reached(col, s))
         if v is not None and seed_v is not None:
             d = abs(float(v) - float(seed_v))
@@ -130,7 +153,7 @@ def _not_run_rows(tab: PaperTable, entries: list[Entry], covered: set[str]) -> l
             continue
         r = [key, "_(not run)_"]
         for col in tab.columns:
-            r += [show(vals.get(col.key), col.digits), "—", "—"]
+            r += [published(vals.get(col.key)), "—", "—"]
             if col.error_column:
                 r.append("—")
         rows.append(r)
@@ -144,12 +167,12 @@ def _group_section(run, tab, entries, epsilon, diffs) -> list[str]:
         covered.add(key)
         rows.append(_our_row(tab, cell, s, key, epsilon, marks, diffs))
     rows += _not_run_rows(tab, entries, covered)
-    out = [md_table(_header(tab), rows)]
-    its = sorted({last_k(s) for _, s, _ in entries})
+    its = sorted({min(last_k(s), tab.iterations or last_k(s)) for _, s, _ in entries})
+    out = [md_table(_header(tab, its), rows)]
     if tab.iterations is not None and its and its != [tab.iterations]:
         out.append(
-            f"_Our runs stopped after {', '.join(map(str, its))} iterations; the seed's "
-            f"{tab.title} is after {tab.iterations}._\n"
+            f"_Not like with like: our runs stopped after {', '.join(map(str, its))} "
+            f"iterations; the study's {tab.title} is after {tab.iterations}._\n"
         )
     reached = _reached_line(tab, entries)
     if reached:
@@ -183,14 +206,27 @@ def paper_tables(run: RunData, epsilon: float) -> tuple[str, Diffs]:
             out += _group_section(run, tab, entries, epsilon, found)
             if found:
                 diffs.setdefault(tid, {}).setdefault(labels[g], []).extend(found)
-        for note in tab.notes:
+        for note in _notes(run, tab):
             out.append(f"- {note}")
         out.append("")
     return "\n".join(out), diffs
 
 
+def _notes(run: RunData, tab: PaperTable) -> list[str]:
+    """The table's notes that are true of this run (see :class:`Note`)."""
+    kind = str((run.spec.get("sampler") or {}).get("kind", "full"))
+    swept = set(run.sweep)
+    out = []
+    for note in tab.notes:
+        if not isinstance(note, Note):
+            out.append(note)
+        elif note.applies(kind, swept, run.name):
+            out.append(note.text)
+    return out
+
+
 def _reached_line(tab: PaperTable, entries: list[Entry]) -> str:
-    """When each of our solvers first matched the seed's final train accuracy (metrics are
+    """When each of our solvers first matched the study's final train accuracy (metrics are
     recorded every few iterations, so k is the first recorded one at or above it)."""
     col = next((c for c in tab.columns if c.ours == "train_accuracy"), None)
     if col is None:
@@ -204,13 +240,13 @@ def _reached_line(tab: PaperTable, entries: list[Entry]) -> str:
         bits.append(f"{s.name} ({key}) {'k = ' + str(k) if k is not None else 'not reached'}")
     if not bits:
         return ""
-    return "First iteration at which ours matched the seed's final train accuracy: " + (
+    return "First iteration at which ours matched the study's final train accuracy: " + (
         "; ".join(bits) + ".\n"
     )
 
 
 def _relative_costs(tab: PaperTable, entries) -> str:
-    """Seconds per iteration divided by gradient descent's, the seed's and ours: the ratios
+    """Seconds per iteration divided by gradient descent's, the study's and ours: the ratios
     carry over between machines where the seconds do not."""
     by_depth: dict[str, dict[str, float]] = {}
     ours_by: dict[str, dict[str, tuple[str, float, float | None]]] = {}
@@ -244,16 +280,16 @@ def _relative_costs(tab: PaperTable, entries) -> str:
     if not rows:
         return ""
     header = [
-        "Seed row",
+        "Study row",
         "Ours",
-        "seed: s/it ÷ GD's",
+        "study: s/it ÷ GD's",
         "ours: s/it ÷ GD's",
         "our evaluations / it",
         "÷ GD's",
     ]
     return (
         "Cost per iteration relative to gradient descent (same depth). Function-and-gradient "
-        "evaluations per iteration do not depend on the machine; the seed's time ratios are "
+        "evaluations per iteration do not depend on the machine; the study's time ratios are "
         "best compared with their ratio:\n\n" + md_table(header, rows)
     )
 
@@ -270,7 +306,8 @@ def _load_note(run: RunData, entries) -> str:
         return ""
     lo, hi = min(loads), max(loads)
     busy = hi > cores
-    return f"_Load average (1 min) while these solvers ran: {lo:g}-{hi:g} on {cores} cores" + (
+    span = f"{format_number(lo, 3)}-{format_number(hi, 3)}"
+    return f"_Load average (1 min) while these solvers ran: {span} on {cores} cores" + (
         "; other processes competed for the CPU, so seconds are inflated and uneven "
         "between solvers._\n"
         if busy
@@ -310,7 +347,8 @@ def _mean_diffs(ds_by_label: dict[str, list[tuple[str, float]]]):
 
 def _ranked(values: dict[str, float]) -> str:
     order = sorted(values.items(), key=lambda kv: kv[1])
-    return "; ".join(f"{g}: {v:.4f}" for g, v in order) + f" (closest: **{order[0][0]}**)"
+    text = "; ".join(f"{g}: {format_number(v, 4)}" for g, v in order)
+    return text + f" (closest: **{order[0][0]}**)"
 
 
 def _settings_paragraph(run: RunData, tab: PaperTable, diffs: Diffs) -> str:
@@ -320,9 +358,9 @@ def _settings_paragraph(run: RunData, tab: PaperTable, diffs: Diffs) -> str:
     if len(per) < 2:
         return ""
     swept = ", ".join(k for k in run.sweep if k not in DEPTH_KEYS)
-    lines = [f"### Which setting explains the seed's {tab.title}? ({swept})\n"]
+    lines = [f"### Which setting explains the study's {tab.title}? ({swept})\n"]
     lines.append(
-        f"Mean absolute difference between our and the seed's {tab.rank_what}: {_ranked(per)}."
+        f"Mean absolute difference between our and the study's {tab.rank_what}: {_ranked(per)}."
     )
     if len(by_depth) > 1:
         for depth, values in sorted(by_depth.items()):
@@ -347,7 +385,7 @@ def _settings_paragraph(run: RunData, tab: PaperTable, diffs: Diffs) -> str:
     if tab.iterations is not None and its and max(its) < tab.iterations:
         lines.append(
             f"(Our runs stopped after {max(its)} iterations, before these settings separate "
-            f"fully; the seed's table is after {tab.iterations}.)"
+            f"fully; the study's table is after {tab.iterations}.)"
         )
     return "\n".join(lines) + "\n"
 
@@ -356,8 +394,8 @@ def _settings_paragraph(run: RunData, tab: PaperTable, diffs: Diffs) -> str:
 # Figures, and the section of a run's report
 # ----------------------------------------------------------------------------------------------
 def seed_figures(numbers: Sequence[int], drawn: list[tuple[CellRun, str, Path]], rel: str) -> str:
-    """Which of the images above redraw each of the seed's figures."""
-    lines = ["## The seed's figures\n"]
+    """Which of the images above redraw each of the study's figures."""
+    lines = ["## The study's figures\n"]
     for number in numbers:
         fig = FIGURES[number]
         links = []
@@ -372,16 +410,17 @@ def seed_figures(numbers: Sequence[int], drawn: list[tuple[CellRun, str, Path]],
 
 
 def paper_sections(run: RunData, eps: float, h: str) -> list[str]:
-    """The "beside the seed's published numbers" part of a run's report (headings under
+    """The "beside the study's published numbers" part of a run's report (headings under
     ``h``), or nothing when the spec names no published table."""
     tables, diffs = paper_tables(run, eps)
     if not tables.strip():
         return []
-    out = [f"{h}# Beside the seed's published numbers\n"]
-    out.append(
-        "Every published cell with our value and the absolute difference (abs diff). "
-        f"k_ε is eq. 29 with ε = {eps:g}.\n"
-    )
+    out = [f"{h}# Beside the study's published numbers\n"]
+    intro = "Every published cell with our value and the absolute difference (abs diff)."
+    tids = [t for t in (run.spec.get("report") or {}).get("paper") or [] if t in TABLES]
+    if any(c.ours == "k_eps" for t in tids for c in TABLES[t].columns):
+        intro += f" k_ε is eq. 29 with ε = {value_label(eps)}."
+    out.append(intro + "\n")
     out.append(tables.replace("### ", f"{h}## "))
     for tab in TABLES.values():
         if tab.rank_settings:
@@ -389,3 +428,61 @@ def paper_sections(run: RunData, eps: float, h: str) -> list[str]:
             if para:
                 out.append(para.replace("### ", f"{h}## "))
     return out
+
+
+#: the order verdicts are counted in the summary
+_VERDICTS = ("confirmed", "partly", "differs", "not confirmed")
+
+
+def summary_section(run: RunData, eps: float, h: str) -> str:
+    """The opening of a report of a bundled ``paper/...`` spec: which study it reproduces, and
+    a table of the study's claims this run tests with our numbers and a verdict computed by
+    each claim's rule (:mod:`secondorder.report.paper.verdicts`); "" for other runs."""
+    claim = headline(run)
+    found = verdicts(run, eps, claim.figures if claim else ())
+    if claim is None and not found:
+        return ""
+    out = [f"{h}# Summary\n"]
+    out.append(f"This run reproduces part of the study: {STUDY}.\n")
+    if claim is not None:
+        out.append(f"> The study's claim: {claim.claim}\n")
+    if not found:
+        out.append("_None of the study's claims can be checked on this run's data._\n")
+        return "\n".join(out)
+    counts = {v: sum(1 for _, _, f in found if f.verdict == v) for v in _VERDICTS}
+    said = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    out.append(
+        f"Of the study's claims this run tests ({len(found)} checks): {said}. Each verdict "
+        "follows from the rule beside it, applied to this run's traces.\n"
+    )
+    grouped = any(g for _, g, _ in found)
+    header = ["Claim of the study", "where"] + (["setting"] if grouped else [])
+    header += ["what we found", "verdict", "rule"]
+    rows = []
+    for c, g, f in found:
+        setting = [g or "—"] if grouped else []
+        rows.append([c.text, c.where, *setting, f.ours, f"**{f.verdict}**", f.rule])
+    out.append(md_table(header, rows, align="l" * len(header)))
+    return "\n".join(out)
+
+
+def suite_summary(suite: RunData, epsilon: float | None) -> str:
+    """The opening of a suite's report: the study its parts reproduce and, part by part, how
+    many of the study's claims each confirms ("" when no part tests a claim)."""
+    rows = []
+    for name, part in suite.parts:
+        eps = (
+            float(epsilon)
+            if epsilon is not None
+            else float((part.spec.get("report") or {}).get("epsilon", 1e-6))
+        )
+        claim = headline(part)
+        found = verdicts(part, eps, claim.figures if claim else ())
+        if found:
+            counts = [sum(1 for _, _, f in found if f.verdict == v) for v in _VERDICTS]
+            rows.append([f"[{name}](#{name})", len(found), *counts])
+    if not rows:
+        return ""
+    head = f"This suite reproduces parts of the study: {STUDY}. The study's claims each part "
+    head += "tests, with the verdicts of its summary below:\n\n"
+    return head + md_table(["part", "checks", *_VERDICTS], rows)
