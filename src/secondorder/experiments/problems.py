@@ -20,6 +20,7 @@ from torch import nn
 from secondorder import distributed
 from secondorder.data import from_arrays, load_fashion_mnist, stratified_split, two_class_2d
 from secondorder.data.dataset import Splits
+from secondorder.experiments.metrics import EXTRA_METRICS
 from secondorder.experiments.noisy import NoisyFunctionObjective
 from secondorder.experiments.schema import SpecError
 from secondorder.models import logistic_regression, mlp
@@ -204,6 +205,7 @@ def _model_metrics(spec: dict[str, Any], obj: ModelObjective, splits: Splits, fu
     """Full training loss, accuracy (eq. 30) and loss per split, and ‖∇L‖∞ of the full-batch
     objective when the solver's own is sampled."""
     wanted = tuple(spec["metrics"])
+    extras = [name for name in wanted if name in EXTRA_METRICS]
     split_data = {
         "train": (splits.train.X, splits.train.y),
         "dev": None if splits.dev is None else (splits.dev.X, splits.dev.y),
@@ -229,6 +231,8 @@ def _model_metrics(spec: dict[str, Any], obj: ModelObjective, splits: Splits, fu
         if full_obj is not None:
             _, g = full_obj.value_and_grad(theta)
             out["train_grad_norm"] = float(g.abs().max())
+        for name in extras:
+            out.update(EXTRA_METRICS[name](obj, theta, splits))
         return out
 
     return metrics

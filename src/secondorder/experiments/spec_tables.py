@@ -8,6 +8,7 @@ accepted by the spec as soon as it exists.
 
 from __future__ import annotations
 
+from secondorder.experiments.metrics import EXTRA_METRICS
 from secondorder.experiments.schema import F
 from secondorder.losses import LOSSES as _LOSS_CLASSES
 from secondorder.models import ACTIVATIONS as _ACTIVATION_CLASSES
@@ -52,7 +53,10 @@ METRICS = (
     "dev_loss",
     "test_loss",
     "grad_norm",
+    *EXTRA_METRICS,
 )
+#: the bundled studies whose reports secondorder.report.studies writes
+STUDIES = ("train-dev", "depth", "preconditioning", "minibatch", "xu-criteria")
 DTYPES = ("float32", "float64")
 DATA_KINDS = ("rosenbrock", "two-class-2d", "fashion-mnist", "random")
 MODEL_KINDS = ("logistic", "mlp")
@@ -173,6 +177,7 @@ REPORT: dict[str, F] = {
     ),
     "f_star": F("float", doc="the known minimum (f − f* plots)"),
     "title": F("str"),
+    "study": F("str", choices=STUDIES, doc="the study whose sections the report adds"),
 }
 PART: dict[str, F] = {
     "name": F("str", doc="subdirectory name (default: the spec's name)"),

@@ -31,6 +31,7 @@ from secondorder.report.rundata import (
     convergence_iteration,
     final_value,
 )
+from secondorder.report.studies import StudyContext, study_sections
 from secondorder.report.text import (
     drop_empty_columns,
     format_number,
@@ -310,6 +311,7 @@ def run_sections(
     if means:
         out.append(means.replace("## ", f"{h}# ", 1))
     out += paper.paper_sections(run, eps, h)
+    out += study_sections(run, StudyContext(figdir, fmt, rel, eps, level))
     return "\n".join(out)
 
 
@@ -325,6 +327,8 @@ def render_report(
             body.append(f"{run.spec['description']}\n")
         body.append(_environment_line(run.environment))
         body.append(paper.suite_summary(run, epsilon))
+        eps = epsilon if epsilon is not None else 1e-6
+        body += study_sections(run, StudyContext(figdir, fmt, "figures/", eps, 1))
         body.append("Contents: " + ", ".join(f"[{n}](#{n})" for n, _ in run.parts) + "\n")
         for name, part in run.parts:
             body.append(f'<a id="{name}"></a>\n')
