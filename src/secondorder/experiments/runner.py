@@ -18,13 +18,10 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from secondorder.distributed import NullTrace, PeerLost, is_writer
 from secondorder.experiments import rundir
@@ -44,8 +41,8 @@ from secondorder.experiments.progress import (
     RunProgress,
     StopFlag,
     threads,
-    warning_line,
 )
+from secondorder.experiments.recorder import Recorder, SolverJob, call_solver, solver_kwargs
 from secondorder.experiments.rows import (
     final_metrics,
     one_line,
@@ -117,84 +114,6 @@ def _minimize_call(method: str):
     return scipy_minimize if method.startswith("scipy:") else minimize
 
 
-def _solver_kwargs(spec: dict[str, Any], solver: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of ``minimize`` from a ``[[solvers]]`` table (max_iter apart)."""
-    kw: dict[str, Any] = {}
-    ls = solver.get("line_search")
-    if ls is not None:
-        kw["line_search"] = None if ls == "none" else ls
-    for key in ("gtol", "ftol", "max_evals", "max_time"):
-        if key in solver:
-            kw[key] = solver[key]
-    kw.update(solver.get("options") or {})
-    return kw
-
-
-@dataclass
-class _SolverJob:
-    cell: Cell
-    cell_dir: Path
-    solver: dict[str, Any]
-    slug: str
-    run_dir: Path
-
-
-@dataclass
-class _Recorder:
-    """Appends one trace row per iteration: the solver's columns, the metrics every
-    ``every`` iterations, and the clocks (solver time without the metrics, wall time)."""
-
-    problem: Problem
-    rows: list[dict[str, Any]]
-    trace: rundir.TraceFile
-    progress: Progress
-    every: int
-    metrics_time: float
-    wall_start: float
-
-    def record(self, row: dict[str, Any], theta_k: torch.Tensor | None, force: bool) -> None:
-        k = int(row.get("k", len(self.rows)))
-        # the solver's clock includes the metrics recorded so far: take them out
-        if "time" in row and isinstance(row["time"], float):
-            row["solver_time"] = max(0.0, row["time"] - self.metrics_time)
-        if theta_k is not None and (force or k % self.every == 0):
-            t0 = time.perf_counter()
-            row.update(self.problem.metrics(theta_k.detach()))
-            self.metrics_time += time.perf_counter() - t0
-        row["metrics_time"] = self.metrics_time
-        row["wall_time"] = time.perf_counter() - self.wall_start
-        self.rows.append(row)
-        self.trace.append(row)
-        self.progress.update(row, k)
-
-    def finish_rows(self, theta: torch.Tensor) -> None:
-        """Make sure the last row carries metrics (recorded every few iterations otherwise)."""
-        if not self.rows:
-            return
-        last = self.rows[-1]
-        if any(k in last for k in ("train_loss", "train_accuracy", "x")):
-            return
-        t0 = time.perf_counter()
-        last.update(self.problem.metrics(theta))
-        self.metrics_time += time.perf_counter() - t0
-
-
-def _call_solver(minimize_fn, obj, theta, method, callback, call, seen, progress, name):
-    """One call of the solver; each new warning is shown once and kept for the summary."""
-    scipy = method.startswith("scipy:")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = minimize_fn(
-            obj, theta, method=method[6:] if scipy else method, callback=callback, **call
-        )
-    for w in caught:
-        text = str(w.message)
-        if text not in seen:
-            seen.append(text)
-            progress.write(warning_line(name, w))
-    return res
-
-
 class _Runner:
     def __init__(
         self, spec: Spec, run_dir: Path, options: RunOptions, cache: DataCache | None = None
@@ -210,7 +129,7 @@ class _Runner:
         meta = rundir.read_meta(run_dir) if meta_path.is_file() else {}
         self.spec_sha256 = meta.get("spec_sha256")
 
-    def identity(self, job: _SolverJob) -> dict[str, Any]:
+    def identity(self, job: SolverJob) -> dict[str, Any]:
         """What a checkpoint of ``job`` must record to be accepted as its own."""
         return {
             "solver": job.solver["name"],
@@ -219,7 +138,7 @@ class _Runner:
             "spec_sha256": self.spec_sha256,
         }
 
-    def load_checkpoint(self, job: _SolverJob) -> Checkpoint | None:
+    def load_checkpoint(self, job: SolverJob) -> Checkpoint | None:
         """The job's checkpoint, checked against its identity, digest and trace file."""
         return Checkpoint.load(
             rundir.checkpoint_path(job.cell_dir, job.slug),
@@ -235,7 +154,7 @@ class _Runner:
             entry = self._cell_summary(cell, cell_dir)
             for solver in cell.spec["solvers"]:
                 slug = slugify(solver["name"])
-                yield ci, entry, _SolverJob(cell, cell_dir, solver, slug, self.run_dir)
+                yield ci, entry, SolverJob(cell, cell_dir, solver, slug, self.run_dir)
 
     def check_checkpoints(self) -> None:
         """Load every checkpoint once before any work, so that a foreign, altered or
@@ -283,7 +202,7 @@ class _Runner:
         self.summary["status"] = "complete" if not self.errors else "errors"
         self._write_summary()
 
-    def _run_guarded(self, job: _SolverJob) -> dict[str, Any]:
+    def _run_guarded(self, job: SolverJob) -> dict[str, Any]:
         """Run one solver; a failure is logged and recorded, and the run goes on."""
         try:
             return self._run_solver(job)
@@ -306,7 +225,7 @@ class _Runner:
             }
 
     # -- one solver ----------------------------------------------------------------------------
-    def _run_solver(self, job: _SolverJob) -> dict[str, Any]:
+    def _run_solver(self, job: SolverJob) -> dict[str, Any]:
         spec, solver = job.cell.spec, job.solver
         scipy = solver["method"].startswith("scipy:")
         max_iter = solver.get("max_iter", spec["max_iter"])
@@ -329,14 +248,14 @@ class _Runner:
         wall_start = time.perf_counter() - start.wall_time
         trace.open()
         every = spec["metrics_every"]
-        rec = _Recorder(problem, start.rows, trace, progress, every, start.metrics_time, wall_start)
+        rec = Recorder(problem, start.rows, trace, progress, every, start.metrics_time, wall_start)
         try:
             return self._segments(job, rec, start, max_iter, ckpt_path)
         finally:
             trace.close()
             progress.close()
 
-    def _repair(self, job: _SolverJob) -> dict[str, Any] | None:
+    def _repair(self, job: SolverJob) -> dict[str, Any] | None:
         """For a solver whose checkpoint says it finished: rewrite its derived files (trace
         JSON Lines and CSV) from the checkpoint and return its summary entry; else None.
 
@@ -350,7 +269,7 @@ class _Runner:
         # a checkpoint of the first format holds the result, not the whole entry
         return saved.summary or saved.result
 
-    def _callback(self, rec: _Recorder):
+    def _callback(self, rec: Recorder):
         def callback(info: Any):
             row = row_from_info(info)
             theta_k = theta_from_info(info)
@@ -375,7 +294,7 @@ class _Runner:
         scipy = method.startswith("scipy:")
         obj = rec.problem.objective
         minimize_fn = _minimize_call(method)
-        kwargs = _solver_kwargs(spec, solver)
+        kwargs = solver_kwargs(spec, solver)
         every = spec["checkpoint_every"]
         theta, state, k_done = start.theta, start.state, start.iteration
         seen: list[str] = list(start.result.get("warnings", []))
@@ -390,7 +309,7 @@ class _Runner:
             else:
                 seg = min(max_iter, (k_done // every + 1) * every) - k_done
                 call = {"max_iter": seg, "initial_state": state, **kwargs}
-            res = _call_solver(
+            res = call_solver(
                 minimize_fn, obj, theta, method, callback, call, seen, rec.progress, solver["name"]
             )
             theta = res.theta.detach()
@@ -500,7 +419,7 @@ def preflight(spec: Spec, cache: DataCache | None = None) -> None:
     for cell in spec.cells():
         problem = build_problem(cell.spec, cache)
         for i, solver in enumerate(cell.spec["solvers"]):
-            kwargs = _solver_kwargs(cell.spec, solver)
+            kwargs = solver_kwargs(cell.spec, solver)
             key = json.dumps([solver, cell.spec.get("dtype")], sort_keys=True, default=str)
             if key in seen:
                 continue
