@@ -180,10 +180,12 @@ L2_CONVENTIONS = ("plain", "per-sample")
 class ModelObjective(Objective):
     """The training objective of a network over a dataset, with a sampler (see module doc).
 
-    ``data`` is a :class:`secondorder.data.Dataset` or a pair ``(X, y)``. The model's parameters
-    are read once as the flat θ₀ (``initial_theta()``) in the order of
-    ``torch.nn.utils.parameters_to_vector(model.parameters())``; evaluations never modify the
-    model (they call it functionally). ``curvature_sampler`` (optional) chooses a separate
+    ``data`` is a :class:`secondorder.data.Dataset` or a pair ``(X, y)``. The model's trainable
+    parameters are read once as the flat θ₀ (``initial_theta()``) in the order of
+    ``model.parameters()``, as ``torch.optim`` sees them: a parameter with
+    ``requires_grad=False`` is no part of θ and keeps its value, and a parameter shared by
+    several modules has one entry (its gradient sums its uses). Evaluations never modify the
+    model; only ``load_into_model`` writes θ into it. ``curvature_sampler`` (optional) chooses a separate
     subsample for Hessian and Gauss–Newton products.
     """
 
@@ -257,10 +259,10 @@ class ModelObjective(Objective):
         return self.flat.unflatten(theta)
 
     def load_into_model(self, theta: Tensor) -> nn.Module:
-        """Copy θ into the model's parameters (e.g. after training) and return the model."""
+        """Copy θ into the model's trainable parameters (e.g. after training) and return it."""
         theta = self.check_theta(theta)
         with torch.no_grad():
-            for p, t in zip(self.model.parameters(), torch.split(theta, self.numels)):
+            for p, t in zip(self.flat.trainable, torch.split(theta, self.numels)):
                 p.copy_(t.view_as(p))
         return self.model
 

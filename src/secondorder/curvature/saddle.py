@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder._validation import check_positive, check_positive_int
+from secondorder.functional import trainable_parameters
 from secondorder.losses import Loss
 
 from .backprop import hessian, hessian_blocks
@@ -139,7 +140,7 @@ class SaddleReport:
 
 
 def _load_theta(model: nn.Module, theta) -> nn.Module:
-    params = list(model.parameters())
+    params = trainable_parameters(model)
     P = sum(p.numel() for p in params)
     theta = torch.as_tensor(theta)
     if theta.ndim != 1 or theta.numel() != P:
@@ -148,10 +149,10 @@ def _load_theta(model: nn.Module, theta) -> nn.Module:
             f"{tuple(theta.shape)}"
         )
     model = copy.deepcopy(model)
+    theta = theta.to(dtype=params[0].dtype, device=params[0].device)
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(
-            theta.to(dtype=params[0].dtype, device=params[0].device), model.parameters()
-        )
+        for p, t in zip(trainable_parameters(model), torch.split(theta, [q.numel() for q in params])):
+            p.copy_(t.view_as(p))
     return model
 
 
