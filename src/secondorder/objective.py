@@ -185,8 +185,8 @@ class ModelObjective(Objective):
     ``model.parameters()``, as ``torch.optim`` sees them: a parameter with
     ``requires_grad=False`` is no part of θ and keeps its value, and a parameter shared by
     several modules has one entry (its gradient sums its uses). Evaluations never modify the
-    model; only ``load_into_model`` writes θ into it. ``curvature_sampler`` (optional) chooses a separate
-    subsample for Hessian and Gauss–Newton products.
+    model; only ``load_into_model`` writes θ into it. ``curvature_sampler`` (optional) chooses
+    a separate subsample for Hessian and Gauss–Newton products.
     """
 
     def __init__(

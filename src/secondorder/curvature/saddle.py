@@ -150,8 +150,9 @@ def _load_theta(model: nn.Module, theta) -> nn.Module:
         )
     model = copy.deepcopy(model)
     theta = theta.to(dtype=params[0].dtype, device=params[0].device)
+    sizes = [q.numel() for q in params]
     with torch.no_grad():
-        for p, t in zip(trainable_parameters(model), torch.split(theta, [q.numel() for q in params])):
+        for p, t in zip(trainable_parameters(model), torch.split(theta, sizes)):
             p.copy_(t.view_as(p))
     return model
 
