@@ -185,3 +185,31 @@ def test_a_forward_that_raises_leaves_the_model_as_it_was():
     with pytest.raises(RuntimeError, match="boom"):
         obj.value(obj.initial_theta() + 1.0)
     _assert_unchanged(model, before)
+
+
+# -- a forward that does not return a tensor of outputs ---------------------------------------
+class _Returns(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind = nn.Linear(3, 2), kind
+
+    def forward(self, x):
+        out = self.lin(x)
+        return {"tuple": (out, x), "dict": {"logits": out}, "flat": out[:, 0]}[self.kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "match"),
+    [
+        ("tuple", TypeError, r"model _Returns returned a tuple from forward; expected a tensor"),
+        ("dict", TypeError, r"model _Returns returned a dict from forward; expected a tensor"),
+        ("flat", ValueError, r"model _Returns must map .* \(m, k\) outputs.*shape \(1,\)"),
+    ],
+)
+def test_a_forward_returning_no_output_tensor_is_refused_by_name(kind, error, match):
+    model = _Returns(kind).to(f64)
+    X, y = _data()
+    with pytest.raises(error, match=match):
+        ModelObjective(model, "cross_entropy", (X, y))
+    with pytest.raises(error, match=match):
+        curvature.hessian(model, X, y, "cross_entropy")

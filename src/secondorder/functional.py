@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlatModel", "parameter_groups", "trainable_parameters"]
+__all__ = ["FlatModel", "check_model_output", "parameter_groups", "trainable_parameters"]
 
 
 class FlatModel:
@@ -96,7 +96,7 @@ class FlatModel:
             for store, key, value in self._buffer_slots:
                 saved.append((store, key, store[key]))
                 store[key] = value
-            return self.model(X)
+            return check_model_output(self.model, self.model(X))
         finally:
             for store, key, old in reversed(saved):
                 store[key] = old
@@ -110,6 +110,26 @@ class FlatModel:
                 for n, s in zip(self.numels, self.shapes)
             ]
         ).to(device)
+
+
+def check_model_output(model: nn.Module, out, n_samples: int | None = None) -> Tensor:
+    """``out`` if it is a tensor of outputs (n_samples, k); else an error naming the model.
+
+    Without ``n_samples`` only the type is checked (the cheap test of every forward pass).
+    """
+    name = type(model).__name__
+    if not isinstance(out, Tensor):
+        hint = " (return one tensor, e.g. the logits, from forward)"
+        raise TypeError(
+            f"the model {name} returned a {type(out).__name__} from forward; expected a tensor "
+            f"of outputs of shape (m, k){hint if isinstance(out, (tuple, list, dict)) else ''}"
+        )
+    if n_samples is not None and (out.ndim != 2 or out.shape[0] != n_samples):
+        raise ValueError(
+            f"the model {name} must map (m, ...) inputs to (m, k) outputs; for m={n_samples} "
+            f"it returned shape {tuple(out.shape)}"
+        )
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -37,7 +37,7 @@ from secondorder._validation import (
     check_same_length,
     check_shape,
 )
-from secondorder.functional import FlatModel
+from secondorder.functional import FlatModel, check_model_output
 from secondorder.linalg import MemoryError_, check_dense_fits
 from secondorder.losses import Loss, get_loss
 from secondorder.models import ReLU
@@ -228,11 +228,7 @@ class ModelObjective(Objective):
         self.n_params, self.buffers = flat.n_params, flat.buffers
         self._theta0 = flat.theta0(self.dtype, self.device)
         with torch.no_grad():
-            out = self.forward(self._theta0, X[:1])
-        if out.ndim != 2:
-            raise ValueError(
-                f"the model must map (m, ...) inputs to (m, k) outputs, got {tuple(out.shape)}"
-            )
+            out = check_model_output(model, self.forward(self._theta0, X[:1]), 1)
         self.y = self.loss.prepare_targets(y, out.shape[1], self.dtype, self.device)
         self.X = X
         self.m = X.shape[0]
