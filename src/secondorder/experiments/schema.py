@@ -149,6 +149,7 @@ def check_table(
         errors.append(f"{path or 'spec'}: expected a table, got {type(table).__name__}")
         return {}
     out: dict[str, Any] = {}
+    wrong_type: set[str] = set()
     for key, value in table.items():
         where = fmt_path(path, key)
         if key not in schema:
@@ -157,11 +158,15 @@ def check_table(
             else:
                 errors.append(f"{where}: unknown key{did_you_mean(key, schema)}")
             continue
-        out[key] = check_value(value, schema[key], where, errors)
+        checked = check_value(value, schema[key], where, errors)
+        if type_ok(value, schema[key].type):
+            out[key] = checked
+        else:  # reported; later checks see the default (or nothing), never the bad value
+            wrong_type.add(key)
     for key, f in schema.items():
-        if key in out:
+        if key in out or (key in wrong_type and f.default is MISSING):
             continue
-        if f.required:
+        if f.required and key not in wrong_type:
             errors.append(f"{fmt_path(path, key)}: missing (required)")
         elif f.default is not MISSING:
             out[key] = copy.deepcopy(f.default)
@@ -188,9 +193,9 @@ def kind_table(
     if kind is None:
         errors.append(f"{path}.kind: missing (required): one of {list(by_kind)}")
         return {}
-    if kind not in by_kind:
+    if not isinstance(kind, str) or kind not in by_kind:  # a list or table is unhashable
         check_value(kind, common["kind"], f"{path}.kind", errors)
-        return {"kind": kind}
+        return {"kind": kind} if isinstance(kind, str) else {}
     schema = {**common, **by_kind[kind]}
     others = {}
     for other, sch in by_kind.items():
