@@ -302,13 +302,18 @@ def _iterate(loop: _Loop) -> None:
     if not finite:
         loop.end("nonfinite", f"the objective became non-finite at iteration {loop.k}")
         return
+    _apply_stop_rules(loop, f_before, out.moved)
+
+
+def _apply_stop_rules(loop: _Loop, f_before: float, moved: bool) -> None:
+    """End the run when a stopping rule holds after a step from f_before."""
     rule = loop.stop.check(
         iterations=loop.iterations,
         f=loop.f,
         f_prev=f_before,
         grad_norm=_gnorm(loop.g),
         evals=loop.evals_now(),
-        moved=out.moved,
+        moved=moved,
     )
     if rule is not None:
         loop.end(*rule)
@@ -342,16 +347,7 @@ def _check_saddle(loop: _Loop) -> bool:
             if loop.report(loop.row(t, {"saddle_escape": lam})):
                 loop.end("callback", "the callback asked to stop")
                 return False
-            rule = loop.stop.check(
-                iterations=loop.iterations,
-                f=loop.f,
-                f_prev=f_before,
-                grad_norm=_gnorm(loop.g),
-                evals=loop.evals_now(),
-                moved=True,
-            )
-            if rule is not None:
-                loop.end(*rule)
+            _apply_stop_rules(loop, f_before, True)
             return True
     loop.end(
         "saddle",
