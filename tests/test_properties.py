@@ -282,15 +282,15 @@ def test_the_base_spec_is_valid():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"sweep": 1}, "sweep: expected a table, got int"),
-        ({"metrics": 0}, "metrics: expected a list of strings, got int"),
-        ({"metrics": [0]}, "metrics: expected a list of strings, got a list with other items"),
-        ({"seeds": 3}, "seeds: expected a list of integers, got int"),
-        ({"model": {"kind": []}}, "model.kind: expected a string, got a list"),
-        ({"data": {"kind": {"a": 1}}}, "data.kind: expected a string, got a table"),
+        ({"sweep": 1}, "sweep: expected a table"),
+        ({"metrics": 0}, "metrics: expected a list of strings"),
+        ({"metrics": [0]}, "metrics: expected a list of strings"),
+        ({"seeds": 3}, "seeds: expected a list of integers"),
+        ({"model": {"kind": []}}, "model.kind: expected a string"),
+        ({"data": {"kind": {"a": 1}}}, "data.kind: expected a string"),
     ],
 )
 def test_values_of_the_wrong_type_found_by_the_properties_are_spec_errors(change, message):
     raw = {**_base_spec(), **change}
-    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+    with pytest.raises(SpecError, match=message):
         spec_from_dict(raw)
