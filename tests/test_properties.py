@@ -24,7 +24,7 @@ from secondorder.solvers.linesearch import armijo, strong_wolfe  # noqa: E402
 from secondorder.solvers.quasinewton import two_loop  # noqa: E402
 
 D = torch.float64
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- (a) line searches ---------------------------------------------------------------------
