@@ -365,13 +365,24 @@ def test_newton_modifications_give_descent(modification):
     assert all(b < a for a, b in zip(fs, fs[1:]))
 
 
-@pytest.mark.parametrize("method", ["newton", "newton-cg", "trust-ncg", "arc"])
+@pytest.mark.parametrize("method", ["gd", "lbfgs", "bfgs", "nlcg"])
 def test_saddle_point_is_not_claimed_as_minimum(method):
+    # methods without curvature information stop there, with status saddle
     stationary = torch.tensor([0.5, -1.0], dtype=D)  # ∇q = 0 there; q is indefinite
-    res = minimize(quadratic(*INDEFINITE), stationary, method=method)
+    res = minimize(quadratic(*INDEFINITE), stationary, method=method, check_saddle=True)
     assert res.status == "saddle" and not res.success
     assert res.negative_curvature
     assert "saddle" in res.message and "negative eigenvalue" in res.message
+
+
+@pytest.mark.parametrize("method", ["newton", "newton-cg", "trust-ncg", "arc"])
+def test_second_order_methods_leave_a_saddle_of_an_unbounded_quadratic(method):
+    stationary = torch.tensor([0.5, -1.0], dtype=D)
+    q = quadratic(*INDEFINITE)
+    res = minimize(q, stationary, method=method, max_iter=20)
+    assert not res.success and res.status not in ("gtol", "saddle")
+    assert res.negative_curvature and "left a saddle point" in res.message
+    assert res.f < float(q(stationary)) - 1.0  # q is unbounded below along the second axis
 
 
 # -- non-finite values ------------------------------------------------------------------------

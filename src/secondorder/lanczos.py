@@ -63,6 +63,7 @@ class Lanczos:
         self._beta = np.zeros(self.max_steps)  # β_i couples q_i and q_{i+1}; the last is β_m
         self._next = q0 / q0.norm()
         self._scale = 0.0
+        self._asym = 0.0  # max |q_{i−1}ᵀ A q_i − β_{i−1}|: 0 for a symmetric A
         self.m = 0
         self.exhausted = False
 
@@ -82,6 +83,13 @@ class Lanczos:
         return float(self._beta[self.m - 1]) if self.m else 0.0
 
     @property
+    def asymmetry(self) -> float:
+        """max_i |q_{i−1}ᵀ A q_i − β_{i−1}| relative to ‖T_m‖: rounding-sized for a symmetric
+        operator, O(1) when A ≠ Aᵀ (then T_m is not Q_mᵀ A Q_m and its Ritz values mean
+        nothing)."""
+        return self._asym / max(self._scale, 1e-300) if self.m > 1 else 0.0
+
+    @property
     def basis(self) -> Tensor:
         """Q_m, of shape (n, m), orthonormal columns."""
         return self._Q[:, : self.m]
@@ -99,6 +107,9 @@ class Lanczos:
         q = self._next
         self._Q[:, i] = q
         w = self.matvec(q)
+        if i > 0:  # symmetric A: q_{i−1}ᵀ A q_i = (A q_{i−1})ᵀ q_i = β_{i−1}, a free test
+            c = float(torch.dot(self._Q[:, i - 1], w))
+            self._asym = max(self._asym, abs(c - float(self._beta[i - 1])))
         a = float(torch.dot(q, w))
         self._alpha[i] = a
         basis = self._Q[:, : i + 1]

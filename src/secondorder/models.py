@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder._validation import check_choice, check_positive_int
+from secondorder.linalg import MemoryError_, available_bytes
 
 __all__ = [
     "ACTIVATIONS",
@@ -249,6 +250,21 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator | None, scheme: st
 INITIALISATIONS = ("torch", "xavier", "small-normal", "zeros")
 
 
+def _check_parameters_fit(widths: list[int], dtype: torch.dtype, max_bytes: int | None) -> int:
+    """The bytes :func:`mlp` allocates for its parameters, refused above ``max_bytes``."""
+    n_params = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+    item = torch.empty((), dtype=dtype).element_size()
+    need = n_params * (8 if dtype == torch.float64 else 8 + item)
+    limit = available_bytes() if max_bytes is None else int(max_bytes)
+    if need > limit:
+        raise MemoryError_(
+            f"mlp(widths={widths}) has {n_params:,} parameters: building them needs "
+            f"{need:,} bytes ({need / 2**30:.2f} GiB), above the {limit:,} bytes "
+            f"{'available now' if max_bytes is None else 'of max_bytes'}; use narrower layers"
+        )
+    return need
+
+
 def mlp(
     widths: Sequence[int],
     activation: str | Activation = "sigmoid",
@@ -258,6 +274,7 @@ def mlp(
     seed: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    max_bytes: int | None = None,
 ) -> nn.Sequential:
     """A multilayer perceptron ``widths[0] → … → widths[-1]`` (eqs. 19-20).
 
@@ -268,6 +285,11 @@ def mlp(
     ``init`` is ``"torch"`` (PyTorch's default uniform ±1/√fan_in), ``"xavier"`` (Glorot uniform,
     zero biases), ``"small-normal"`` (weights N(0, 0.01²), zero biases: the small random start
     common in hand-written NumPy networks) or ``"zeros"``; ``seed`` makes it reproducible.
+
+    The parameters are built in float64 and then cast: P = Σ (n_in + 1)·n_out of them need
+    8P bytes, plus P·itemsize for another ``dtype``. More than ``max_bytes`` (default: the
+    memory available now) is refused with :class:`~secondorder.linalg.MemoryError_` before
+    anything is allocated.
     """
     widths = list(widths)
     if len(widths) < 2:
@@ -283,6 +305,7 @@ def mlp(
     def make(act: str | Activation) -> nn.Module:
         return ACTIVATIONS[act]() if isinstance(act, str) else act
 
+    _check_parameters_fit(widths, dtype or torch.get_default_dtype(), max_bytes)
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))

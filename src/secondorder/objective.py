@@ -39,7 +39,7 @@ from secondorder._validation import (
     check_same_length,
     check_shape,
 )
-from secondorder.functional import FlatModel
+from secondorder.functional import FlatModel, check_model_output
 from secondorder.linalg import MemoryError_, check_dense_fits
 from secondorder.losses import Loss, get_loss
 from secondorder.models import ReLU
@@ -182,11 +182,13 @@ L2_CONVENTIONS = ("plain", "per-sample")
 class ModelObjective(Objective):
     """The training objective of a network over a dataset, with a sampler (see module doc).
 
-    ``data`` is a :class:`secondorder.data.Dataset` or a pair ``(X, y)``. The model's parameters
-    are read once as the flat θ₀ (``initial_theta()``) in the order of
-    ``torch.nn.utils.parameters_to_vector(model.parameters())``; evaluations never modify the
-    model (they call it functionally). ``curvature_sampler`` (optional) chooses a separate
-    subsample for Hessian and Gauss–Newton products.
+    ``data`` is a :class:`secondorder.data.Dataset` or a pair ``(X, y)``. The model's trainable
+    parameters are read once as the flat θ₀ (``initial_theta()``) in the order of
+    ``model.parameters()``, as ``torch.optim`` sees them: a parameter with
+    ``requires_grad=False`` is no part of θ and keeps its value, and a parameter shared by
+    several modules has one entry (its gradient sums its uses). Evaluations never modify the
+    model; only ``load_into_model`` writes θ into it. ``curvature_sampler`` (optional) chooses
+    a separate subsample for Hessian and Gauss–Newton products.
     """
 
     def __init__(
@@ -228,11 +230,7 @@ class ModelObjective(Objective):
         self.n_params, self.buffers = flat.n_params, flat.buffers
         self._theta0 = flat.theta0(self.dtype, self.device)
         with torch.no_grad():
-            out = self.forward(self._theta0, X[:1])
-        if out.ndim != 2:
-            raise ValueError(
-                f"the model must map (m, ...) inputs to (m, k) outputs, got {tuple(out.shape)}"
-            )
+            out = check_model_output(model, self.forward(self._theta0, X[:1]), 1)
         self.y = self.loss.prepare_targets(y, out.shape[1], self.dtype, self.device)
         self.X = X
         self.m = X.shape[0]
@@ -259,10 +257,10 @@ class ModelObjective(Objective):
         return self.flat.unflatten(theta)
 
     def load_into_model(self, theta: Tensor) -> nn.Module:
-        """Copy θ into the model's parameters (e.g. after training) and return the model."""
+        """Copy θ into the model's trainable parameters (e.g. after training) and return it."""
         theta = self.check_theta(theta)
         with torch.no_grad():
-            for p, t in zip(self.model.parameters(), torch.split(theta, self.numels)):
+            for p, t in zip(self.flat.trainable, torch.split(theta, self.numels)):
                 p.copy_(t.view_as(p))
         return self.model
 

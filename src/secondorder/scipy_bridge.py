@@ -37,10 +37,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from secondorder._validation import check_choice
 from secondorder.objective import FunctionObjective, Objective
 from secondorder.solvers.result import Result, Trace
 
-__all__ = ["GRADIENT_METHODS", "HESSP_METHODS", "scipy_minimize", "scipy_status"]
+__all__ = [
+    "GRADIENT_METHODS",
+    "HESSP_METHODS",
+    "check_scipy_options",
+    "scipy_minimize",
+    "scipy_options",
+    "scipy_status",
+]
 
 GRADIENT_METHODS = {
     "cg",
@@ -64,6 +72,113 @@ def _gnorm(g: Tensor | None) -> float:
 
 
 GTOL_METHODS = {"bfgs", "cg", "dogleg", "trust-ncg", "trust-krylov", "trust-exact"}
+
+
+#: scipy's solver function of each ``minimize`` method, in ``scipy.optimize._minimize``
+_SOLVERS = {
+    "nelder-mead": "_minimize_neldermead",
+    "powell": "_minimize_powell",
+    "cg": "_minimize_cg",
+    "bfgs": "_minimize_bfgs",
+    "newton-cg": "_minimize_newtoncg",
+    "l-bfgs-b": "_minimize_lbfgsb",
+    "tnc": "_minimize_tnc",
+    "cobyla": "_minimize_cobyla",
+    "cobyqa": "_minimize_cobyqa",
+    "slsqp": "_minimize_slsqp",
+    "trust-constr": "_minimize_trustregion_constr",
+    "dogleg": "_minimize_dogleg",
+    "trust-ncg": "_minimize_trust_ncg",
+    "trust-krylov": "_minimize_trust_krylov",
+    "trust-exact": "_minimize_trustregion_exact",
+}
+#: the solvers' arguments that scipy.optimize.minimize fills itself (not options)
+_NOT_OPTIONS = frozenset(
+    {
+        "fun",
+        "func",
+        "x0",
+        "args",
+        "jac",
+        "grad",
+        "hess",
+        "hessp",
+        "bounds",
+        "constraints",
+        "callback",
+        "subproblem",
+    }
+)
+#: options that are counts whatever their default (often None)
+_INTEGER_OPTIONS = frozenset(
+    {"maxiter", "maxfun", "maxfev", "maxcor", "maxls", "maxCGit", "iprint", "subproblem_maxiter"}
+)
+
+
+def scipy_options(method: str) -> dict | None:
+    """The options of scipy's ``method`` (name → default), read from the signature of its
+    solver; None when this scipy does not expose the solver where expected."""
+    import inspect
+
+    import scipy.optimize._minimize as solvers  # scipy's own table of minimize's solvers
+
+    fn = getattr(solvers, _SOLVERS.get(method.lower(), ""), None)
+    if fn is None:
+        return None
+    params = dict(inspect.signature(fn).parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and (
+        "trust_region_options" in params
+    ):  # dogleg, trust-ncg, trust-krylov, trust-exact forward to the common trust region
+        from scipy.optimize._trustregion import _minimize_trust_region
+
+        params.update(inspect.signature(_minimize_trust_region).parameters)
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        n: p.default
+        for n, p in params.items()
+        if p.kind in plain and n not in _NOT_OPTIONS and p.default is not inspect.Parameter.empty
+    }
+
+
+def check_scipy_options(method: str, options: dict) -> dict:
+    """Refuse, before any work, an unknown ``method``, an option ``method`` does not take
+    (with the closest name) and an option of the wrong type (a count that is not an integer,
+    a number that is not a real number, a flag that is not a bool); return ``options``."""
+    check_choice("method", method.lower(), sorted(_SOLVERS))
+    known = scipy_options(method)
+    if known is None:
+        return options
+    for name, value in options.items():
+        check_choice(f"scipy:{method} option", name, known)
+        if value is None:
+            continue
+        want = _option_type(name, known[name])
+        if want is not None and not _has_type(value, want):
+            raise TypeError(
+                f"option {name} of scipy:{method} must be {want}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+    return options
+
+
+def _option_type(name: str, default) -> str | None:
+    if name in _INTEGER_OPTIONS:
+        return "an integer"
+    if name == "disp" or isinstance(default, (bool, np.bool_)):
+        return "a bool"
+    if isinstance(default, (int, float, np.integer, np.floating)):
+        return "a real number"
+    return None  # arrays, callables, objects: scipy's own checks
+
+
+def _has_type(value, want: str) -> bool:
+    if want == "a bool":  # scipy's flags also take 0/1 and verbosity levels
+        return isinstance(value, (bool, np.bool_, int, np.integer))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if want == "an integer":
+        return isinstance(value, (int, np.integer))
+    return isinstance(value, (int, float, np.integer, np.floating))
 
 
 def scipy_status(method: str, res, maxiter: int | None = None) -> str:
@@ -119,6 +234,7 @@ def scipy_minimize(
     from scipy.optimize import minimize as sp_minimize  # scipy only when the bridge is used
 
     objective, theta0 = _checked(objective, theta0, method, callback)
+    check_scipy_options(method, options)
     m = method.lower()
     problem = _Problem(objective)
     x0 = theta0.detach().cpu().to(torch.float64).numpy()

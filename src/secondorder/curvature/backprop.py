@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder._progress import ProgressArg, reporting
-from secondorder._validation import check_choice, check_finite
+from secondorder._validation import check_choice, check_finite, check_positive_int
 from secondorder.linalg import check_dense_fits
 from secondorder.losses import Loss
 
@@ -32,7 +32,7 @@ from .autodiff import (
     autodiff_hessian_blocks,
     autodiff_hessian_diagonal,
 )
-from .backward import sample_chunks, second_order_pass
+from .backward import CHUNK_BYTES, sample_chunks, second_order_pass
 from .blocks import add_l2, assemble, dense
 from .diagonal import diagonal, reveals_nonfinite_input
 from .request import CurvatureRequest, prepare
@@ -218,14 +218,55 @@ def _arrange(
     return result
 
 
+def _hz_pass_bytes(struct: MLPStructure, item: int) -> int:
+    """Bytes per sample of a pass that keeps every layer's H_Z (``second_order_pass``): the
+    layer inputs, z, σ′, σ″, g, the residual and H_Z of each layer kept, the loss's output
+    terms, plus the largest transient of one step down (H_X, its two products with σ′, H_Z W
+    and the next layer's H_X)."""
+    kept = sum(ly.n_in + 6 * ly.n_out + ly.n_out**2 for ly in struct.layers)
+    k = struct.layers[-1].n_out
+    top = 4 * k + 2 * k * k  # the output, the losses, ∂ℓ/∂z and H_z of the loss
+    step = max(3 * ly.n_out**2 + ly.n_out * ly.n_in + ly.n_in**2 for ly in struct.layers)
+    return item * (kept + top + step)
+
+
+def _hz_chunk(c: _Call) -> int:
+    """Samples per chunk of per_sample_hz (``chunk_size``, else CHUNK_BYTES of a pass)."""
+    if c.chunk_size is not None:
+        return check_positive_int("chunk_size", c.chunk_size)
+    per = _hz_pass_bytes(c.struct, c.problem.dtype.itemsize)
+    return max(1, min(c.problem.n_samples, CHUNK_BYTES // per))
+
+
 def _per_sample_hz(c: _Call) -> list[Tensor]:
+    """The results allocated once, each chunk's H_Z copied into its rows (a list of chunks
+    concatenated at the end held every H_Z twice); the pass's own tensors are the result
+    when one chunk holds every sample."""
     p, struct = c.problem, c.struct
-    parts: list[list[Tensor]] = [[] for _ in struct.layers]
-    for Xc, yc in sample_chunks(p, struct, c.chunk_size):
-        ps = second_order_pass(struct, Xc, yc, p.loss, 1.0 / p.n_samples, c.options["mode"])
-        for part, h in zip(parts, ps.hz):
-            part.append(h)
-    return [torch.cat(part) for part in parts]
+    N = p.n_samples
+    out: list[Tensor] = []
+    start = 0
+    for Xc, yc in sample_chunks(p, struct, _hz_chunk(c)):
+        ps = second_order_pass(struct, Xc, yc, p.loss, 1.0 / N, c.options["mode"])
+        if len(Xc) == N:
+            return list(ps.hz)
+        if not out:
+            out = [h.new_empty((N, *h.shape[1:])) for h in ps.hz]
+        for o, h in zip(out, ps.hz):
+            o[start : start + len(Xc)] = h
+        start += len(Xc)
+        del ps  # one chunk's pass at a time, as the guard counts
+    return out
+
+
+def _per_sample_hz_guard(c: _Call) -> tuple[tuple[int, ...], str]:
+    """per_sample_hz at its peak, in elements: one chunk's pass and, when the samples come in
+    several chunks, the N·Σ n_l² results beside it."""
+    p, struct = c.problem, c.struct
+    N, item = p.n_samples, p.dtype.itemsize
+    chunk = min(N, _hz_chunk(c))
+    results = sum(N * layer.n_out**2 for layer in struct.layers) if chunk < N else 0
+    return (results + -(-chunk * _hz_pass_bytes(struct, item) // item),), "the per-sample H_Z"
 
 
 HESSIAN = _Quantity(
@@ -264,10 +305,7 @@ HESSIAN_BLOCKS = _Quantity(
 PER_SAMPLE_HZ = _Quantity(
     "per_sample_hz",
     fast=_per_sample_hz,
-    guard=lambda c: (
-        (sum(c.problem.n_samples * layer.n_out**2 for layer in c.struct.layers),),
-        "the per-sample H_Z",
-    ),
+    guard=_per_sample_hz_guard,
 )
 
 

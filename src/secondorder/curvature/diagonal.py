@@ -52,6 +52,15 @@ def _add_squares_gemm(out: Tensor, a: Tensor, x: Tensor, alpha: float = 1.0) -> 
         out.addmm_(a[:, s : s + rows], b, alpha=alpha)
 
 
+def _add_scaled_squares(out: Tensor, a: Tensor, x: Tensor, alpha: float) -> None:
+    """out += α·a·(x ⊙ x) for a (m, n), x (n, k), as (a·(x/s)²)·s·s with s the largest |x| of
+    each column: finite wherever the exact sum is, also when x² itself overflows."""
+    s = x.abs().amax(0)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    r = x / s
+    out.add_(torch.mm(a, r * r).mul_(s).mul_(s), alpha=alpha)
+
+
 def _congruence_fm(h: Tensor, W: Tensor) -> Tensor:
     """Wᵀ h_i W for every sample, feature-major: h (k, k, n) symmetric per sample, W (k, m);
     returns (m, m, n). Two GEMMs with the samples along the wide dimension (no batched
@@ -98,6 +107,7 @@ class _Plan:
     Wt_top: Tensor | None = None  # Wᵀ and (W ⊙ W)ᵀ of the last layer, for softmax_top
     WW_top: Tensor | None = None
     K: Tensor | None = None  # K[(c, c′), m] = W_cm W_c′m of the second layer
+    scaled: bool = False  # form x ⊙ x as (x/s)² · s² (no overflow for large inputs)
 
 
 def _plan(problem: CurvatureRequest, struct: MLPStructure, mode: str, d: Tensor) -> _Plan:
@@ -145,8 +155,15 @@ def diagonal(
     with torch.no_grad():
         for X, y in sample_chunks(problem, struct, chunk_size, per_sample=per):
             _add_chunk(plan, X, y)
-    if check_finite and not bool(torch.isfinite(d.sum())):
-        check_finite_values("X", problem.X)  # raises on NaN/inf in X; else d overflowed honestly
+        if not bool(torch.isfinite(d).all()):
+            if check_finite:
+                check_finite_values("X", problem.X)  # raises on NaN/inf in X
+            # x ⊙ x may have overflowed where diag(H_Z)·x² does not (0·inf = NaN for a
+            # saturated unit): again with the squares scaled by each column's largest |x|
+            d.zero_()
+            plan.scaled = True
+            for X, y in sample_chunks(problem, struct, chunk_size, per_sample=per):
+                _add_chunk(plan, X, y)
     if problem.l2:
         d.add_(problem.l2_mask, alpha=problem.l2)
     return d
@@ -202,7 +219,7 @@ def _softmax_top(plan: _Plan, x: Tensor, y: Tensor, xs: list[Tensor]):
     p = torch.softmax(x, 0)
     l = L - 1
     dh = torch.addcmul(p, p, p, value=-1.0)  # diag(diag p − ppᵀ), w in the GEMM
-    _add_layer_diag(plan.dW[l], plan.db[l], dh, xs[l], l, weight)
+    _add_layer_diag(plan.dW[l], plan.db[l], dh, xs[l], l, weight, plan.scaled)
     if L == 1:
         return None
     W = plan.Ws[l][0]
@@ -244,7 +261,7 @@ def _backward_fm(
             dh = h.diagonal(dim1=0, dim2=1).T
             if d2 is not None:
                 dh.addcmul_(d2, gx)
-        _add_layer_diag(plan.dW[l], plan.db[l], dh, xs[l], l, scale)
+        _add_layer_diag(plan.dW[l], plan.db[l], dh, xs[l], l, scale, plan.scaled)
         if l == 0:
             break
         W = plan.Ws[l][0]
@@ -261,11 +278,19 @@ def _backward_fm(
 
 
 def _add_layer_diag(
-    dW: Tensor, db: Tensor | None, dh: Tensor, x: Tensor, l: int, alpha: float = 1.0
+    dW: Tensor,
+    db: Tensor | None,
+    dh: Tensor,
+    x: Tensor,
+    l: int,
+    alpha: float = 1.0,
+    scaled: bool = False,
 ) -> None:
     """dW += α·diag(H_Z)·(x ⊙ x) and db += α·Σ_i diag(H_Z); dh is (n_out, n), x is the
     layer's input, sample-major (n, n_in) for the first layer and feature-major above."""
-    if l == 0:
+    if scaled:
+        _add_scaled_squares(dW, dh, x if l == 0 else x.T, alpha)
+    elif l == 0:
         _add_squares_gemm(dW, dh, x, alpha)
     else:
         dW.addmm_(dh, (x * x).T, alpha=alpha)

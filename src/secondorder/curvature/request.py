@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from secondorder import _validation
 from secondorder._validation import check_positive, check_same_length
-from secondorder.functional import FlatModel
+from secondorder.functional import FlatModel, check_model_output
 from secondorder.losses import Loss, get_loss
 
 __all__ = ["CurvatureRequest", "prepare"]
@@ -114,11 +114,7 @@ def _output_width(model: nn.Module, X: Tensor) -> int:
             raise ValueError(
                 f"the model cannot be applied to X of shape {tuple(X.shape)}: {exc}"
             ) from exc
-    if out.ndim != 2:
-        raise ValueError(
-            f"the model must map X of shape (N, ...) to outputs (N, k), got {tuple(out.shape)}"
-        )
-    return out.shape[1]
+    return check_model_output(model, out, 1).shape[1]
 
 
 def prepare(

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from secondorder._format import format_number
 from secondorder._progress import ProgressArg, Reporter, reporting
 from secondorder._validation import check_positive, check_positive_int
+from secondorder.functional import trainable_parameters
 from secondorder.losses import Loss
 
 from .backprop import hessian, hessian_blocks
@@ -142,7 +143,7 @@ class SaddleReport:
 
 
 def _load_theta(model: nn.Module, theta) -> nn.Module:
-    params = list(model.parameters())
+    params = trainable_parameters(model)
     P = sum(p.numel() for p in params)
     theta = torch.as_tensor(theta)
     if theta.ndim != 1 or theta.numel() != P:
@@ -151,10 +152,11 @@ def _load_theta(model: nn.Module, theta) -> nn.Module:
             f"{tuple(theta.shape)}"
         )
     model = copy.deepcopy(model)
+    theta = theta.to(dtype=params[0].dtype, device=params[0].device)
+    sizes = [q.numel() for q in params]
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(
-            theta.to(dtype=params[0].dtype, device=params[0].device), model.parameters()
-        )
+        for p, t in zip(trainable_parameters(model), torch.split(theta, sizes)):
+            p.copy_(t.view_as(p))
     return model
 
 

@@ -180,6 +180,9 @@ def analyse_mlp(model: nn.Module) -> tuple[MLPStructure | None, str]:
     pre, layers, reason = _scan_modules(model)
     if reason:
         return None, reason
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:  # θ leaves them out; the layer blocks of the fast path would not
+        return None, f"parameters {', '.join(frozen)} are frozen (requires_grad=False)"
     expected: list[nn.Parameter] = []
     infos: list[LayerInfo] = []
     offset = 0

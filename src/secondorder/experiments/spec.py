@@ -363,7 +363,7 @@ def spec_from_dict(
     errors: list[str] = []
     data = _validate(raw, errors)
     sweep = data.get("sweep") or {}
-    for k, v in sweep.items():
+    for k, v in sweep.items() if isinstance(sweep, dict) else ():  # else reported already
         if not isinstance(v, list) or not v:
             errors.append(f"{fmt_path('sweep', k)}: expected a non-empty list of values")
         else:

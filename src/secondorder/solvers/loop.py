@@ -20,11 +20,11 @@ from torch import Tensor
 from secondorder._format import format_number, format_spec_value
 from secondorder.errors import ModeNote
 from secondorder.objective import Objective
+from secondorder.solvers.escape import escape_step, lowest_eigenpair
 from secondorder.solvers.linesearch import evaluator
 from secondorder.solvers.protocol import Iterate
 from secondorder.solvers.registry import MethodEntry, method_entry
 from secondorder.solvers.result import STATUSES, Result, StopRules, Trace
-from secondorder.solvers.trust import lanczos_extreme
 
 __all__ = ["run"]
 
@@ -39,6 +39,7 @@ _CARRIED = {
     "neg": [],
     "neg_first": None,
     "samples": 0,
+    "escapes": 0,
 }
 
 
@@ -82,6 +83,7 @@ class _Loop:
         self.nonfinite = int(self.base["nonfinite"])
         self.changes = int(self.base["changes"])
         self.samples = int(self.base["samples"])  # drawn by the sampler for the steps taken
+        self.escapes = int(self.base["escapes"])  # steps along negative curvature at saddles
 
     def counts(self) -> tuple[int, int, int]:
         """Cumulative (nfev, ngev, nhev); nhev counts every curvature product."""
@@ -163,10 +165,11 @@ def run(objective: Objective, theta0: Tensor, cfg: dict) -> Result:
             loop.precond.load_state_dict(state.get("precond", {}))
     _warn_about_changing_functions(loop)
     _start(loop, state)
-    while loop.status is None:
-        _iterate(loop)
-    if loop.status == "gtol" and cfg["check_saddle"]:
-        _check_saddle(loop)
+    while True:
+        while loop.status is None:
+            _iterate(loop)
+        if loop.status != "gtol" or not cfg["check_saddle"] or not _check_saddle(loop):
+            break
     return _result(loop, _message(loop))
 
 
@@ -303,52 +306,62 @@ def _iterate(loop: _Loop) -> None:
     if not finite:
         loop.end("nonfinite", f"the objective became non-finite at iteration {loop.k}")
         return
+    _apply_stop_rules(loop, f_before, out.moved)
+
+
+def _apply_stop_rules(loop: _Loop, f_before: float, moved: bool) -> None:
+    """End the run when a stopping rule holds after a step from f_before."""
     rule = loop.stop.check(
         iterations=loop.iterations,
         f=loop.f,
         f_prev=f_before,
         grad_norm=_gnorm(loop.g),
         evals=loop.evals_now(),
-        moved=out.moved,
+        moved=moved,
     )
     if rule is not None:
         loop.end(*rule)
 
 
-def _saddle(objective: Objective, theta: Tensor, entry: MethodEntry) -> tuple[float, float] | None:
-    """(λ_min, tolerance) when the Hessian at θ has a clearly negative eigenvalue: dense
-    eigenvalues for a method on the dense Hessian, else 30 Lanczos steps."""
-    n = theta.numel()
-    if entry.dense_hessian:
-        ev = torch.linalg.eigvalsh(objective.hessian(theta))
-        lo, hi = float(ev[0]), float(ev.abs().max())
-    else:
-        lo, hi = lanczos_extreme(
-            objective.hvp_at(theta), n, steps=min(n, 30), dtype=theta.dtype, device=theta.device
+def _check_saddle(loop: _Loop) -> bool:
+    """At a stationary point with a clearly negative Hessian eigenvalue (dense eigenvalues for
+    a method on the dense Hessian, else 30 Lanczos steps): step along its eigenvector when the
+    method escapes saddles and a trial lowers f (True: the run goes on), else end with status
+    ``saddle``."""
+    dense = loop.entry.dense_hessian
+    lam, v, scale = lowest_eigenpair(loop.objective, loop.theta, dense)
+    tol = math.sqrt(torch.finfo(loop.theta.dtype).eps) * max(1.0, scale)
+    if lam >= -tol:
+        return False
+    if not loop.neg_iters or loop.neg_iters[-1] != loop.k:
+        loop.neg_iters.append(loop.k)
+    if loop.neg_first is None:
+        loop.neg_first = (
+            f"at iteration {loop.k} (Hessian eigenvalue {format_number(lam, 3)} at the point)"
         )
-        hi = max(abs(lo), abs(hi))
-    tol = math.sqrt(torch.finfo(theta.dtype).eps) * max(1.0, hi)
-    return (lo, tol) if lo < -tol else None
-
-
-def _check_saddle(loop: _Loop) -> None:
-    """At a stationary point, turn convergence into ``saddle`` on negative curvature."""
-    found = _saddle(loop.objective, loop.theta, loop.entry)
-    if found is None:
-        return
-    lam, _ = found
+    if loop.entry.escapes_saddles and loop.iterations < loop.stop.max_iter:
+        solver = getattr(loop.solver, "solver", loop.solver)
+        out = escape_step(solver, loop.evaluate, loop.theta, loop.f, loop.g, lam, v)
+        if out is not None:
+            f_before = loop.f
+            loop.theta, loop.f, loop.g, t = out
+            loop.point += 1
+            loop.k += 1
+            loop.iterations += 1
+            loop.escapes += 1
+            loop.status, loop.message = None, ""
+            if loop.report(loop.row(t, {"saddle_escape": lam})):
+                loop.end("callback", "the callback asked to stop")
+                return False
+            _apply_stop_rules(loop, f_before, True)
+            return True
     loop.end(
         "saddle",
         f"the gradient vanished (‖g‖∞ = {format_number(_gnorm(loop.g), 3)}) but the Hessian "
         "has a negative "
         f"eigenvalue ≈ {format_number(lam, 3)}: θ is a saddle point or a maximum, not a minimum",
     )
-    if not loop.neg_iters or loop.neg_iters[-1] != loop.k:
-        loop.neg_iters.append(loop.k)
-    if loop.neg_first is None:
-        loop.neg_first = (
-            f"at iteration {loop.k} (Hessian eigenvalue {format_number(lam, 3)} at the final point)"
-        )
+    return False
 
 
 def _message(loop: _Loop) -> str:
@@ -361,6 +374,11 @@ def _message(loop: _Loop) -> str:
         notes.append(
             f"negative curvature detected {loop.neg_first}; at iteration(s) {where} in all"
             + (modified if entry.dense_hessian else "")
+        )
+    if loop.escapes:
+        notes.append(
+            f"left a saddle point along a Hessian eigenvector of negative eigenvalue "
+            f"{loop.escapes} time(s)"
         )
     if loop.nonfinite:
         notes.append(
@@ -434,6 +452,7 @@ def _result(loop: _Loop, message: str) -> Result:
         "neg": list(loop.neg_iters),
         "neg_first": loop.neg_first,
         "samples": loop.samples,
+        "escapes": loop.escapes,
         "solver": loop.solver.state_dict(),
         "precond": {} if precond is None else precond.state_dict(),
         "version": loop.objective.version,  # the function that f and g belong to

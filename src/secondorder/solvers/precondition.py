@@ -41,6 +41,7 @@ from secondorder import curvature
 from secondorder._validation import check_choice, check_positive
 from secondorder.curvature.kfac import KroneckerInverse, kfac_factors, mlp_structure
 from secondorder.curvature.structure import MLPStructure
+from secondorder.functional import trainable_parameters
 from secondorder.objective import ModelObjective, Objective
 
 __all__ = [
@@ -329,7 +330,7 @@ def _library_diagonal(objective, theta: Tensor, which: str) -> Tensor | None:
         return None  # eq.-28 weights that are not uniform: use the products below
     model = copy.deepcopy(objective.model).to(dtype=objective.dtype, device=objective.device)
     with torch.no_grad():
-        for p, t in zip(model.parameters(), torch.split(theta.detach(), objective.numels)):
+        for p, t in zip(trainable_parameters(model), torch.split(theta.detach(), objective.numels)):
             p.copy_(t.view_as(p))
     try:
         with warnings.catch_warnings():

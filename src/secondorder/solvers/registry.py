@@ -162,7 +162,9 @@ class MethodEntry:
     the saddle check uses its eigenvalues), ``wolfe_c2`` (the default curvature constant),
     ``lr`` (the default step size, the fixed step of a method whose ``line_search`` is
     ``"fixed"``), ``preconditioned`` (accepts ``preconditioner=``), ``own_step`` (the
-    direction is the whole step, α = 1, and ``lr`` is one of the method's own options)."""
+    direction is the whole step, α = 1, and ``lr`` is one of the method's own options),
+    ``escapes_saddles`` (at a stationary point with negative curvature the method steps along
+    the Hessian eigenvector instead of stopping with status ``saddle``: solvers/escape.py)."""
 
     name: str
     label: str
@@ -179,6 +181,7 @@ class MethodEntry:
     lr: float = 1.0
     preconditioned: bool = True
     own_step: bool = False
+    escapes_saddles: bool = False
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -291,6 +294,7 @@ register(
         lambda o: Newton(o["modification"]),
         (Option("modification", "damping", choice(NEWTON_MODIFICATIONS)),),
         second_order=True,
+        escapes_saddles=True,
         dense="the dense Hessian",
         dense_hessian=True,
     )
@@ -308,6 +312,7 @@ register(
             Option("warm_start", True, check_bool),
         ),
         second_order=True,
+        escapes_saddles=True,
     )
 )
 register(
@@ -370,6 +375,7 @@ register(
         ),
         line_search=None,
         second_order=True,
+        escapes_saddles=True,
         trust_region="trust-region radius",
     )
 )
@@ -381,6 +387,7 @@ register(
         (*_CG, Option("sigma0", 1.0, check_positive), Option("eta", 0.1, below(0.9))),
         line_search=None,
         second_order=True,
+        escapes_saddles=True,
         trust_region="cubic regulariser σ",
     )
 )

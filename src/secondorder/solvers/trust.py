@@ -228,6 +228,13 @@ class TrustNCG(_TrustBase):
             )
         return _rejected(it, note)
 
+    def escape_length(self, lam: float) -> float:
+        """The step along a negative-curvature eigenvector at a saddle: to the boundary."""
+        return self.radius
+
+    def escape_rejected(self) -> None:
+        self.radius *= 0.25
+
     def state_dict(self) -> dict:
         return {"radius": self.radius}
 
@@ -373,6 +380,14 @@ class ARC(_TrustBase):
                 "this precision",
             )
         return _rejected(it, note)
+
+    def escape_length(self, lam: float) -> float:
+        """The step along a unit eigenvector of λ < 0 at a saddle: the minimiser −λ/σ of the
+        cubic model ½λt² + σ/3·t³."""
+        return -lam / self.sigma
+
+    def escape_rejected(self) -> None:
+        self.sigma *= 2.0
 
     def state_dict(self) -> dict:
         return {"sigma": self.sigma}
