@@ -190,6 +190,8 @@ def torch_load(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # every failure of the safe loader; never fall back to pickle
         first = (str(err).strip().splitlines() or [""])[0][:200]
+        if "weights only load failed" in first.lower():  # torch's text advises the unsafe loader
+            first = "it holds objects the safe loader refuses, or is not a torch file at all"
         raise CheckpointError(
             f"{os.fspath(path)} is not a checkpoint this library can load safely "
             f"({type(err).__name__}: {first}); it is truncated, corrupted or was not written "
