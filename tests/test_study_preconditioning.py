@@ -172,6 +172,12 @@ def test_target_is_the_best_runs_loss_at_half_its_iterations():
     assert (kfac.iterations, kfac.seconds) == (3, 3)
     assert none.iterations is None and none.seconds is None and not none.reached
     assert kfac.final == 0.1 and kfac.per_iteration == 1
+    # the second target: where "none" ends (1.2), which K-FAC passes at iteration 3
+    assert study.none_level([other, best]) == 1.2
+    none, kfac = study.to_target([other, best], study.none_level)["lbfgs"]
+    assert (none.iterations, kfac.iterations) == (6, 3)
+    assert math.isnan(study.none_level([best]))
+    assert not study.to_target([best], study.none_level)["lbfgs"][0].reached
 
 
 def _tt(pre, it, sec, final=1.0):

@@ -148,14 +148,21 @@ def _first_reach(c: Config, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
-def to_target(cfgs: Sequence[Config]) -> dict[str, list[ToTarget]]:
-    """Per method, every configuration's iterations and seconds to the method's T."""
+def none_level(cfgs: Sequence[Config]) -> float:
+    """T_none: the final f of the unpreconditioned run (nan without one)."""
+    none = [c for c in cfgs if c.preconditioner == "none" and c.fs]
+    return none[0].final if none else math.nan
+
+
+def to_target(cfgs: Sequence[Config], level=target_level) -> dict[str, list[ToTarget]]:
+    """Per method, every configuration's iterations and seconds to the method's target
+    ``level(configurations of the method)`` (:func:`target_level` or :func:`none_level`)."""
     out: dict[str, list[ToTarget]] = {}
     for method in _ordered({c.method for c in cfgs}, METHODS):
         mine = sorted(
             (c for c in cfgs if c.method == method), key=lambda c: _rank(c.preconditioner)
         )
-        target = target_level(mine)
+        target = level(mine)
         rows = []
         for c in mine:
             k, t = _first_reach(c, target)
@@ -248,6 +255,8 @@ class Problem:
     slug: str
     cell: CellRun
     results: dict[str, list[ToTarget]] = field(default_factory=dict)
+    #: the same against T_none, the unpreconditioned run's final f
+    vs_none: dict[str, list[ToTarget]] = field(default_factory=dict)
     figure: Path | None = None
 
 
@@ -291,7 +300,8 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
         return []
     problems = []
     for title, cell in _problems(run):
-        p = Problem(title, _slug(title), cell, to_target(configs(cell)))
+        cfgs = configs(cell)
+        p = Problem(title, _slug(title), cell, to_target(cfgs), to_target(cfgs, none_level))
         if p.results:
             problems.append(p)
     if not problems:
@@ -339,7 +349,7 @@ def _iteration_table(p: Problem) -> str:
     rows = []
     for method, res in p.results.items():
         none = next((r for r in res if r.preconditioner == "none"), None)
-        for r in res:
+        for r, v in zip(res, p.vs_none.get(method, [None] * len(res))):
             cost = (
                 r.per_iteration / none.per_iteration
                 if none and r.per_iteration and none.per_iteration
@@ -352,14 +362,17 @@ def _iteration_table(p: Problem) -> str:
                     format_number(r.target, 4),
                     _cell(r.iterations),
                     _cell(r.seconds),
+                    "—" if v is None else _cell(v.iterations),
+                    "—" if v is None else _cell(v.seconds),
                     format_number(r.final, 4),
                     _cell(r.per_iteration),
                     "—" if cost is None else f"×{format_number(cost, 3)}",
                 ]
             )
     header = ["method", "preconditioner", "target T", "iterations to T", "seconds to T"]
-    header += ["final f", "seconds / iteration", "cost / iteration vs none"]
-    return md_table(header, rows, "llrrrrrr")
+    header += ["iterations to T_none", "seconds to T_none", "final f"]
+    header += ["seconds / iteration", "cost / iteration vs none"]
+    return md_table(header, rows, "llrrrrrrrr")
 
 
 # -- conclusions ------------------------------------------------------------------------------
@@ -404,7 +417,7 @@ def _winner_text(p: Problem, by: str) -> str:
 
 def _slower_text(p: Problem) -> str:
     bits = []
-    for method, res in p.results.items():
+    for method, res in p.vs_none.items():
         slow = slower_than_none(res)
         none = next((r for r in res if r.preconditioner == "none"), None)
         name = METHODS.get(method, method)
@@ -467,7 +480,8 @@ def _conclusions(problems: list[Problem], blocks, run: RunData) -> list[Conclusi
                 strength + timing,
             ),
             Conclusion(
-                "Is any preconditioner slower than none (seconds to T)?",
+                "Is any preconditioner slower than none (seconds to T_none, the final loss "
+                "of the unpreconditioned run)?",
                 _slower_text(p),
                 fig,
                 strength + timing,
