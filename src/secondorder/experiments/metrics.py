@@ -33,3 +33,13 @@ def register(name: str) -> Callable[[MetricFn], MetricFn]:
         return fn
 
     return add
+
+
+@register("batch_accuracy")
+def batch_accuracy(objective: Any, theta: torch.Tensor, splits: Any) -> dict[str, Any]:
+    """Eq. 30 on the samples the current objective sums over: the whole training set for the
+    full batch, the R batches of eq. 28 (fixed or this iteration's), the current mini-batch.
+    With batches that cover only part of the data it is the training accuracy the solver
+    actually fits, where ``train_accuracy`` also counts the samples it never sees."""
+    X, y, _ = objective.samples("value", whole=True)
+    return {"batch_accuracy": objective.accuracy(theta, X, y)}
