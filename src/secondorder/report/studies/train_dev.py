@@ -442,7 +442,7 @@ def _conclusions(run: RunData, runs: list[GapRun], dup: tuple) -> list[Conclusio
         else "not tested: no full-batch run recorded train and dev accuracy"
     )
     out.append(Conclusion("Does the gap grow with the iterations?", found, F_ITER, weak))
-    for key, what in (("width", "the hidden width"), ("l2", "λ")):
+    for key, what in (("width", "hidden width"), ("l2", "λ")):
         up, down, pairs, diff = sweep_rule(runs, key)
         found = (
             f"at the largest {what} the final gap was larger (by > "
@@ -451,7 +451,8 @@ def _conclusions(run: RunData, runs: list[GapRun], dup: tuple) -> list[Conclusio
             if pairs
             else f"not tested: the run has one value of {what}"
         )
-        out.append(Conclusion(f"Does the gap depend on {what}?", found, T_GAP, weak))
+        q = f"Does the gap depend on {'the ' if key == 'width' else ''}{what}?"
+        out.append(Conclusion(q, found, T_GAP, weak))
     fit = fitting_rule(runs)
     verdict = {
         "opens": "yes: the gap opens once the model fits, so close accuracies mark an "
