@@ -47,7 +47,7 @@ def test_quick_run_end_to_end(fashion_mnist, tmp_path):
     # every solver of every batch construction has its row in the table
     table = text.split("### Table: time and epochs to the target", 1)[1]
     for kind in ("full", "fixed", "epoch"):
-        assert len(re.findall(rf"^\| {kind} \| ", table, flags=re.M)) == 10
+        assert len(re.findall(rf"^\| {kind} \| ", table, flags=re.M)) == 11
 
 
 def test_synthetic_run_without_the_dataset(tmp_path):

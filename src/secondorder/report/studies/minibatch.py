@@ -386,8 +386,8 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
         + ". Times are solver seconds without the metrics; epochs count the samples the "
         "accepted steps drew over m (line-search trials and curvature products are not "
         "counted, but their cost is in the time). ★ marks the fastest of each class per "
-        "batch construction. Learning rates: each first-order method runs at two rates; the "
-        "verdict takes the best run of each class.\n"
+        "batch construction. Learning rates: the first-order methods run at several rates (one "
+        "row each); the verdict takes the best run of each class.\n"
     )
     out.append(f"{h}# {T_REACH}\n")
     out.append(note)
