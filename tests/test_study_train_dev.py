@@ -177,3 +177,19 @@ def test_batch_accuracy_is_accuracy_on_the_fixed_batches():
         pred = model(X[idx]).argmax(1)  # the module itself, not the objective's forward
     assert got == pytest.approx(float((pred == y[idx]).double().mean()))
     assert len(idx) == 12
+
+
+def test_load_splits_is_the_data_the_run_fits():
+    from secondorder.experiments.problems import build_problem, load_splits
+
+    raw = {
+        "name": "splits",
+        "data": {"kind": "random", "n_train": 50, "n_test": 20, "seed": 3},
+        "model": {"kind": "mlp", "hidden": [4]},
+        "solvers": [{"method": "gd"}],
+    }
+    (cell,) = spec_from_dict(raw).cells()
+    splits = load_splits(cell.spec)
+    obj = build_problem(cell.spec).objective
+    assert torch.equal(splits.train.X, obj.X) and torch.equal(splits.train.y, obj.y)
+    assert len(splits.test) == 20 and splits.dev is None
