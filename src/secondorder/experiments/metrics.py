@@ -101,3 +101,13 @@ def layer_block_structure(objective, theta: torch.Tensor, splits) -> dict[str, A
     total = float(torch.linalg.matrix_norm(H))
     out["layer_block_fraction"] = block_sq**0.5 / total if total > 0 else 0.0
     return out
+
+
+@register("batch_accuracy")
+def batch_accuracy(objective: Any, theta: torch.Tensor, splits: Any) -> dict[str, Any]:
+    """Eq. 30 on the samples the current objective sums over: the whole training set for the
+    full batch, the R batches of eq. 28 (fixed or this iteration's), the current mini-batch.
+    With batches that cover only part of the data it is the training accuracy the solver
+    actually fits, where ``train_accuracy`` also counts the samples it never sees."""
+    X, y, _ = objective.samples("value", whole=True)
+    return {"batch_accuracy": objective.accuracy(theta, X, y)}

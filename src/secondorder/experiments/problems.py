@@ -32,6 +32,7 @@ __all__ = [
     "DataCache",
     "Problem",
     "build_problem",
+    "load_splits",
     "make_model",
     "model_objective",
 ]
@@ -115,6 +116,12 @@ def _load_data(spec: dict[str, Any], cache: DataCache) -> Splits:
         raise AssertionError(kind)
 
     return cache.get(key, make)
+
+
+def load_splits(spec: dict[str, Any], cache: DataCache | None = None) -> Splits:
+    """The train, dev and test data of one cell's resolved spec: what its runs fit and measure
+    (a report that needs the images themselves reads them through this)."""
+    return _load_data(spec, cache or DataCache())
 
 
 # ----------------------------------------------------------------------------------------------
