@@ -24,8 +24,9 @@ import math
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-from secondorder._format import format_number
+from secondorder._format import format_number, format_spec_value
 from secondorder.report.figures import _figure, save
 from secondorder.report.rundata import CellRun, RunData, SolverRun, final_value
 from secondorder.report.studies import Conclusion, StudyContext, conclusions_table
@@ -63,11 +64,11 @@ T_FINAL = "Table D1: final training loss by depth and method"
 T_EQUAL = "Table D2: training loss after the same number of iterations"
 T_TARGET = "Table D3: iterations to 90 % of the best decrease"
 T_ONSET = "Table D4: where each method begins to fail"
-T_START = "Table D5: gradients and curvature at θ₀ by depth"
-F_GRAD = "Figure D1: per-layer gradient norms at θ₀ by depth"
+T_START = "Table D5: gradients and curvature by depth, at θ₀ and at the end of the best run"
+F_GRAD = "Figure D1: per-layer gradient norms by depth, at θ₀ and at the end of the best run"
 F_LOSS = "Figure D2: final training loss against depth"
 F_LAMBDA = "Figure D3: λ_min of the Hessian along the run"
-F_SIGMA = "Figure D4: negative σ″·∂L/∂X terms per layer at θ₀"
+F_SIGMA = "Figure D4: negative σ″·∂L/∂X terms per layer, at θ₀ and at the end of the best run"
 
 
 # -- the rules (plain data in, plain data out: tested on hand-made inputs) ----------------------
@@ -194,7 +195,7 @@ def _loss_table(title: str, cells: dict[int, CellRun], value, fails) -> str:
     return f"**{title}**\n\n" + md_table(["L", *names, "best"], rows)
 
 
-def _target_table(cells: dict[int, CellRun]) -> str:
+def _target_table(cells: dict[int, CellRun], act: str) -> str:
     names = [s.name for s in next(iter(cells.values())).solvers]
     rows = []
     for L in sorted(cells):
@@ -206,7 +207,7 @@ def _target_table(cells: dict[int, CellRun]) -> str:
             hit = [k for k, f in zip(*s.column("f")) if f <= target]
             cols.append(str(int(hit[0])) if hit else "—")
         rows.append([L, show(target), *cols])
-    return f"**{T_TARGET}**\n\n" + md_table(["L", "target f", *names], rows)
+    return f"**{T_TARGET} ({act})**\n\n" + md_table(["L", "target f", *names], rows)
 
 
 def _onset_table(grid, fails_by_act) -> tuple[str, dict[str, dict[str, int | None]]]:
@@ -227,6 +228,14 @@ def _onset_table(grid, fails_by_act) -> tuple[str, dict[str, dict[str, int | Non
     return f"**{T_ONSET}**\n\n" + md_table(["method", *acts], rows), onsets
 
 
+def final_list(s: SolverRun, key: str) -> list[float] | None:
+    """The last per-layer list recorded in column ``key``."""
+    for r in reversed(s.rows):
+        if isinstance(r.get(key), list) and r[key]:
+            return [float(v) for v in r[key]]
+    return None
+
+
 def _ratio(norms: Any) -> float | None:
     if not isinstance(norms, list) or len(norms) < 2 or not norms[-1]:
         return None
@@ -238,23 +247,38 @@ def _start_table(grid) -> str:
     for a in sorted(grid):
         for L in sorted(grid[a]):
             r = _start(grid[a][L])
+            best = _best_run(grid[a][L])
             neg = r.get("negative_curvature_fraction") or []
+            neg_end = final_list(best, "negative_curvature_fraction") or []
             rows.append(
                 [
                     a,
                     L,
                     show(_ratio(r.get("layer_grad_norms"))),
+                    show(_ratio(final_list(best, "layer_grad_norms"))),
                     show(float(np.mean(neg))) if neg else "—",
+                    show(float(np.mean(neg_end))) if neg_end else "—",
                     show(r.get("lanczos_lambda_min")),
                     show(r.get("lanczos_lambda_max")),
+                    f"{best.name}: {show(final_value(best.rows, 'lanczos_lambda_min'))}",
                 ]
             )
-    header = ["activation", "L", "‖g₁‖/‖g_out‖", "negative σ″·∂L/∂X (mean)", "λ_min", "λ_max"]
+    header = [
+        "activation",
+        "L",
+        "‖g₁‖/‖g_out‖ at θ₀",
+        "… at the end (best run)",
+        "negative σ″·∂L/∂X at θ₀ (mean over layers)",
+        "… at the end (best run)",
+        "λ_min at θ₀",
+        "λ_max at θ₀",
+        "λ_min at the end (best run)",
+    ]
     return f"**{T_START}**\n\n" + md_table(header, rows)
 
 
 # -- figures --------------------------------------------------------------------------------------
-def _per_layer_figure(grid, ctx: StudyContext, key: str, name: str, title: str, ylabel: str):
+def _per_layer_figure(grid, ctx, key: str, name: str, title: str, ylabel: str, end: bool = False):
     acts = sorted(grid)
     fig = _figure(len(acts), 1, width=5.0, height=3.8)
     axes = fig.subplots(1, len(acts), squeeze=False)[0]
@@ -265,11 +289,19 @@ def _per_layer_figure(grid, ctx: StudyContext, key: str, name: str, title: str, 
                 continue
             st = series_style(i)
             ax.plot(range(1, len(vals) + 1), vals, label=f"L = {L}", **st, ms=4)
-        ax.set_title(f"{a}")
+            if end:
+                last = final_list(_best_run(grid[a][L]), key)
+                if last:
+                    st = {**st, "ls": ":", "marker": "x"}
+                    ax.plot(range(1, len(last) + 1), last, **st, ms=4)
+        ax.set_title(a + ("  (solid: θ₀; dotted: end of the best run)" if end else ""))
         ax.set_xlabel("layer (1 = input side)")
         ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if key == "layer_grad_norms":
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(0.0, 1.0)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     return save(fig, ctx.figure(name))
@@ -346,7 +378,7 @@ def _gradient_conclusions(grid, weak: str) -> list[Conclusion]:
                 f"Do gradients vanish or explode with depth ({a})?",
                 f"{verdict}: ‖g₁‖/‖g_out‖ at θ₀ is {format_number(ratios[lo], 3)} at L = {lo} "
                 f"and {format_number(ratios[hi], 3)} at L = {hi} (rule: a change by more than "
-                f"{format_number(TREND)}× is a trend)",
+                f"{format_spec_value(TREND)}× is a trend)",
                 f"{F_GRAD}; {T_START}",
                 weak + "; at θ₀ only (one initialisation)",
             )
@@ -361,17 +393,33 @@ def _onset_conclusions(grid, onsets, weak: str) -> list[Conclusion]:
         never = [m for m, o in onsets[a].items() if o is None]
         failing_ = sorted(((o, m) for m, o in onsets[a].items() if o is not None))
         text = "; ".join(f"{m} from L = {o}" for o, m in failing_) or "no method fails"
+        short = _short_budgets(grid[a])
+        if short:
+            text += f" ({short}: compare them in {T_EQUAL})"
         out.append(
             Conclusion(
                 f"Where does each method begin to fail ({a})?",
                 f"{text}; still working at L = {deepest}: {', '.join(never) or 'none'} (rule: "
-                f"fails when its decrease is below {format_number(FAIL_FRACTION)} of the best "
-                f"method's or below {format_number(NO_PROGRESS)}·f₀)",
+                f"fails when its decrease is below {format_spec_value(FAIL_FRACTION)} of the best "
+                f"method's or below {format_spec_value(NO_PROGRESS)}·f₀)",
                 f"{T_FINAL}; {T_ONSET}; {F_LOSS}",
                 weak + "; each method's own iteration budget",
             )
         )
     return out
+
+
+def _short_budgets(cells: dict[int, CellRun]) -> str:
+    """The solvers given fewer iterations than the longest-running one, with their budget."""
+    cell = cells[max(cells)]
+    most = max(s.iterations for s in cell.solvers)
+    short = [f"{s.name} ran {s.iterations} iterations" for s in cell.solvers if s.iterations < most]
+    return ", ".join(short)
+
+
+def _best_run(cell: CellRun) -> SolverRun:
+    """The cell's solver with the lowest final training loss."""
+    return min(cell.solvers, key=lambda s: (not math.isfinite(_final(s)), _final(s)))
 
 
 def _group_best(cell: CellRun, value, curvature: bool) -> tuple[str | None, float]:
@@ -421,7 +469,7 @@ def _curvature_conclusions(grid, k_eq: int, weak: str) -> list[Conclusion]:
                 f"Does curvature help at the deepest depths ({a})?",
                 f"{verdict} in {max(helps, hurts) if verdict != 'no clear difference' else helps}"
                 f" of {len(gains)} comparisons — " + "; ".join(parts) + f" (rule: gain ≥ "
-                f"{format_number(GAIN)} of the larger decrease, best curvature method vs best "
+                f"{format_spec_value(GAIN)} of the larger decrease, best curvature method vs best "
                 f"of {', '.join(sorted(FIRST_ORDER & _method_names(grid)))})",
                 f"{T_FINAL}; {T_EQUAL}; {F_LOSS}",
                 weak + "; first-order step sizes are single choices (Armijo for GD, lr for Adam)",
@@ -442,6 +490,7 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
     records = negative = 0
     at_start: dict[int, list[float]] = {}
     sigma: dict[int, list[float]] = {}
+    sigma_end: list[float] = []
     for cells in grid.values():
         for L, cell in cells.items():
             r0 = _start(cell)
@@ -451,6 +500,9 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
                 )
             if r0.get("negative_curvature_fraction"):
                 sigma.setdefault(L, []).append(float(np.mean(r0["negative_curvature_fraction"])))
+            last = final_list(_best_run(cell), "negative_curvature_fraction")
+            if last:
+                sigma_end.append(float(np.mean(last)))
             for s in cell.solvers:
                 for r in s.rows:
                     lo, hi = r.get("lanczos_lambda_min"), r.get("lanczos_lambda_max")
@@ -469,9 +521,14 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
         if sig
         else ""
     )
+    if sigma_end:
+        sig_text += (
+            f", at the end of each cell's best run {format_number(100 * min(sigma_end), 3)}–"
+            f"{format_number(100 * max(sigma_end), 3)} %"
+        )
     return Conclusion(
         "Is the Hessian indefinite along the runs (the saddle remark of Appendix C)?",
-        f"λ_min < −{format_number(NEGATIVE)}·λ_max in {negative} of {records} records; at θ₀ "
+        f"λ_min < −{format_spec_value(NEGATIVE)}·λ_max in {negative} of {records} records; at θ₀ "
         f"|λ_min|/λ_max {trend(rel, 2.0).replace('flat', 'stays within 2×')} from "
         f"{format_number(rel[lo], 3)} (L = {lo}) to {format_number(rel[hi], 3)} (L = {hi})"
         + sig_text,
@@ -498,26 +555,14 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
     if neg is not None:
         items.append(neg)
     figs = [
-        (
-            F_GRAD,
-            _per_layer_figure(
-                grid, ctx, "layer_grad_norms", "depth-layer-gradients", F_GRAD, "‖∂J/∂θ_l‖₂"
-            ),
-        ),
+        (F_GRAD, _per_layer_figure(grid, ctx, "layer_grad_norms", "depth-layer-gradients",
+                                   F_GRAD, "‖∂J/∂θ_l‖₂", end=True)),
         (F_LOSS, _loss_figure(grid, ctx)),
         (F_LAMBDA, _lambda_figure(grid, ctx)),
-        (
-            F_SIGMA,
-            _per_layer_figure(
-                grid,
-                ctx,
-                "negative_curvature_fraction",
-                "depth-negative-terms",
-                F_SIGMA,
-                "fraction negative",
-            ),
-        ),
-    ]
+        (F_SIGMA, _per_layer_figure(grid, ctx, "negative_curvature_fraction",
+                                    "depth-negative-terms", F_SIGMA, "fraction negative",
+                                    end=True)),
+    ]  # fmt: skip
     out = [f"{h} Depth study: does depth break it, and does curvature help?\n"]
     out.append(conclusions_table(items, h=h + "#"))
     out.append(f"{h}# Tables\n")
@@ -525,7 +570,7 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
     for a in sorted(grid):
         out.append(_loss_table(f"{T_FINAL} ({a})", grid[a], _final, fails[a]))
         out.append(_loss_table(f"{T_EQUAL} ({a}, k = {k_eq})", grid[a], _at(k_eq), None))
-        out.append(f"*{a}*\n\n" + _target_table(grid[a]))
+        out.append(_target_table(grid[a], a))
     out.append(onset_md)
     out.append(_start_table(grid))
     out.append(f"{h}# Figures\n")
