@@ -175,10 +175,10 @@ def test_quick_study_end_to_end(tmp_path, fashion_mnist):
             ("data.n_train", 60),
             ("data.n_test", 60),
             ("curvature_sampler.size", 30),
-            ("max_iter", 4),
-            ("metrics_every", 2),
+            ("max_iter", 3),
+            ("metrics_every", 3),
             ("solvers[SFN].max_iter", 1),
-            ("sweep", {"model.hidden": [[3], [3, 3, 3]], "model.activation": ["sigmoid", "tanh"]}),
+            ("sweep", {"model.hidden": [[3], [3, 3]], "model.activation": ["tanh"]}),
         ],
     )
     run = start_run(spec, tmp_path / "run", RunOptions(progress=False, log=lambda *_: None))
