@@ -65,11 +65,12 @@ _FULL_BATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _uncounted(objective: Any):
     """Evaluations made for a metric leave the solver's counts and sampling state as they were
     (a reshuffled-per-evaluation sampler would otherwise move on)."""
-    counts, state = objective.counts.copy(), objective.sampling_state()
+    counts, state = objective.counts.as_dict(), objective.sampling_state()
     try:
         yield
     finally:
-        objective.counts = counts
+        for key, value in counts.items():  # in place: the solver's loop holds this object
+            setattr(objective.counts, key, value)
         objective.load_sampling_state(state)
 
 
