@@ -42,7 +42,13 @@ from .operators import HessianOperator, SpectralDensity, lanczos_eigs, spectral_
 from .request import CurvatureRequest, prepare
 from .structure import MLPStructure, analyse_mlp, theta_blocks
 
-__all__ = ["ActivationCurvature", "LayerCurvature", "SaddleReport", "saddle_report"]
+__all__ = [
+    "ActivationCurvature",
+    "LayerCurvature",
+    "SaddleReport",
+    "activation_curvature",
+    "saddle_report",
+]
 
 VERDICTS = ("locally convex", "saddle", "indefinite")
 
@@ -246,6 +252,21 @@ def _saddle_report(
         notes=notes,
         _operator=op,
     )
+
+
+def activation_curvature(
+    model: nn.Module, X: Tensor, y: Tensor, loss: str | Loss = "cross_entropy", theta=None
+) -> list[ActivationCurvature]:
+    """Only the σ″(Z)·∂J/∂X sign statistics (eq. 87) of :func:`saddle_report`, per activation
+    layer, at ``theta`` (default: the model's parameters): no eigenvalues, one pass over the
+    samples. The L2 term does not enter ∂J/∂X, so it is not asked for."""
+    struct, reason = analyse_mlp(model)
+    if struct is None:
+        raise ValueError(f"model: σ″ statistics need a sequential MLP: {reason}")
+    if theta is not None:
+        model = _load_theta(model, theta)
+        struct, _ = analyse_mlp(model)
+    return _activation_curvature(prepare(model, X, y, loss, 0.0), struct)
 
 
 def _activation_curvature(

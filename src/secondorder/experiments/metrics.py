@@ -9,12 +9,30 @@ is all it takes to make its name valid in specs.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["EXTRA_METRICS", "MetricFn", "register"]
+from secondorder.curvature.operators import HessianOperator, lanczos_eigs
+from secondorder.curvature.saddle import activation_curvature
+from secondorder.curvature.structure import analyse_mlp, theta_blocks
+from secondorder.linalg import norm64
+from secondorder.objective import ModelObjective
+from secondorder.sampling import FullBatch
+
+__all__ = [
+    "EXTRA_METRICS",
+    "LANCZOS_STEPS",
+    "MetricFn",
+    "lambda_min",
+    "layer_grad_norms",
+    "negative_curvature_fraction",
+    "register",
+]
 
 #: ``fn(objective, theta, splits)``: what to add to the trace row
 MetricFn = Callable[[Any, torch.Tensor, Any], dict[str, Any]]
@@ -111,3 +129,86 @@ def batch_accuracy(objective: Any, theta: torch.Tensor, splits: Any) -> dict[str
     actually fits, where ``train_accuracy`` also counts the samples it never sees."""
     X, y, _ = objective.samples("value", whole=True)
     return {"batch_accuracy": objective.accuracy(theta, X, y)}
+
+
+# -- the metrics of the depth study (vanishing gradients, negative curvature) -----------------
+#: Lanczos steps of ``lambda_min``: the extreme Ritz values of a short run bound the spectrum
+#: from inside (a negative one proves negative curvature), at 30 Hessian products a record
+LANCZOS_STEPS = 30
+
+_FULL_BATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _uncounted(objective: Any):
+    """Evaluations made for a metric leave the solver's counts and sampling state as they were
+    (a reshuffled-per-evaluation sampler would otherwise move on)."""
+    counts, state = objective.counts.as_dict(), objective.sampling_state()
+    try:
+        yield
+    finally:
+        for key, value in counts.items():  # in place: the solver's loop holds this object
+            setattr(objective.counts, key, value)
+        objective.load_sampling_state(state)
+
+
+def _full_batch(objective: Any) -> Any:
+    """The objective itself when it is full-batch, else its full-batch twin (same data,
+    model, loss and L2 term), built once: λ_min is a property of the training objective."""
+    sampled = not isinstance(objective.sampler, FullBatch) or objective.curvature_sampler
+    if not sampled:
+        return objective
+    if objective not in _FULL_BATCH:
+        _FULL_BATCH[objective] = ModelObjective(
+            objective.model,
+            objective.loss,
+            (objective.X, objective.y),
+            l2=objective.l2,
+            l2_convention=objective.l2_convention,
+            l2_m=objective.l2_m,
+            regularize_bias=objective.regularize_bias,
+            dtype=objective.dtype,
+            device=objective.device,
+        )
+    return _FULL_BATCH[objective]
+
+
+def _structure(objective: Any) -> Any:
+    struct, reason = analyse_mlp(objective.model)
+    if struct is None:
+        raise ValueError(f"per-layer metrics need a sequential MLP: {reason}")
+    return struct
+
+
+@register("layer_grad_norms")
+def layer_grad_norms(objective: Any, theta: torch.Tensor, splits: Any) -> dict[str, Any]:
+    """‖∂J/∂θ_l‖₂ of each Linear layer l (weights and bias, input layer first) of the
+    objective the solver sees: vanishing (exploding) gradients shrink (grow) towards layer 1."""
+    blocks = theta_blocks(objective.model, _structure(objective))
+    with _uncounted(objective):
+        _, g = objective.value_and_grad(theta)
+    return {"layer_grad_norms": [norm64(g[a:b]) for _, a, b in blocks]}
+
+
+@register("negative_curvature_fraction")
+def negative_curvature_fraction(objective: Any, theta: torch.Tensor, splits: Any) -> dict:
+    """Per hidden layer, the fraction of (sample, unit) pairs whose Appendix-C term
+    σ″(Z)·∂J/∂X (eq. 87) is negative, over the current function's samples."""
+    _structure(objective)
+    X, y, _ = objective.samples("value", whole=True)
+    stats = activation_curvature(objective.model, X, y, objective.loss, theta)
+    return {"negative_curvature_fraction": [a.fraction_negative for a in stats]}
+
+
+@register("lambda_min")
+def lambda_min(objective: Any, theta: torch.Tensor, splits: Any) -> dict[str, float]:
+    """The smallest and largest eigenvalue of the full-batch Hessian ∇²J(θ) (with the L2
+    term) estimated by :data:`LANCZOS_STEPS` Lanczos steps from a fixed start: Ritz values lie
+    inside the spectrum, so ``lambda_min`` < 0 proves a direction of negative curvature."""
+    full = _full_batch(objective)
+    n = full.n_params
+    with _uncounted(full), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short run is meant: no convergence warning
+        op = HessianOperator(full, theta=theta)
+        vals, _ = lanczos_eigs(op, k=1, which="both", max_iter=min(n, LANCZOS_STEPS), seed=0)
+    return {"lanczos_lambda_min": float(vals[0]), "lanczos_lambda_max": float(vals[-1])}

@@ -19,7 +19,7 @@ from torch import nn
 
 from secondorder import distributed
 from secondorder.data import from_arrays, load_fashion_mnist, stratified_split, two_class_2d
-from secondorder.data.dataset import Splits
+from secondorder.data.dataset import Dataset, Splits
 from secondorder.experiments.metrics import EXTRA_METRICS
 from secondorder.experiments.noisy import NoisyFunctionObjective
 from secondorder.experiments.schema import SpecError
@@ -95,7 +95,17 @@ def _fashion_mnist_splits(data: dict[str, Any], dtype: torch.dtype) -> Splits:
         _, train = stratified_split(train, data["n_train"], seed=data["subsample_seed"])
     if data.get("n_test") and data["n_test"] < len(test):
         _, test = stratified_split(test, data["n_test"], seed=data["subsample_seed"])
+    k = data.get("pool", 1)
+    if k > 1:
+        train, test = _pooled(train, k), _pooled(test, k)
+        dev = None if dev is None else _pooled(dev, k)
     return Splits(train, dev, test)
+
+
+def _pooled(ds: Dataset, k: int) -> Dataset:
+    """28×28 images averaged over k×k blocks: (28/k)² features (a smaller network input)."""
+    X = torch.nn.functional.avg_pool2d(ds.X.reshape(-1, 1, 28, 28), k)
+    return Dataset(X.reshape(len(ds), -1), ds.y, ds.n_classes, ds.name)
 
 
 def _load_data(spec: dict[str, Any], cache: DataCache) -> Splits:

@@ -175,6 +175,9 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
                     f"data.n_train: {data['n_train']} is more than the {n_tr} training images "
                     "left after the dev split"
                 )
+            pool = data.get("pool", 1)
+            if isinstance(pool, int) and pool >= 1 and 28 % pool:
+                errors.append(f"data.pool: must divide 28 (1, 2, 4, 7, 14 or 28), got {pool}")
     if "metrics" not in spec and kind in DEFAULT_METRICS:
         metrics = list(DEFAULT_METRICS[kind])
         if kind == "fashion-mnist" and not data.get("dev_size"):

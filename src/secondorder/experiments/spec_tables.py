@@ -117,6 +117,7 @@ DATA: dict[str, dict[str, F]] = {
         "subsample_seed": F("int", 0, minimum=0),
         "root": F("str", doc="directory of the four idx files"),
         "download": F("bool", True, doc="download when not found"),
+        "pool": F("int", 1, minimum=1, doc="average the 28×28 images over k×k blocks (k | 28)"),
     },
     "random": {
         "n_train": F("int", 200, minimum=1),
