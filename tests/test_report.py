@@ -273,3 +273,22 @@ def test_paper_tables_hold_every_published_cell():
     assert paper_row_key(TABLES["table3"], "NLCG", 2) == "NLCG 2L"
     assert paper_row_key(TABLES["table3"], "Newton-CG", 1) is None
     assert np.isclose(TABLES["table4"].rows["Gradient 1L"]["s_per_iter"], 8.2)
+
+
+def test_a_report_in_another_format_leaves_no_stale_figures(tmp_path):
+    from secondorder.report import write_report
+
+    spec = spec_from_dict(
+        {
+            "name": "fmt",
+            "max_iter": 5,
+            "data": {"kind": "rosenbrock"},
+            "solvers": [{"name": "GD", "method": "gd", "line_search": "armijo"}],
+        }
+    )
+    run = start_run(spec, tmp_path / "run", RunOptions(progress=False, log=lambda m: None))
+    write_report(run, fmt="png")
+    figures = run / "report" / "figures"
+    assert list(figures.rglob("*.png"))
+    write_report(run, fmt="svg")
+    assert list(figures.rglob("*.svg")) and not list(figures.rglob("*.png"))

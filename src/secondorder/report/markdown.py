@@ -315,12 +315,22 @@ def run_sections(
     return "\n".join(out)
 
 
+def _remove_old_figures(figdir: Path) -> None:
+    """Figures of an earlier report (in either format) go, so that a report in another
+    format, or of a run with fewer solvers, leaves no stale image beside it."""
+    if figdir.is_dir():
+        for path in figdir.rglob("*"):
+            if path.suffix in (".png", ".svg") and path.is_file():
+                path.unlink()
+
+
 def render_report(
     run: RunData, target: Path, *, fmt: str = "png", epsilon: float | None = None
 ) -> Path:
     """Write ``target/report.md`` and ``target/figures/*``; return the report's path."""
     target = Path(target)
     figdir = target / "figures"
+    _remove_old_figures(figdir)
     if run.is_suite:
         body = [f"# {run.name}\n"]
         if run.spec.get("description"):
@@ -366,6 +376,7 @@ def render_comparison(
         flat = [(f"{n} ({r.dir.name})", r) for n, r in flat]
     target = Path(target)
     figdir = target / "figures"
+    _remove_old_figures(figdir)
     figdir.mkdir(parents=True, exist_ok=True)
     # each run's k_ε with its own report.epsilon unless the caller sets one for all
     eps_of = {id(r): _epsilon(r, epsilon) for _, r in flat}
