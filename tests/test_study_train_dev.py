@@ -140,6 +140,7 @@ def test_sweep_rule_width_and_l2():
     ("runs", "verdict"),
     [
         ([_run(train=0.99, dev=0.88), _run(train=0.80, dev=0.79)], "opens"),
+        ([_run(train=0.99, dev=0.82), _run(train=0.85, dev=0.81)], "opens"),
         ([_run(train=0.99, dev=0.88), _run(train=0.80, dev=0.70)], "open everywhere"),
         ([_run(train=0.99, dev=0.97), _run(train=0.80, dev=0.79)], "stays closed"),
         ([_run(train=0.80, dev=0.79), _run(train=0.99, dev=0.5, sampler="fixed")], "untested"),
@@ -147,6 +148,14 @@ def test_sweep_rule_width_and_l2():
 )
 def test_fitting_rule(runs, verdict):
     assert td.fitting_rule(runs)["verdict"] == verdict
+
+
+def test_fitting_rule_correlation():
+    runs = [_run(train=0.8, dev=0.78), _run(train=0.9, dev=0.85), _run(train=1.0, dev=0.88)]
+    got = td.fitting_rule(runs)
+    gaps = [0.02, 0.05, 0.12]
+    assert got["r"] == pytest.approx(float(np.corrcoef([0.8, 0.9, 1.0], gaps)[0, 1]))
+    assert got["r"] > 0.9 and td.fitting_rule(runs[:2])["r"] is None
 
 
 def test_batches_rule():

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
 from secondorder._format import format_number, format_spec_value
 from secondorder.report.figures import _figure, save
 from secondorder.report.rundata import RunData, SolverRun, final_value
@@ -225,6 +227,9 @@ def _curves_figure(rs: Sequence[Reach], key: str, ctx: StudyContext, target: flo
             ax.plot(xs, ys, **{**style, **apart.style(xs, ys)})
         ax.axhline(target, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
+        # a panel spanning less than a decade would label every minor tick, and they overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
         ax.set_ylim(bottom=max(0.0, min(0.5, target - 0.3)))
         ax.set_title(f"{kind} batches", fontsize=9)
         ax.set_xlabel(xlabel)

@@ -268,8 +268,10 @@ def sweep_rule(runs: Sequence[GapRun], key: str) -> tuple[int, int, int, float |
 def fitting_rule(runs: Sequence[GapRun]) -> dict[str, Any]:
     """Does the gap open once the model fits? Over full-batch runs: ``verdict`` is
     ``"untested"`` (no run reached :data:`FITTED`), ``"opens"`` (a fitted run's final gap
-    exceeds :data:`GAP_OPEN` while the underfitted runs' mean gap stays below
-    :data:`GAP_CLOSED`), ``"open everywhere"`` (both large) or ``"stays closed"``."""
+    exceeds :data:`GAP_OPEN` and at least twice the underfitted runs' mean gap),
+    ``"open everywhere"`` (above :data:`GAP_OPEN`, but the underfitted runs' mean gap is at
+    least half of it) or ``"stays closed"``. ``r`` is the correlation of final train accuracy
+    and final gap over all full-batch runs (None for fewer than three)."""
     full = [r for r in runs if r.sampler == "full" and r.gap is not None and r.train is not None]
     fitted = [r for r in full if r.train >= FITTED]
     under = [r for r in full if r.train < UNDERFIT]
@@ -281,10 +283,13 @@ def fitting_rule(runs: Sequence[GapRun]) -> dict[str, Any]:
         "under_mean": _mean([r.gap for r in under]),
         "under_max": max((r.gap for r in under), default=None),
     }
+    xs, ys = [r.train for r in full], [r.gap for r in full]
+    spread = len(full) >= 3 and np.std(xs) > 0 and np.std(ys) > 0
+    out["r"] = float(np.corrcoef(xs, ys)[0, 1]) if spread else None
     if not fitted:
         out["verdict"] = "untested"
     elif out["fitted_max"] > GAP_OPEN:
-        small = out["under_mean"] is None or out["under_mean"] < GAP_CLOSED
+        small = out["under_mean"] is None or out["under_mean"] < out["fitted_max"] / 2
         out["verdict"] = "opens" if small else "open everywhere"
     else:
         out["verdict"] = "stays closed"
@@ -466,7 +471,8 @@ def _conclusions(run: RunData, runs: list[GapRun], dup: tuple) -> list[Conclusio
             "Does the gap open once the model stops underfitting?",
             f"{verdict} ({fit['n_fitted']} run(s) with train accuracy ≥ "
             f"{format_spec_value(FITTED)}: largest gap {_n(fit['fitted_max'])}; {fit['n_under']} "
-            f"run(s) below {format_spec_value(UNDERFIT)}: mean gap {_n(fit['under_mean'])})",
+            f"run(s) below {format_spec_value(UNDERFIT)}: mean gap {_n(fit['under_mean'])}; "
+            f"correlation of train accuracy and gap over the full-batch runs {_n(fit['r'])})",
             F_FIT,
             weak,
         )
