@@ -141,6 +141,10 @@ def test_failing_rule():
     assert depth.failing(2.3, {"a": 0.3, "b": 1.0}) == set()  # 1.3 ≥ half of 2.0
     assert depth.failing(2.3, {"a": 2.25, "b": 2.28}) == {"a", "b"}  # nobody makes progress
     assert depth.failing(2.3, {"a": 0.3, "b": math.nan}) == {"b"}
+    # from f₀ = 2.6 every method reaches the class-frequency plateau log 10 ≈ 2.303 only
+    assert depth.failing(2.6, {"a": 2.303, "b": 2.31}) == set()
+    assert depth.failing(2.6, {"a": 2.303, "b": 2.31}, math.log(10)) == {"a", "b"}
+    assert depth.failing(2.6, {"a": 2.0, "b": 2.31}, math.log(10)) == {"b"}
 
 
 def test_onset_rule():
