@@ -72,13 +72,17 @@ F_SIGMA = "Figure D4: negative σ″·∂L/∂X terms per layer, at θ₀ and at
 
 
 # -- the rules (plain data in, plain data out: tested on hand-made inputs) ----------------------
-def failing(f0: float, final: dict[str, float]) -> set[str]:
+def failing(f0: float, final: dict[str, float], plateau: float | None = None) -> set[str]:
     """The methods whose decrease f₀ − f is below FAIL_FRACTION of the best decrease or below
-    NO_PROGRESS·|f₀| (every method fails when none makes progress)."""
+    NO_PROGRESS·|f₀| (every method fails when none makes progress), or, given the plateau of a
+    constant predictor (log K for cross-entropy over K balanced classes), whose loss stays
+    above (1 − NO_PROGRESS)·plateau: they learnt no more than the class frequencies."""
     drops = {m: f0 - f for m, f in final.items() if math.isfinite(f)}
     best = max(drops.values(), default=0.0)
     floor = NO_PROGRESS * abs(f0)
     out = {m for m, f in final.items() if not math.isfinite(f)}
+    if plateau is not None:
+        out |= {m for m, f in final.items() if f > (1 - NO_PROGRESS) * plateau}
     return out | {m for m, d in drops.items() if d < FAIL_FRACTION * best or d < floor}
 
 
@@ -171,11 +175,24 @@ def _k_equal(grid: dict[str, dict[int, CellRun]]) -> int:
     return max(1, min(ks, default=1))
 
 
+def _plateau(spec: dict[str, Any]) -> float | None:
+    """log K, the loss of the best constant predictor of K balanced classes (cross-entropy)."""
+    if spec.get("loss") != "cross_entropy":
+        return None
+    model, data = spec.get("model") or {}, spec.get("data") or {}
+    if model.get("widths"):
+        k = model["widths"][-1]
+    else:
+        k = {"fashion-mnist": 10, "random": data.get("n_classes", 3)}.get(data.get("kind"))
+    return math.log(k) if k and k > 1 else None
+
+
 def _failures(cells: dict[int, CellRun]) -> dict[int, set[str]]:
     out = {}
     for L, cell in cells.items():
         f0 = _start(cell).get("train_loss", _start(cell).get("f"))
-        out[L] = failing(float(f0), {s.name: _final(s) for s in cell.solvers})
+        final = {s.name: _final(s) for s in cell.solvers}
+        out[L] = failing(float(f0), final, _plateau(cell.spec))
     return out
 
 
@@ -250,30 +267,16 @@ def _start_table(grid) -> str:
             best = _best_run(grid[a][L])
             neg = r.get("negative_curvature_fraction") or []
             neg_end = final_list(best, "negative_curvature_fraction") or []
-            rows.append(
-                [
-                    a,
-                    L,
-                    show(_ratio(r.get("layer_grad_norms"))),
-                    show(_ratio(final_list(best, "layer_grad_norms"))),
-                    show(float(np.mean(neg))) if neg else "—",
-                    show(float(np.mean(neg_end))) if neg_end else "—",
-                    show(r.get("lanczos_lambda_min")),
-                    show(r.get("lanczos_lambda_max")),
-                    f"{best.name}: {show(final_value(best.rows, 'lanczos_lambda_min'))}",
-                ]
-            )
-    header = [
-        "activation",
-        "L",
-        "‖g₁‖/‖g_out‖ at θ₀",
-        "… at the end (best run)",
-        "negative σ″·∂L/∂X at θ₀ (mean over layers)",
-        "… at the end (best run)",
-        "λ_min at θ₀",
-        "λ_max at θ₀",
-        "λ_min at the end (best run)",
-    ]
+            row = [a, L, show(_ratio(r.get("layer_grad_norms")))]
+            row += [show(_ratio(final_list(best, "layer_grad_norms")))]
+            row += [show(float(np.mean(v))) if v else "—" for v in (neg, neg_end)]
+            row += [show(r.get("lanczos_lambda_min")), show(r.get("lanczos_lambda_max"))]
+            row += [f"{best.name}: {show(final_value(best.rows, 'lanczos_lambda_min'))}"]
+            rows.append(row)
+    end = "… at the end (best run)"
+    header = ["activation", "L", "‖g₁‖/‖g_out‖ at θ₀", end]
+    header += ["negative σ″·∂L/∂X at θ₀ (mean over layers)", end, "λ_min at θ₀", "λ_max at θ₀"]
+    header += ["λ_min at the end (best run)"]
     return f"**{T_START}**\n\n" + md_table(header, rows)
 
 
@@ -401,7 +404,9 @@ def _onset_conclusions(grid, onsets, weak: str) -> list[Conclusion]:
                 f"Where does each method begin to fail ({a})?",
                 f"{text}; still working at L = {deepest}: {', '.join(never) or 'none'} (rule: "
                 f"fails when its decrease is below {format_spec_value(FAIL_FRACTION)} of the best "
-                f"method's or below {format_spec_value(NO_PROGRESS)}·f₀)",
+                f"method's or below {format_spec_value(NO_PROGRESS)}·f₀, or when it ends above "
+                f"{format_spec_value(1 - NO_PROGRESS)}·log K, the loss of predicting the class "
+                "frequencies)",
                 f"{T_FINAL}; {T_ONSET}; {F_LOSS}",
                 weak + "; each method's own iteration budget",
             )
@@ -434,7 +439,7 @@ def _group_best(cell: CellRun, value, curvature: bool) -> tuple[str | None, floa
     return best
 
 
-def _curvature_conclusions(grid, k_eq: int, weak: str) -> list[Conclusion]:
+def _curvature_conclusions(grid, k_eq: int, fails, weak: str) -> list[Conclusion]:
     out = []
     for a in sorted(grid):
         deep = sorted(grid[a])[-2:]
@@ -464,13 +469,17 @@ def _curvature_conclusions(grid, k_eq: int, weak: str) -> list[Conclusion]:
             if hurts > len(gains) / 2
             else "no clear difference"
         )
+        stuck = all(len(fails[a][L]) == len(grid[a][L].solvers) for L in deep)
+        if stuck:
+            verdict += " (every method fails at these depths)"
         out.append(
             Conclusion(
                 f"Does curvature help at the deepest depths ({a})?",
-                f"{verdict} in {max(helps, hurts) if verdict != 'no clear difference' else helps}"
-                f" of {len(gains)} comparisons — " + "; ".join(parts) + f" (rule: gain ≥ "
-                f"{format_spec_value(GAIN)} of the larger decrease, best curvature method vs best "
-                f"of {', '.join(sorted(FIRST_ORDER & _method_names(grid)))})",
+                f"{verdict}: gain ≥ {format_spec_value(GAIN)} in {helps}, ≤ "
+                f"−{format_spec_value(GAIN)} in {hurts} of {len(gains)} comparisons — "
+                + "; ".join(parts)
+                + " (gain: the better group's lead over the larger decrease; best curvature "
+                f"method vs best of {', '.join(sorted(FIRST_ORDER & _method_names(grid)))})",
                 f"{T_FINAL}; {T_EQUAL}; {F_LOSS}",
                 weak + "; first-order step sizes are single choices (Armijo for GD, lr for Adam)",
             )
@@ -491,6 +500,7 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
     at_start: dict[int, list[float]] = {}
     sigma: dict[int, list[float]] = {}
     sigma_end: list[float] = []
+    ends = [0, 0]  # cells whose best run ends with negative curvature, cells
     for cells in grid.values():
         for L, cell in cells.items():
             r0 = _start(cell)
@@ -500,9 +510,15 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
                 )
             if r0.get("negative_curvature_fraction"):
                 sigma.setdefault(L, []).append(float(np.mean(r0["negative_curvature_fraction"])))
-            last = final_list(_best_run(cell), "negative_curvature_fraction")
+            best = _best_run(cell)
+            last = final_list(best, "negative_curvature_fraction")
             if last:
                 sigma_end.append(float(np.mean(last)))
+            lo_end = final_value(best.rows, "lanczos_lambda_min")
+            hi_end = final_value(best.rows, "lanczos_lambda_max")
+            if lo_end is not None and hi_end is not None:
+                ends[0] += lo_end < -NEGATIVE * abs(hi_end)
+                ends[1] += 1
             for s in cell.solvers:
                 for r in s.rows:
                     lo, hi = r.get("lanczos_lambda_min"), r.get("lanczos_lambda_max")
@@ -528,7 +544,8 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
         )
     return Conclusion(
         "Is the Hessian indefinite along the runs (the saddle remark of Appendix C)?",
-        f"λ_min < −{format_spec_value(NEGATIVE)}·λ_max in {negative} of {records} records; at θ₀ "
+        f"λ_min < −{format_spec_value(NEGATIVE)}·λ_max in {negative} of {records} records (at "
+        f"the end of the best run in {ends[0]} of {ends[1]} cells); at θ₀ "
         f"|λ_min|/λ_max {trend(rel, 2.0).replace('flat', 'stays within 2×')} from "
         f"{format_number(rel[lo], 3)} (L = {lo}) to {format_number(rel[hi], 3)} (L = {hi})"
         + sig_text,
@@ -550,7 +567,7 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
     onset_md, onsets = _onset_table(grid, fails)
     items = _gradient_conclusions(grid, weak)
     items += _onset_conclusions(grid, onsets, weak)
-    items += _curvature_conclusions(grid, k_eq, weak)
+    items += _curvature_conclusions(grid, k_eq, fails, weak)
     neg = _negative_curvature_conclusion(grid, weak)
     if neg is not None:
         items.append(neg)
