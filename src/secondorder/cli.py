@@ -388,7 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         "/usr/share/datasets/fashion-mnist and the user cache), download them (SHA-256 "
         "checked) when missing, and print what was found.",
     )
-    p.add_argument("--root", default=None, help="a directory holding the four idx files")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="a directory holding the four idx files (default: "
+        "$SECONDORDER_DATA, /usr/share/datasets/fashion-mnist, ~/.cache/secondorder/fashion-mnist, "
+        "in that order)",
+    )
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.set_defaults(func=_cmd_data)
 
