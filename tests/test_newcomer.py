@@ -21,3 +21,22 @@ def test_curvature_sum_in_one_process_is_the_function_itself():
     blocks = distributed.curvature_sum(layer_hessians, model, X, y, "cross_entropy", 1e-3)
     for got, want in zip(blocks, layer_hessians(model, X, y, "cross_entropy", 1e-3)):
         assert torch.equal(got, want)
+
+
+def test_the_faithful_mode_note_of_nlcg_names_what_it_remembers():
+    import warnings
+
+    from secondorder import ModelObjective, minimize
+    from secondorder.data import two_class_2d
+    from secondorder.errors import ModeNote
+    from secondorder.models import logistic_regression
+    from secondorder.sampling import ReshuffledBatches
+
+    data = two_class_2d(seed=0, n_train=40, n_val=10)
+    model = logistic_regression(2, dtype=torch.float64)
+    obj = ModelObjective(model, "logistic", data.train, sampler=ReshuffledBatches(40, 10, seed=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        minimize(obj, obj.initial_theta(), method="nlcg", max_iter=2)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ModeNote)]
+    assert len(notes) == 1 and "conjugate directions" in notes[0], notes
