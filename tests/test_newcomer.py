@@ -40,3 +40,21 @@ def test_the_faithful_mode_note_of_nlcg_names_what_it_remembers():
         minimize(obj, obj.initial_theta(), method="nlcg", max_iter=2)
     notes = [str(w.message) for w in caught if issubclass(w.category, ModeNote)]
     assert len(notes) == 1 and "conjugate directions" in notes[0], notes
+
+
+def test_an_unknown_method_in_a_spec_lists_the_torch_and_scipy_prefixes_too():
+    import pytest
+
+    from secondorder.experiments.spec import SpecError, spec_from_dict
+
+    raw = {
+        "name": "x",
+        "data": {"kind": "two-class-2d"},
+        "model": {"kind": "logistic"},
+        "solvers": [{"method": "lbgfs"}],
+    }
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(raw, "x.toml")
+    text = str(err.value)
+    assert "'torch:<Name>'" in text and "'scipy:<name>'" in text
+    assert "did you mean 'lbfgs'?" in text
