@@ -58,3 +58,12 @@ def test_an_unknown_method_in_a_spec_lists_the_torch_and_scipy_prefixes_too():
     text = str(err.value)
     assert "'torch:<Name>'" in text and "'scipy:<name>'" in text
     assert "did you mean 'lbfgs'?" in text
+
+
+def test_secondorder_list_sorts_the_bundled_specs_by_name(capsys):
+    from secondorder import cli
+
+    assert cli.main(["list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "paper/fashion-mnist" in names and "paper/fashion-mnist-init" in names
+    assert names == sorted(names)
