@@ -67,3 +67,26 @@ def test_secondorder_list_sorts_the_bundled_specs_by_name(capsys):
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert "paper/fashion-mnist" in names and "paper/fashion-mnist-init" in names
     assert names == sorted(names)
+
+
+def test_the_reports_of_the_other_fashion_mnist_readings_cite_the_claim_and_figures(tmp_path):
+    from secondorder.experiments.runner import RunOptions, start_run
+    from secondorder.experiments.spec import spec_from_dict
+    from secondorder.report import write_report
+
+    quiet = RunOptions(progress=False, log=lambda msg: None)
+    for name in ("fashion-mnist-minibatch", "fashion-mnist-init"):
+        raw = {
+            "name": name,
+            "max_iter": 2,
+            "data": {"kind": "random", "n_train": 60, "n_test": 20, "n_features": 4},
+            "model": {"kind": "mlp", "hidden": [3]},
+            "metrics": ["train_loss", "train_accuracy", "test_accuracy"],
+            "solvers": [{"name": "NLCG", "method": "nlcg", "paper_row": "NLCG"}],
+            "report": {"paper": ["table3"]},
+        }
+        run = start_run(spec_from_dict(raw), tmp_path / name, quiet)
+        (report,) = write_report([run])
+        text = report.read_text()
+        assert "> The study's claim:" in text, name
+        assert "The study's figures" in text and "**Figure 6**" in text, name
