@@ -90,3 +90,25 @@ def test_the_reports_of_the_other_fashion_mnist_readings_cite_the_claim_and_figu
         text = report.read_text()
         assert "> The study's claim:" in text, name
         assert "The study's figures" in text and "**Figure 6**" in text, name
+
+
+def test_a_short_run_has_whole_iteration_ticks_on_its_loss_figure(monkeypatch):
+    from pathlib import Path
+
+    from secondorder.report import figures
+    from secondorder.report.rundata import SolverRun
+
+    kept = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        kept.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(figures, "save", keep)
+    rows = [{"k": k, "f": 2.0 / (k + 1), "grad_norm": 1.0 / (k + 1)} for k in range(21)]
+    figures.loss_figure([("NLCG", SolverRun("NLCG", "nlcg", "nlcg", rows), "C0")], "x.png")
+    ax_it, _, ax_g = kept[-1].axes[:3]
+    for ax in (ax_it, ax_g):
+        ticks = [t for t in ax.get_xticks() if 0 <= t <= 20]
+        assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
