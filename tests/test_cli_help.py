@@ -53,3 +53,11 @@ def test_bad_command_line_arguments_are_not_called_an_invalid_spec(
     assert "invalid spec" not in err
     assert err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_data_without_the_files_ends_in_the_one_line_error_of_every_command(tmp_path, capsys):
+    code = cli.main(["data", "--root", str(tmp_path), "--no-download"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("secondorder: error: ") and err.count("\n") == 1, err
+    assert "not found" in err

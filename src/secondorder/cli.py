@@ -254,7 +254,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         splits = load_fashion_mnist(args.root, download=not args.no_download)
         where = find_fashion_mnist(args.root)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"secondorder: error: {err}", file=sys.stderr)
         return 1
     counts = splits.train.class_counts().tolist()
     print(
