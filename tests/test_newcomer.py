@@ -112,3 +112,30 @@ def test_a_short_run_has_whole_iteration_ticks_on_its_loss_figure(monkeypatch):
     for ax in (ax_it, ax_g):
         ticks = [t for t in ax.get_xticks() if 0 <= t <= 20]
         assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_identical_accuracy_curves_keep_the_line_style_that_says_train_or_test(monkeypatch):
+    from pathlib import Path
+
+    from secondorder.report import figures
+    from secondorder.report.rundata import SolverRun
+
+    kept = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: kept.append(fig) or Path(path))
+    rows = [
+        {"k": k, "f": 1.0, "train_accuracy": a, "test_accuracy": a - 0.01}
+        for k, a in enumerate([0.5, 0.9, 0.94, 0.94])
+    ]
+    a, b = (
+        SolverRun("Newton (LS)", "a", "newton", rows),
+        SolverRun("Newton (noLS)", "b", "newton", rows),
+    )
+    figures.accuracy_figure([("Newton (LS)", a, "C0"), ("Newton (noLS)", b, "C1")], "x.png")
+    ax = kept[-1].axes[0]
+    drawn = [ln for ln in ax.lines if len(ln.get_xdata()) == 4]
+    assert len(drawn) == 4  # train and test of each solver
+    first, second = drawn[:2], drawn[2:]
+    for one, two, style in zip(first, second, ("-", ":")):
+        assert one.get_linestyle() == two.get_linestyle() == style
+        assert two.get_linewidth() < one.get_linewidth()  # the first shows on both sides
+        assert two.get_markerfacecolor() == "none" and two.get_zorder() > one.get_zorder()

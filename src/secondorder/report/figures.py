@@ -245,6 +245,8 @@ def accuracy_figure(
                 continue
             used.add(key)
             extra = apart.style(ks, vs)
+            if extra:  # the line style says train / dev / test here: keep it, draw thinner
+                extra.update(ls=ls, lw=0.8)
             ax.plot(
                 ks,
                 vs,
