@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and diagnose the curvature of a network. `secondorder COMMAND --help` describes a "
         "command.",
         epilog="Fashion-MNIST is looked for in $SECONDORDER_DATA (a directory with the four idx "
-        "files), /usr/share/datasets/fashion-mnist and ~/.cache/secondorder.",
+        "files), /usr/share/datasets/fashion-mnist and ~/.cache/secondorder/fashion-mnist.",
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"secondorder {__version__}")
