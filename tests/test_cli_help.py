@@ -61,3 +61,13 @@ def test_data_without_the_files_ends_in_the_one_line_error_of_every_command(tmp_
     assert code == 1
     assert err.startswith("secondorder: error: ") and err.count("\n") == 1, err
     assert "not found" in err
+
+
+@pytest.mark.parametrize("command", ["resume", "report"])
+def test_a_run_directory_that_does_not_exist_is_named_as_such(command, tmp_path, capsys):
+    missing, empty = tmp_path / "nosuch", tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([command, str(missing)]) != 0
+    assert f"{missing} does not exist" in capsys.readouterr().err
+    assert cli.main([command, str(empty)]) != 0
+    assert f"{empty} is not a run directory (no run.json)" in capsys.readouterr().err
