@@ -254,7 +254,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         splits = load_fashion_mnist(args.root, download=not args.no_download)
         where = find_fashion_mnist(args.root)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"secondorder: error: {err}", file=sys.stderr)
         return 1
     counts = splits.train.class_counts().tolist()
     print(
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and diagnose the curvature of a network. `secondorder COMMAND --help` describes a "
         "command.",
         epilog="Fashion-MNIST is looked for in $SECONDORDER_DATA (a directory with the four idx "
-        "files), /usr/share/datasets/fashion-mnist and ~/.cache/secondorder.",
+        "files), /usr/share/datasets/fashion-mnist and ~/.cache/secondorder/fashion-mnist.",
         formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"secondorder {__version__}")
@@ -388,7 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         "/usr/share/datasets/fashion-mnist and the user cache), download them (SHA-256 "
         "checked) when missing, and print what was found.",
     )
-    p.add_argument("--root", default=None, help="a directory holding the four idx files")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="a directory holding the four idx files (default: "
+        "$SECONDORDER_DATA, /usr/share/datasets/fashion-mnist, ~/.cache/secondorder/fashion-mnist, "
+        "in that order)",
+    )
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.set_defaults(func=_cmd_data)
 

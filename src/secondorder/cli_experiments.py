@@ -35,7 +35,9 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
+        # identity, not equality: a default of 0 or 0.0 equals False but is worth showing
+        nothing = action.default is None or action.default is False or action.default == []
+        if nothing or action.default is argparse.SUPPRESS or "%(default)" in text:
             return text
         return super()._get_help_string(action)
 
@@ -122,6 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from secondorder.experiments.runner import start_run
     from secondorder.experiments.spec import load_spec, parse_override
 
+    # the command line's own arguments are refused as such, not as a fault of the spec
+    bad = [o for o in args.set if "=" not in o]
+    if bad:
+        _err(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. --set max_iter=5")
+        return 2
+    if args.max_cells < 1:
+        _err(f"--max-cells: expected a positive integer, got {args.max_cells}")
+        return 2
     overrides = [parse_override(o) for o in args.set]
 
     def start(options):
@@ -278,7 +288,10 @@ def add_commands(subparsers) -> None:
         "RUN/report unless --out is given.",
     )
     _add_report_options(
-        p, "output directory (default: RUN/report)", "ε of eq. 29 (default: the spec's)"
+        p,
+        "output directory (default: RUN/report)",
+        "ε of eq. 29: the convergence iteration k_ε of the tables is the first k with "
+        "|f_k − f_{k−1}| ≤ ε (default: the spec's report.epsilon, 1e-6 unless set)",
     )
     p.set_defaults(func=cmd_report)
 
@@ -290,7 +303,10 @@ def add_commands(subparsers) -> None:
         "table and their curves overlaid.",
     )
     _add_report_options(
-        p, "output directory (default: ./comparison)", "ε of eq. 29 (default: the specs')"
+        p,
+        "output directory (default: ./comparison)",
+        "ε of eq. 29 for k_ε, the first k with |f_k − f_{k−1}| ≤ ε (default: each run's own "
+        "report.epsilon)",
     )
     p.set_defaults(func=cmd_compare)
 

@@ -309,7 +309,11 @@ def curvature_sum(
     share of (X, y) and summed: the same result as one process on all of X, y.
 
     Every process passes the same X and y. Works for ``hessian``, ``ggn``,
-    ``hessian_diagonal``, ``ggn_diagonal``, ``layer_hessians`` and ``hessian_blocks``."""
+    ``hessian_diagonal``, ``ggn_diagonal``, ``layer_hessians`` and ``hessian_blocks``. In a
+    single process (no group given, none initialised) it is ``fn`` itself, so a script
+    written for torchrun also runs without it."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return fn(model, X, y, loss, l2, **options)
     return Shard.of_group(group).curvature(fn, model, X, y, loss, l2, **options)
 
 

@@ -22,9 +22,10 @@ def bundled_specs() -> dict[str, Path]:
     base = Path(str(root))
     if not base.is_dir():
         return out
-    for p in sorted(base.rglob("*.toml")):
+    for p in base.rglob("*.toml"):
         out[p.relative_to(base).with_suffix("").as_posix()] = p
-    return out
+    # sorted by name, not by file name: paper/fashion-mnist before paper/fashion-mnist-init
+    return dict(sorted(out.items()))
 
 
 def resolve_spec_path(name: str) -> Path:

@@ -281,7 +281,8 @@ def read_meta(run_dir: Path, hint: str = "") -> dict[str, Any]:
     """run.json; :class:`FileNotFoundError` (followed by ``hint``) when there is none."""
     path = run_dir / RUN_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json){hint}")
+        why = "does not exist" if not run_dir.exists() else "is not a run directory (no run.json)"
+        raise FileNotFoundError(f"{run_dir} {why}{hint}")
     return _read_object(path)
 
 

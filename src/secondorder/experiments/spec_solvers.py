@@ -52,7 +52,7 @@ def method_ok(method: str, where: str, errors: list[str]) -> None:
     methods = our_methods()
     if method not in methods:
         errors.append(
-            f"{where}: {method!r} is not one of {list(methods)} (or 'scipy:<name>')"
+            f"{where}: {method!r} is not one of {list(methods)} (or 'torch:<Name>', 'scipy:<name>')"
             f"{closest(method, methods)}"
         )
 

@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from secondorder.experiments.io import atomic_write
 from secondorder.report.rundata import SolverRun
@@ -105,6 +106,8 @@ def _iteration_axis(axes, series: Sequence[Series]) -> str:
     iterations is not a vertical line; returns the axis label."""
     lasts = [max((r.get("k", 0) for r in s.rows), default=0) for _, s, _ in series if s.rows]
     if not lasts or max(lasts) < 200 or min(lasts) * 20 > max(lasts):
+        for ax in axes:  # iterations are whole numbers: no 2.5, 7.5 ticks on short runs
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         return "iteration k"
     for ax in axes:
         ax.set_xscale("symlog", linthresh=10, linscale=0.6)
@@ -242,6 +245,8 @@ def accuracy_figure(
                 continue
             used.add(key)
             extra = apart.style(ks, vs)
+            if extra:  # the line style says train / dev / test here: keep it, draw thinner
+                extra.update(ls=ls, lw=0.8)
             ax.plot(
                 ks,
                 vs,

@@ -189,8 +189,9 @@ def _warn_about_changing_functions(loop: _Loop) -> None:
     elif not loop.cfg["robust"]:
         warnings.warn(
             f"{entry.label} on an objective whose batches change every iteration keeps "
-            "its memory across changes (faithful mode): curvature pairs mix different "
-            "functions and the method may stop early; pass robust=True or use fixed batches",
+            "its memory across changes (faithful mode): its curvature pairs or conjugate "
+            "directions mix different functions and the method may stop early; pass "
+            "robust=True or use fixed batches",
             ModeNote,
             stacklevel=4,
         )
