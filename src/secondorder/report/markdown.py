@@ -286,6 +286,8 @@ def run_sections(
     out.append(_spec_line(run.spec))
     if environment:
         out.append(_environment_line(run.environment))
+    # a study's conclusions, tables and figures come first: they are what the run is for
+    out += study_sections(run, StudyContext(figdir, fmt, rel, eps, level))
     claim = paper.headline(run)
     figdir.mkdir(parents=True, exist_ok=True)
     drawn: list[tuple[CellRun, str, Path]] = []
@@ -311,7 +313,6 @@ def run_sections(
     if means:
         out.append(means.replace("## ", f"{h}# ", 1))
     out += paper.paper_sections(run, eps, h)
-    out += study_sections(run, StudyContext(figdir, fmt, rel, eps, level))
     return "\n".join(out)
 
 
