@@ -99,15 +99,10 @@ def test_a_short_run_has_whole_iteration_ticks_on_its_loss_figure(monkeypatch):
     from secondorder.report.rundata import SolverRun
 
     kept = []
-
-    def keep(fig, path):
-        fig.canvas.draw()
-        kept.append(fig)
-        return Path(path)
-
-    monkeypatch.setattr(figures, "save", keep)
+    monkeypatch.setattr(figures, "save", lambda fig, path: kept.append(fig) or Path(path))
     rows = [{"k": k, "f": 2.0 / (k + 1), "grad_norm": 1.0 / (k + 1)} for k in range(21)]
     figures.loss_figure([("NLCG", SolverRun("NLCG", "nlcg", "nlcg", rows), "C0")], "x.png")
+    kept[-1].canvas.draw()  # the ticks as a reader sees them, limits settled
     ax_it, _, ax_g = kept[-1].axes[:3]
     for ax in (ax_it, ax_g):
         ticks = [t for t in ax.get_xticks() if 0 <= t <= 20]
