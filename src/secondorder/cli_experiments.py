@@ -235,8 +235,7 @@ def _parser(subparsers, name: str, help: str, description: str):
     )
 
 
-def add_commands(subparsers) -> None:
-    """Add ``run``, ``resume``, ``report``, ``compare`` and ``list`` to a subparsers object."""
+def _add_run_command(subparsers) -> None:
     p = _parser(
         subparsers,
         "run",
@@ -269,6 +268,10 @@ def add_commands(subparsers) -> None:
     _add_output_options(p)
     p.set_defaults(func=cmd_run)
 
+
+def add_commands(subparsers) -> None:
+    """Add ``run``, ``resume``, ``report``, ``compare`` and ``list`` to a subparsers object."""
+    _add_run_command(subparsers)
     p = _parser(
         subparsers,
         "resume",
