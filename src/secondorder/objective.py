@@ -55,6 +55,8 @@ __all__ = [
     "check_dense_fits",
     "quadratic",
     "rosenbrock",
+    "strict_saddle",
+    "strict_saddle_minimum",
 ]
 
 
@@ -162,6 +164,47 @@ def rosenbrock(a: float = 1.0, b: float = 100.0) -> Callable[[Tensor], Tensor]:
 
     f.__name__ = f"rosenbrock(a={format_spec_value(a)}, b={format_spec_value(b)})"
     return f
+
+
+def strict_saddle(
+    eigenvalues: list[float] | tuple[float, ...], quartic: float = 1.0, seed: int = 0
+) -> Callable[[Tensor], Tensor]:
+    """A quartic with a strict saddle at the origin: with z = Qᵀx for a random orthogonal Q
+    (drawn from ``seed``) and d = ``eigenvalues``,
+
+        f(x) = Σ_i ½ d_i z_i² + ¼ q z_i⁴,   q = ``quartic`` > 0.
+
+    ∇²f(0) = Q diag(d) Qᵀ, so x = 0 is a strict saddle when some d_i < 0 (a minimum when none
+    is). Each coordinate is minimised separately: z_i = 0 where d_i ≥ 0, z_i = ±√(−d_i/q)
+    where d_i < 0, so the 2^(#negative) minimisers share f* = −Σ_{d_i<0} d_i²/(4q)
+    (:func:`strict_saddle_minimum`). The quartic keeps f bounded below."""
+    d = torch.tensor([float(v) for v in eigenvalues], dtype=torch.float64)
+    if d.numel() < 1 or not bool(torch.isfinite(d).all()):
+        raise ValueError(
+            f"eigenvalues must be a non-empty list of finite numbers, got {eigenvalues}"
+        )
+    check_positive("quartic", quartic)
+    gen = torch.Generator().manual_seed(int(seed))
+    # QR of a Gaussian matrix, signs fixed by R's diagonal: a Haar-distributed rotation
+    q_mat, r = torch.linalg.qr(
+        torch.randn(d.numel(), d.numel(), generator=gen, dtype=torch.float64)
+    )
+    q_mat = q_mat * torch.sign(torch.diagonal(r))
+
+    def f(x: Tensor) -> Tensor:
+        z = x @ q_mat.to(x)
+        return (0.5 * d.to(x) * z * z + 0.25 * quartic * z**4).sum()
+
+    f.__name__ = f"strict_saddle(n={d.numel()}, negative={int((d < 0).sum())})"
+    f.rotation = q_mat  # type: ignore[attr-defined]  # the Q of z = Qᵀx, for tests and plots
+    return f
+
+
+def strict_saddle_minimum(
+    eigenvalues: list[float] | tuple[float, ...], quartic: float = 1.0
+) -> float:
+    """f* of :func:`strict_saddle`: −Σ_{d_i<0} d_i²/(4q)."""
+    return -sum(float(v) ** 2 for v in eigenvalues if v < 0) / (4.0 * quartic)
 
 
 def quadratic(A: Tensor, b: Tensor | None = None, c: float = 0.0) -> Callable[[Tensor], Tensor]:

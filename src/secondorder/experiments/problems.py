@@ -20,11 +20,12 @@ from torch import nn
 from secondorder import distributed
 from secondorder.data import from_arrays, load_fashion_mnist, stratified_split, two_class_2d
 from secondorder.data.dataset import Dataset, Splits
+from secondorder.experiments.functions import FUNCTIONS
 from secondorder.experiments.metrics import EXTRA_METRICS
 from secondorder.experiments.noisy import NoisyFunctionObjective
 from secondorder.experiments.schema import SpecError
 from secondorder.models import logistic_regression, mlp
-from secondorder.objective import FunctionObjective, ModelObjective, rosenbrock
+from secondorder.objective import FunctionObjective, ModelObjective
 from secondorder.sampling import FullBatch, make_sampler
 
 __all__ = [
@@ -189,12 +190,13 @@ def _sampler(table: dict[str, Any] | None, m: int):
 # Problems
 # ----------------------------------------------------------------------------------------------
 def _function_problem(spec: dict[str, Any]) -> Problem:
-    """Rosenbrock (eq. 6), with N(0, σ²) noise on f and ∇f when ``data.noise`` > 0."""
+    """A test function of :mod:`.functions` (Rosenbrock, eq. 6; the strict saddle), with
+    N(0, σ²) noise on f and ∇f when ``data.noise`` > 0."""
     dtype = DTYPES[spec["dtype"]]
     device = torch.device(spec["device"])
     data = spec["data"]
-    fn = rosenbrock(data["a"], data["b"])
-    n = len(data["x0"])
+    fn, x0 = FUNCTIONS[data["kind"]].build(data)
+    n = len(x0)
     if data["noise"] > 0:
         obj = NoisyFunctionObjective(
             fn, n, sigma=data["noise"], seed=data["noise_seed"], dtype=dtype, device=device
@@ -202,7 +204,7 @@ def _function_problem(spec: dict[str, Any]) -> Problem:
         noise = obj.generator
     else:
         obj, noise = FunctionObjective(fn, n, dtype=dtype, device=device), None
-    theta0 = torch.tensor(data["x0"], dtype=dtype, device=device)
+    theta0 = torch.tensor(x0, dtype=dtype, device=device)
     record_x = n <= 10
     wanted = tuple(spec["metrics"])
 
@@ -285,6 +287,6 @@ def _model_problem(spec: dict[str, Any], cache: DataCache) -> Problem:
 
 def build_problem(spec: dict[str, Any], cache: DataCache | None = None) -> Problem:
     """The objective, θ₀ and the metric function of one cell's resolved spec."""
-    if spec["data"]["kind"] == "rosenbrock":
+    if spec["data"]["kind"] in FUNCTIONS:
         return _function_problem(spec)
     return _model_problem(spec, cache or DataCache())

@@ -56,6 +56,7 @@ import torch
 from secondorder._format import format_spec_value
 from secondorder.data import DataError, fashion_mnist
 from secondorder.experiments.bundled import bundled_specs, load_raw, resolve_spec_path
+from secondorder.experiments.functions import FUNCTIONS
 from secondorder.experiments.overrides import (
     apply_override,
     apply_quick,
@@ -133,13 +134,12 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     data = kind_table(spec.get("data", {}), DATA_COMMON, DATA, "data", errors)
     spec["data"] = data
     kind = data.get("kind")
-    problem_is_function = kind == "rosenbrock"
+    problem_is_function = kind in FUNCTIONS
     if problem_is_function:
         for key in ("model", "sampler", "curvature_sampler", "loss", "l2_m"):
             if key in spec:
-                errors.append(f"{key}: not used with data.kind = 'rosenbrock' (a plain function)")
-        if "x0" in data and len(data["x0"]) < 2:
-            errors.append("data.x0: needs at least 2 coordinates")
+                errors.append(f"{key}: not used with data.kind = {kind!r} (a plain function)")
+        FUNCTIONS[kind].check(data, errors)
     else:
         if "model" in spec:
             spec["model"] = kind_table(spec["model"], MODEL_COMMON, MODEL, "model", errors)
@@ -186,7 +186,7 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     has_dev = kind == "fashion-mnist" and data.get("dev_size", 0) > 0
     for mname in spec.get("metrics", []):
         if problem_is_function and mname not in ("train_loss", "grad_norm"):
-            errors.append(f"metrics: {mname!r} needs data (data.kind = 'rosenbrock' has none)")
+            errors.append(f"metrics: {mname!r} needs data (data.kind = {kind!r} has none)")
         elif mname.startswith("dev_") and not has_dev and kind is not None:
             errors.append(f"metrics: {mname!r} needs a dev split (data.dev_size > 0)")
     if len(spec.get("seeds", [0])) == 0:

@@ -8,6 +8,7 @@ accepted by the spec as soon as it exists.
 
 from __future__ import annotations
 
+from secondorder.experiments.functions import FUNCTIONS
 from secondorder.experiments.metrics import EXTRA_METRICS
 from secondorder.experiments.schema import F
 from secondorder.losses import LOSSES as _LOSS_CLASSES
@@ -23,6 +24,7 @@ __all__ = [
     "DATA_KINDS",
     "DEFAULT_METRICS",
     "DTYPES",
+    "FUNCTION_KINDS",
     "INITS",
     "L2_CONVENTIONS",
     "LINE_SEARCHES",
@@ -58,7 +60,9 @@ METRICS = (
 #: the bundled studies whose reports secondorder.report.studies writes
 STUDIES = ("train-dev", "depth", "preconditioning", "minibatch", "xu-criteria")
 DTYPES = ("float32", "float64")
-DATA_KINDS = ("rosenbrock", "two-class-2d", "fashion-mnist", "random")
+#: test functions (no data): secondorder.experiments.functions
+FUNCTION_KINDS = tuple(FUNCTIONS)
+DATA_KINDS = (*FUNCTION_KINDS, "two-class-2d", "fashion-mnist", "random")
 MODEL_KINDS = ("logistic", "mlp")
 SAMPLER_KINDS = tuple(SAMPLERS)
 LOSSES = tuple(_LOSS_CLASSES)
@@ -97,13 +101,7 @@ TOP: dict[str, F] = {
 
 DATA_COMMON = {"kind": F("str", required=True, choices=DATA_KINDS)}
 DATA: dict[str, dict[str, F]] = {
-    "rosenbrock": {
-        "a": F("float", 1.0),
-        "b": F("float", 100.0),
-        "x0": F("list[float]", [-1.2, 1.0]),
-        "noise": F("float", 0.0, minimum=0.0, doc="std of Gaussian noise added to f and to g"),
-        "noise_seed": F("int", 0),
-    },
+    **{kind: dict(fn.fields) for kind, fn in FUNCTIONS.items()},
     "two-class-2d": {
         "seed": F("int", 0, minimum=0),
         "n_train": F("int", 800, minimum=1),
@@ -195,7 +193,7 @@ SUITE_TOP: dict[str, F] = {
 }
 
 DEFAULT_METRICS = {
-    "rosenbrock": ["train_loss"],
+    **{kind: ["train_loss"] for kind in FUNCTIONS},
     "two-class-2d": ["train_loss", "train_accuracy", "test_accuracy"],
     "fashion-mnist": ["train_loss", "train_accuracy", "dev_accuracy", "test_accuracy"],
     "random": ["train_loss", "train_accuracy", "test_accuracy"],

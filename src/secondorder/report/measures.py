@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from secondorder.experiments.functions import function_f_star
 from secondorder.report.rundata import CellRun, SolverRun, final_value
 from secondorder.report.text import value_label
 
@@ -51,14 +52,11 @@ def s_per_iter(s: SolverRun) -> float | None:
 
 def f_star(cell: CellRun) -> float | None:
     """The optimal value f* a cell's f − f* is measured from: the spec's ``report.f_star``,
-    0 for the Rosenbrock function, else None."""
+    that of a test function (0 for Rosenbrock), else None."""
     rep = cell.spec.get("report") or {}
     if "f_star" in rep:
         return float(rep["f_star"])
-    data = cell.spec.get("data") or {}
-    if data.get("kind") == "rosenbrock":
-        return 0.0
-    return None
+    return function_f_star(cell.spec.get("data") or {})
 
 
 def first_k(s: SolverRun, key: str, holds: Callable[[float], bool]) -> int | None:

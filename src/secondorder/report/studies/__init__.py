@@ -14,9 +14,17 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from secondorder.experiments import rundir
 from secondorder.report.rundata import RunData
 
-__all__ = ["Conclusion", "StudyContext", "conclusions_table", "study_name", "study_sections"]
+__all__ = [
+    "Conclusion",
+    "StudyContext",
+    "conclusions_table",
+    "inside_study_suite",
+    "study_name",
+    "study_sections",
+]
 
 
 @dataclass
@@ -74,6 +82,18 @@ def study_name(run: RunData) -> str | None:
     """The study a run's spec names in ``[report] study``, or None."""
     name = (run.spec.get("report") or {}).get("study")
     return str(name) if name else None
+
+
+def inside_study_suite(run: RunData, ctx: StudyContext, study: str) -> bool:
+    """Whether ``run`` is a part drawn inside a suite that names ``study`` (the suite's own
+    sections then cover the part, which draws none of its own)."""
+    if run.is_suite or ctx.level < 2:
+        return False
+    try:
+        parent = rundir.read_spec_toml(run.dir.parent)
+    except Exception:  # not a run directory: draw the part's own sections
+        return False
+    return (parent.get("report") or {}).get("study") == study
 
 
 def study_sections(run: RunData, ctx: StudyContext) -> list[str]:

@@ -27,9 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secondorder._format import format_number
-from secondorder.experiments import rundir
 from secondorder.report.rundata import CellRun, RunData
-from secondorder.report.studies import Conclusion, StudyContext, conclusions_table
+from secondorder.report.studies import (
+    Conclusion,
+    StudyContext,
+    conclusions_table,
+    inside_study_suite,
+)
 from secondorder.report.studies import preconditioning_figures as figs
 from secondorder.report.text import md_table
 
@@ -270,17 +274,6 @@ def _problems(run: RunData) -> list[tuple[str, CellRun]]:
     return [(run.name if len(run.cells) == 1 else c.label, c) for c in run.cells]
 
 
-def _inside_study_suite(run: RunData, ctx: StudyContext) -> bool:
-    """A part drawn inside a suite that names this study: the suite's sections cover it."""
-    if run.is_suite or ctx.level < 2:
-        return False
-    try:
-        parent = rundir.read_spec_toml(run.dir.parent)
-    except Exception:  # not a run directory: draw the part's own sections
-        return False
-    return (parent.get("report") or {}).get("study") == "preconditioning"
-
-
 def _describe(cell: CellRun) -> str:
     spec = cell.spec
     data, model = spec.get("data") or {}, spec.get("model") or {}
@@ -296,7 +289,7 @@ def _describe(cell: CellRun) -> str:
 def sections(run: RunData, ctx: StudyContext) -> list[str]:
     """The study's sections: conclusions, then per problem its table and figure, then the
     layer-block structure."""
-    if _inside_study_suite(run, ctx):
+    if inside_study_suite(run, ctx, "preconditioning"):
         return []
     problems = []
     for title, cell in _problems(run):
