@@ -239,11 +239,8 @@ def _sub_raw(run: RunData, target: float) -> list[tuple[tuple[str, str], Reach]]
         if _is_function(cell):
             continue
         g = _sample_label(cell.spec.get("sampler"))
-        h = (
-            _sample_label(cell.spec.get("curvature_sampler"))
-            if "curvature_sampler" in (cell.spec)
-            else f"{g} (the gradient's)"
-        )
+        curv = cell.spec.get("curvature_sampler")  # none: the gradient's samples
+        h = _sample_label(curv) if curv else f"{g} (the gradient's)"
         for s in cell.solvers:
             if SEP not in s.name:
                 out.append(((g, h), reach(s, g, target)))
