@@ -32,6 +32,8 @@ def best_figure(sweeps: Sequence[MethodSweep], target: float, ctx: StudyContext)
     fig = _figure(1, width=7.5, height=4.6)
     ax = fig.subplots()
     apart = Distinct()
+    bottom = max(0.0, target - 0.35)
+    x_min = math.inf
     for i, m in enumerate(sweeps):
         s = m.fastest or m.most_accurate
         if s is None or s.reach.run is None:
@@ -41,6 +43,7 @@ def best_figure(sweeps: Sequence[MethodSweep], target: float, ctx: StudyContext)
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x_min = min([x_min] + [x for x, y in pts if y >= bottom])
         st = series_style(i)
         style = {"color": st["color"], "marker": st["marker"], "ms": 3, "lw": 1.4}
         style["ls"] = "-" if m.first_order else "--"
@@ -50,7 +53,9 @@ def best_figure(sweeps: Sequence[MethodSweep], target: float, ctx: StudyContext)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
-    ax.set_ylim(bottom=max(0.0, target - 0.35))
+    ax.set_ylim(bottom=bottom)
+    if math.isfinite(x_min):  # nothing to see left of the first point above the axis
+        ax.set_xlim(left=x_min / 1.5)
     ax.set_xlabel("solver time (s, log scale)")
     ax.set_ylabel("test accuracy (eq. 30)")
     ax.grid(True, alpha=0.3)
@@ -85,7 +90,8 @@ def grid_figure(sweeps: Sequence[MethodSweep], ctx: StudyContext) -> str:
                 + "\n"
                 + (f"{format_number(t, 2)} s" if math.isfinite(t) else f"× best {_acc(s)}")
             )
-            dark = math.isfinite(t) and finite.size and t < math.sqrt(finite.min() * finite.max())
+            # viridis_r is bright at the short times: dark text there, light on the long ones
+            dark = math.isfinite(t) and finite.size and t > math.sqrt(finite.min() * finite.max())
             ax.text(
                 j,
                 i,
