@@ -16,10 +16,11 @@ from secondorder.experiments.schema import SpecError
 from secondorder.experiments.spec import load_spec, spec_from_dict
 from secondorder.objective import strict_saddle, strict_saddle_minimum
 from secondorder.report import write_report
-from secondorder.report.rundata import load_run
+from secondorder.report.rundata import SolverRun, load_run
 from secondorder.report.studies import xu_criteria as study
-from secondorder.report.studies.minibatch import Reach
+from secondorder.report.studies.minibatch import Reach, reach
 from secondorder.report.studies.xu_criteria import MethodSweep, Setting
+from secondorder.report.studies.xu_criteria_rules import twin_runs
 
 QUIET = RunOptions(progress=False, log=lambda msg: None)
 D = [-1.0, -0.01, 0.05, 1.0, 10.0]
@@ -183,3 +184,24 @@ def test_quick_suite_end_to_end(tmp_path, fashion_mnist):
         first = next((k for k, g in zip(o.ks, o.gaps) if g <= 1e-6 * abs(f_star)), None)
         assert o.k_min == first
         assert o.f_star == pytest.approx(f_star)
+
+
+def test_twin_runs_pair_identical_computations_only():
+    def run(name, fs, times, method="newton-cg"):
+        rows = [
+            {"k": k, "f": f, "solver_time": t, "test_accuracy": 0.5 + 0.1 * k}
+            for k, (f, t) in enumerate(zip(fs, times))
+        ]
+        return SolverRun(name, name, method, rows)
+
+    a = run("Newton-CG · damping=0.01", [3.0, 2.0, 1.0, 0.5], [0.0, 1.0, 2.0, 3.0])
+    b = run("Newton-CG", [3.0, 2.0, 1.0, 0.5], [0.0, 1.5, 3.0, 4.5])  # same f, slower clock
+    c = run("ARC", [3.0, 2.5, 1.0, 0.5], [0.0, 1.0, 2.0, 3.0], method="arc")
+    settings = [Setting("Newton-CG", "damping=0.01", "full", reach(a, "", 0.8), 0.9, "")]
+    subs = {
+        "Newton-CG": {("all", "subsample 1000"): reach(b, "all", 0.8)},
+        "ARC": {("all", "all"): reach(c, "all", 0.8)},
+    }
+    [twin] = twin_runs(settings, subs)
+    assert twin.first.time == 3.0 and twin.second.time == 4.5
+    assert twin.ratio == pytest.approx(1.5)
