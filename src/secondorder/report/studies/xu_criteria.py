@@ -383,8 +383,8 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
     )
     out.append(
         f"{note}. Times are solver seconds without the metrics; epochs count the samples the "
-        "accepted steps drew over m. Each sweep varies one hyper-parameter over five values a "
-        "decade apart around the method's default.\n"
+        "accepted steps drew over m. Each sweep varies one hyper-parameter of one method; "
+        "Table X1 lists its values.\n"
     )
     out.append(f"{h}# {T_SUMMARY}\n")
     out.append(_summary_table(sweeps, outcomes, subs))
