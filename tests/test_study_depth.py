@@ -146,6 +146,33 @@ def test_failing_rule():
     assert depth.failing(2.6, {"a": 2.0, "b": 2.31}, math.log(10)) == {"b"}
 
 
+def test_a_short_budget_is_judged_after_as_many_iterations():
+    """SFN given 5 of 100 iterations: after 5 it leads, so it does not fail, although its loss
+    after 5 is far above the others' after 100; GD, behind everyone at the end, fails."""
+    from pathlib import Path
+
+    from secondorder.report.rundata import CellRun, SolverRun
+
+    def run(name, fs):
+        rows = [{"k": k, "f": f, "train_loss": f} for k, f in fs]
+        return SolverRun(name, name, "x", rows)
+
+    spec = {
+        "max_iter": 100,
+        "solvers": [{"name": "GD"}, {"name": "L-BFGS"}, {"name": "SFN", "max_iter": 5}],
+    }
+    solvers = [
+        run("GD", [(0, 2.0), (5, 1.9), (100, 1.5)]),
+        run("L-BFGS", [(0, 2.0), (5, 1.8), (100, 0.3)]),
+        run("SFN", [(0, 2.0), (5, 1.2)]),
+    ]
+    cell = CellRun("c", Path("."), {}, 0, spec, solvers)
+    assert depth._failures({1: cell}) == {1: {"GD"}}
+    # the same SFN given the full budget (and stopping at 5) is judged on its final loss
+    spec["solvers"][2].pop("max_iter")
+    assert depth._failures({1: cell}) == {1: {"GD", "SFN"}}
+
+
 def test_onset_rule():
     assert depth.onset({1: False, 2: False, 3: True, 4: True}) == 3
     assert depth.onset({1: True, 2: False, 3: False, 4: True}) == 4
