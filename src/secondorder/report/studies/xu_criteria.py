@@ -381,11 +381,12 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
     note = f"T is test accuracy {format_spec_value(target)}" + (
         "" if target == TARGET else f" (no setting reached {format_spec_value(TARGET)})"
     )
-    out.append(
-        f"{note}. Times are solver seconds without the metrics; epochs count the samples the "
-        "accepted steps drew over m. Each sweep varies one hyper-parameter of one method; "
-        "Table X1 lists its values.\n"
-    )
+    if settings or subs:  # a saddle-only run has no target
+        out.append(
+            f"{note}. Times are solver seconds without the metrics; epochs count the samples "
+            "the accepted steps drew over m. Each sweep varies one hyper-parameter of one "
+            "method; Table X1 lists its values.\n"
+        )
     out.append(f"{h}# {T_SUMMARY}\n")
     out.append(_summary_table(sweeps, outcomes, subs))
     if settings:
@@ -400,7 +401,7 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
         out.append(f"{h}# {T_SADDLE}\n")
         f_star = outcomes[0].f_star
         out.append(
-            f"f* = {format_number(f_star, 4)}; a start reaches it when f − f* ≤ "
+            f"f* = {format_number(f_star, 6)}; a start reaches it when f − f* ≤ "
             f"{format_spec_value(SADDLE_TOL)}·|f*|. The solver's status in brackets.\n"
         )
         out.append(_saddle_table(outcomes))
