@@ -46,7 +46,7 @@ def test_quick_run_end_to_end(fashion_mnist, tmp_path):
     assert verdict in {"supported", "not supported", "mixed", "not tested"}
     # every solver of every batch construction has its row in the table
     table = text.split("### Table: time and epochs to the target", 1)[1]
-    for kind in ("full", "fixed", "epoch"):
+    for kind in ("full", "fixed", "reshuffled", "epoch"):
         assert len(re.findall(rf"^\| {kind} \| ", table, flags=re.M)) == 11
 
 
