@@ -205,3 +205,15 @@ def test_twin_runs_pair_identical_computations_only():
     [twin] = twin_runs(settings, subs)
     assert twin.first.time == 3.0 and twin.second.time == 4.5
     assert twin.ratio == pytest.approx(1.5)
+
+
+def test_saddle_part_alone_reports_its_criterion_only(tmp_path):
+    """The saddle part run by itself (no data needed): its report carries criterion 3, its
+    table and figure, and no target note (nothing there is timed to a test accuracy)."""
+    spec = load_spec("studies/xu-criteria/saddle", quick=True, overrides=[("max_iter", 30)])
+    run_dir = start_run(spec, tmp_path / "run", QUIET)
+    [report] = write_report(run_dir)
+    text = report.read_text()
+    assert "| 3. Escaping saddle points" in text and study.T_SADDLE in text
+    assert "| 1. " not in text and "T is test accuracy" not in text
+    assert (report.parent / "figures" / "xu-saddle.png").stat().st_size > 1000
