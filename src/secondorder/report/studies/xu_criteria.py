@@ -40,7 +40,6 @@ from secondorder.report.studies import xu_criteria_figures as figs
 from secondorder.report.studies.minibatch import FIRST_ORDER
 from secondorder.report.studies.xu_criteria_rules import (
     SADDLE_TOL,
-    SEP,
     TARGET,
     MethodSweep,
     SaddleOutcome,
@@ -60,18 +59,14 @@ from secondorder.report.studies.xu_criteria_rules import (
 from secondorder.report.text import md_table
 
 __all__ = [
-    "SADDLE_TOL",
-    "SEP",
-    "TARGET",
-    "MethodSweep",
-    "SaddleOutcome",
-    "Setting",
-    "method_sweeps",
-    "rank_second_order",
-    "saddle_outcomes",
+    "F_BEST",
+    "F_GRID",
+    "F_SADDLE",
+    "T_SADDLE",
+    "T_SUB",
+    "T_SUMMARY",
+    "T_SWEEP",
     "sections",
-    "subsampling_reaches",
-    "sweep_settings",
 ]
 
 T_SUMMARY = "Table X0: the six criteria at a glance"
