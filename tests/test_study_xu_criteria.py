@@ -153,6 +153,7 @@ def test_quick_suite_end_to_end(tmp_path, fashion_mnist):
     assert head.lstrip().startswith("### Conclusions")
     for n in range(1, 7):
         assert f"| {n}. " in head, f"criterion {n} has no conclusion"
+    assert "weak: one seed" in head  # the strength column says what the evidence rests on
     for title in (study.T_SUMMARY, study.T_SWEEP, study.T_SUB, study.T_SADDLE):
         assert title in text
     links = re.findall(r"!\[[^\]]*\]\((figures/xu-[^)]+)\)", text)

@@ -206,7 +206,9 @@ def _weak(run: RunData, twins: Sequence[Twin] = ()) -> str:
     cell = next((c for _, c in run_cells(run) if not is_function(c)), None)
     spec = cell.spec if cell else run.spec
     data = spec.get("data") or {}
-    bits = ["one seed"]
+    n_seeds = len({c.seed for _, c in run_cells(run) if not is_function(c)}) or 1
+    # with several seeds each (setting, seed) pair counts once in the fractions
+    bits = ["one seed" if n_seeds == 1 else f"{n_seeds} seeds, each (setting, seed) counted"]
     if data.get("n_train"):
         bits.append(f"{data['n_train']:,} training images")
     if data.get("n_test"):
@@ -262,8 +264,7 @@ def _robustness(sweeps, weak) -> Conclusion:
         return sum(m.fraction for m in ms) / len(ms) if ms else None
 
     return Conclusion(
-        "2. Robustness: what fraction of each method's five-setting sweep (a decade apart) "
-        "reaches T?",
+        "2. Robustness: what fraction of each method's hyper-parameter sweep reaches T?",
         f"second-order mean {_n(mean(second), 2)} ({_list(second)}); first-order mean "
         f"{_n(mean(first), 2)} ({_list(first)})",
         f"{T_SUMMARY}; {F_GRID}",
