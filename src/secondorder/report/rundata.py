@@ -24,6 +24,7 @@ __all__ = [
     "final_theta",
     "final_value",
     "load_run",
+    "solver_entry",
 ]
 
 
@@ -167,7 +168,7 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
 def _solver_runs(solvers_meta, cdir: Path, cell_spec, csum) -> list[SolverRun]:
     out = []
     for i, s in enumerate(solvers_meta):
-        spec_solver = _solver_entry(cell_spec, s["name"])
+        spec_solver = solver_entry(cell_spec, s["name"])
         out.append(
             SolverRun(
                 name=s["name"],
@@ -183,7 +184,8 @@ def _solver_runs(solvers_meta, cdir: Path, cell_spec, csum) -> list[SolverRun]:
     return out
 
 
-def _solver_entry(spec: dict[str, Any], name: str) -> dict[str, Any]:
+def solver_entry(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``[[solvers]]`` table of the solver called ``name`` in a resolved spec ({} if none)."""
     for s in spec.get("solvers", []):
         if s.get("name", s.get("method")) == name:
             return s

@@ -30,8 +30,21 @@ from matplotlib.ticker import MaxNLocator
 
 from secondorder._format import format_number, format_spec_value
 from secondorder.report.figures import _figure, save
-from secondorder.report.rundata import CellRun, RunData, SolverRun, final_value
+from secondorder.report.rundata import CellRun, RunData, final_value
 from secondorder.report.studies import Conclusion, StudyContext, conclusions_table
+from secondorder.report.studies.depth_runs import (
+    best_run,
+    budget,
+    by_name,
+    f_at,
+    final_list,
+    final_loss,
+    grid_of,
+    k_equal,
+    methods,
+    plateau_loss,
+    start_row,
+)
 from secondorder.report.styles import series_style
 from secondorder.report.text import md_table, show
 
@@ -125,94 +138,22 @@ def curvature_gain(f0: float, f_first: float, f_curv: float) -> float:
     return (f_first - f_curv) / scale
 
 
-# -- reading the run ------------------------------------------------------------------------------
-def _grid(run: RunData) -> dict[str, dict[int, CellRun]]:
-    """Cells by activation, then by depth L (the first seed of each)."""
-    out: dict[str, dict[int, CellRun]] = {}
-    for cell in run.cells:
-        L = cell.n_hidden
-        if L is None:
-            continue
-        act = str((cell.spec.get("model") or {}).get("activation", "?"))
-        out.setdefault(act, {}).setdefault(L, cell)
-    return out
-
-
-def _f_at(s: SolverRun, k: int | None = None) -> float | None:
-    """The objective f at iteration k (the last one reached), or at the end when k is None."""
-    ks, fs = s.column("f")
-    if not fs:
-        return None
-    if k is None:
-        return fs[-1]
-    best = [f for kk, f in zip(ks, fs) if kk <= k]
-    return best[-1] if best else None
-
-
-def _final(s: SolverRun) -> float:
-    v = final_value(s.rows, "train_loss")
-    v = _f_at(s) if v is None else v
-    return math.nan if v is None else v
-
-
-def _start(cell: CellRun) -> dict[str, Any]:
-    """The first row recorded with metrics (θ₀ is the same for every solver of a cell)."""
-    for s in cell.solvers:
-        if s.rows and "layer_grad_norms" in s.rows[0]:
-            return s.rows[0]
-    return cell.solvers[0].rows[0] if cell.solvers and cell.solvers[0].rows else {}
-
-
-def _methods(grid: dict[str, dict[int, CellRun]]) -> list[SolverRun]:
-    """One SolverRun per solver name, in the spec's order (for names and methods)."""
-    for cells in grid.values():
-        for cell in cells.values():
-            return list(cell.solvers)
-    return []
-
-
-def _k_equal(grid: dict[str, dict[int, CellRun]]) -> int:
-    """The fewest iterations any solver ran: the iteration where all are compared."""
-    ks = [s.iterations for cells in grid.values() for c in cells.values() for s in c.solvers]
-    return max(1, min(ks, default=1))
-
-
-def _plateau(spec: dict[str, Any]) -> float | None:
-    """log K, the loss of the best constant predictor of K balanced classes (cross-entropy)."""
-    if spec.get("loss") != "cross_entropy":
-        return None
-    model, data = spec.get("model") or {}, spec.get("data") or {}
-    if model.get("widths"):
-        k = model["widths"][-1]
-    else:
-        k = {"fashion-mnist": 10, "random": data.get("n_classes", 3)}.get(data.get("kind"))
-    return math.log(k) if k and k > 1 else None
-
-
-def _budget(cell: CellRun, name: str) -> int:
-    """The iterations a solver was given: its own ``max_iter``, else the spec's."""
-    for entry in cell.spec.get("solvers") or []:
-        if entry.get("name", entry.get("method")) == name and entry.get("max_iter") is not None:
-            return int(entry["max_iter"])
-    return int(cell.spec.get("max_iter", 0))
-
-
 def _failures(cells: dict[int, CellRun]) -> dict[int, set[str]]:
     """The failing methods per depth. A method given fewer iterations than the others (SFN,
     whose dense Hessian is costly) is judged against every method's loss after that many
     iterations, not against their final losses."""
     out = {}
     for L, cell in cells.items():
-        f0 = float(_start(cell).get("train_loss", _start(cell).get("f")))
-        plateau = _plateau(cell.spec)
-        budgets = {s.name: _budget(cell, s.name) for s in cell.solvers}
+        f0 = float(start_row(cell).get("train_loss", start_row(cell).get("f")))
+        plateau = plateau_loss(cell.spec)
+        budgets = {s.name: budget(cell, s.name) for s in cell.solvers}
         longest = max(budgets.values(), default=0)
-        final = {s.name: _final(s) for s in cell.solvers if budgets[s.name] >= longest}
+        final = {s.name: final_loss(s) for s in cell.solvers if budgets[s.name] >= longest}
         fails = failing(f0, final, plateau)
         for s in cell.solvers:
             k = budgets[s.name]
             if k < longest:
-                at_k = {t.name: _f_at(t, k) for t in cell.solvers}
+                at_k = {t.name: f_at(t, k) for t in cell.solvers}
                 at_k = {n: (math.nan if v is None else v) for n, v in at_k.items()}
                 if s.name in failing(f0, at_k, plateau):
                     fails.add(s.name)
@@ -240,8 +181,8 @@ def _target_table(cells: dict[int, CellRun], act: str) -> str:
     names = [s.name for s in next(iter(cells.values())).solvers]
     rows = []
     for L in sorted(cells):
-        f0 = float(_start(cells[L]).get("f", math.nan))
-        best = min(_final(s) for s in cells[L].solvers)
+        f0 = float(start_row(cells[L]).get("f", math.nan))
+        best = min(final_loss(s) for s in cells[L].solvers)
         target = f0 - 0.9 * (f0 - best)
         cols = []
         for s in cells[L].solvers:
@@ -255,7 +196,7 @@ def _onset_table(grid, fails_by_act) -> tuple[str, dict[str, dict[str, int | Non
     acts = sorted(grid)
     onsets: dict[str, dict[str, int | None]] = {a: {} for a in acts}
     rows = []
-    for s in _methods(grid):
+    for s in methods(grid):
         row = [s.name]
         for a in acts:
             fails = {L: s.name in f for L, f in fails_by_act[a].items()}
@@ -269,14 +210,6 @@ def _onset_table(grid, fails_by_act) -> tuple[str, dict[str, dict[str, int | Non
     return f"**{T_ONSET}**\n\n" + md_table(["method", *acts], rows), onsets
 
 
-def final_list(s: SolverRun, key: str) -> list[float] | None:
-    """The last per-layer list recorded in column ``key``."""
-    for r in reversed(s.rows):
-        if isinstance(r.get(key), list) and r[key]:
-            return [float(v) for v in r[key]]
-    return None
-
-
 def _ratio(norms: Any) -> float | None:
     if not isinstance(norms, list) or len(norms) < 2 or not norms[-1]:
         return None
@@ -287,8 +220,8 @@ def _start_table(grid) -> str:
     rows = []
     for a in sorted(grid):
         for L in sorted(grid[a]):
-            r = _start(grid[a][L])
-            best = _best_run(grid[a][L])
+            r = start_row(grid[a][L])
+            best = best_run(grid[a][L])
             neg = r.get("negative_curvature_fraction") or []
             neg_end = final_list(best, "negative_curvature_fraction") or []
             row = [a, L, show(_ratio(r.get("layer_grad_norms")))]
@@ -311,13 +244,13 @@ def _per_layer_figure(grid, ctx, key: str, name: str, title: str, ylabel: str, e
     axes = fig.subplots(1, len(acts), squeeze=False)[0]
     for ax, a in zip(axes, acts):
         for i, L in enumerate(sorted(grid[a])):
-            vals = _start(grid[a][L]).get(key)
+            vals = start_row(grid[a][L]).get(key)
             if not isinstance(vals, list) or not vals:
                 continue
             st = series_style(i)
             ax.plot(range(1, len(vals) + 1), vals, label=f"L = {L}", **st, ms=4)
             if end:
-                last = final_list(_best_run(grid[a][L]), key)
+                last = final_list(best_run(grid[a][L]), key)
                 if last:
                     st = {**st, "ls": ":", "marker": "x"}
                     ax.plot(range(1, len(last) + 1), last, **st, ms=4)
@@ -340,8 +273,8 @@ def _loss_figure(grid, ctx: StudyContext):
     axes = fig.subplots(1, len(acts), squeeze=False)[0]
     for ax, a in zip(axes, acts):
         depths = sorted(grid[a])
-        for i, s in enumerate(_methods(grid)):
-            ys = [_final(_by_name(grid[a][L], s.name)) for L in depths]
+        for i, s in enumerate(methods(grid)):
+            ys = [final_loss(by_name(grid[a][L], s.name)) for L in depths]
             ax.plot(depths, ys, label=s.name, **series_style(i), ms=4)
         ax.set_title(a)
         ax.set_xlabel("hidden layers L")
@@ -374,11 +307,6 @@ def _lambda_figure(grid, ctx: StudyContext):
     return save(fig, ctx.figure("depth-lambda-min"))
 
 
-def _by_name(cell: CellRun, name: str) -> SolverRun:
-    return next(s for s in cell.solvers if s.name == name)
-
-
-# -- conclusions ----------------------------------------------------------------------------------
 def _weak(grid, run: RunData) -> str:
     spec = run.spec
     data = spec.get("data") or {}
@@ -394,7 +322,7 @@ def _weak(grid, run: RunData) -> str:
 def _gradient_conclusions(grid, weak: str) -> list[Conclusion]:
     out = []
     for a in sorted(grid):
-        ratios = {L: _ratio(_start(c).get("layer_grad_norms")) for L, c in grid[a].items()}
+        ratios = {L: _ratio(start_row(c).get("layer_grad_norms")) for L, c in grid[a].items()}
         ratios = {L: r for L, r in ratios.items() if r is not None}
         if len(ratios) < 2:
             continue
@@ -441,14 +369,9 @@ def _onset_conclusions(grid, onsets, weak: str) -> list[Conclusion]:
 def _short_budgets(cells: dict[int, CellRun]) -> str:
     """The solvers given fewer iterations than the longest-running one, with their budget."""
     cell = cells[max(cells)]
-    budgets = {s.name: _budget(cell, s.name) for s in cell.solvers}
+    budgets = {s.name: budget(cell, s.name) for s in cell.solvers}
     most = max(budgets.values(), default=0)
     return ", ".join(f"{n} ran {k} iterations" for n, k in budgets.items() if k < most)
-
-
-def _best_run(cell: CellRun) -> SolverRun:
-    """The cell's solver with the lowest final training loss."""
-    return min(cell.solvers, key=lambda s: (not math.isfinite(_final(s)), _final(s)))
 
 
 def _group_best(cell: CellRun, value, curvature: bool) -> tuple[str | None, float]:
@@ -468,10 +391,10 @@ def _curvature_conclusions(grid, k_eq: int, fails, weak: str) -> list[Conclusion
     for a in sorted(grid):
         deep = sorted(grid[a])[-2:]
         parts, gains = [], []
-        for label, value in (("final", _final), (f"after {k_eq} iterations", _at(k_eq))):
+        for label, value in (("final", final_loss), (f"after {k_eq} iterations", _at(k_eq))):
             for L in deep:
                 cell = grid[a][L]
-                f0 = float(_start(cell).get("f", math.nan))
+                f0 = float(start_row(cell).get("f", math.nan))
                 m1, f1 = _group_best(cell, value, curvature=False)
                 m2, f2 = _group_best(cell, value, curvature=True)
                 if m1 is None or m2 is None:
@@ -512,11 +435,11 @@ def _curvature_conclusions(grid, k_eq: int, fails, weak: str) -> list[Conclusion
 
 
 def _method_names(grid) -> set[str]:
-    return {s.method for s in _methods(grid)}
+    return {s.method for s in methods(grid)}
 
 
 def _at(k: int):
-    return lambda s: _f_at(s, k)
+    return lambda s: f_at(s, k)
 
 
 def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
@@ -527,14 +450,14 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
     ends = [0, 0]  # cells whose best run ends with negative curvature, cells
     for cells in grid.values():
         for L, cell in cells.items():
-            r0 = _start(cell)
+            r0 = start_row(cell)
             if r0.get("lanczos_lambda_min") is not None and r0.get("lanczos_lambda_max"):
                 at_start.setdefault(L, []).append(
                     -r0["lanczos_lambda_min"] / r0["lanczos_lambda_max"]
                 )
             if r0.get("negative_curvature_fraction"):
                 sigma.setdefault(L, []).append(float(np.mean(r0["negative_curvature_fraction"])))
-            best = _best_run(cell)
+            best = best_run(cell)
             last = final_list(best, "negative_curvature_fraction")
             if last:
                 sigma_end.append(float(np.mean(last)))
@@ -582,11 +505,11 @@ def _negative_curvature_conclusion(grid, weak: str) -> Conclusion | None:
 def sections(run: RunData, ctx: StudyContext) -> list[str]:
     """The study's sections: conclusions first, then the tables and figures they cite."""
     h = ctx.h
-    grid = _grid(run)
+    grid = grid_of(run)
     if not grid or not any(len(c) >= 2 for c in grid.values()):
         return [f"{h} Depth study\n\nThis run has no sweep over depth: nothing to conclude.\n"]
     weak = _weak(grid, run)
-    k_eq = _k_equal(grid)
+    k_eq = k_equal(grid)
     fails = {a: _failures(cells) for a, cells in grid.items()}
     onset_md, onsets = _onset_table(grid, fails)
     items = _gradient_conclusions(grid, weak)
@@ -609,7 +532,7 @@ def sections(run: RunData, ctx: StudyContext) -> list[str]:
     out.append(f"{h}# Tables\n")
     out.append("† marks a method that fails at that depth (see the module's rule).\n")
     for a in sorted(grid):
-        out.append(_loss_table(f"{T_FINAL} ({a})", grid[a], _final, fails[a]))
+        out.append(_loss_table(f"{T_FINAL} ({a})", grid[a], final_loss, fails[a]))
         out.append(_loss_table(f"{T_EQUAL} ({a}, k = {k_eq})", grid[a], _at(k_eq), None))
         out.append(_target_table(grid[a], a))
     out.append(onset_md)
