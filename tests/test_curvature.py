@@ -478,13 +478,25 @@ def test_fallback_warning_names_the_activation():
         (nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=2.0), nn.Linear(2, 2)), "Softplus"),
         (nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1), nn.Linear(2, 2)), "Dropout"),
         (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), "BatchNorm1d"),
-        (nn.Sequential(nn.Linear(2, 2), nn.Flatten()), "Flatten"),
+        (nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), "LayerNorm"),
+        (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), "groups=2"),
         (nn.Sequential(nn.Tanh()), "no nn.Linear"),
     ],
 )
 def test_supports_fast_path_reasons(model, expected):
     ok, reason = supports_fast_path(model)
     assert not ok and expected in reason
+
+
+def test_a_flatten_after_a_linear_layer_is_a_chain():
+    """Not an MLP of the Appendix B kind, but a chain of layers: the fast path covers it."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Flatten()).to(f64)
+    assert supports_fast_path(model) == (True, "")
+    X, y = torch.randn(5, 2, dtype=f64), torch.randint(0, 2, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = hessian_diagonal(model, X, y)
+    assert rel(d, reference_hessian(model, X, y, "cross_entropy").diagonal()) <= 1e-10
 
 
 def test_shared_layers_use_the_fallback():

@@ -34,6 +34,7 @@ __all__ = [
     "autodiff_ggn",
     "autodiff_ggn_diagonal",
     "autodiff_hessian",
+    "autodiff_ggn_blocks",
     "autodiff_hessian_blocks",
     "autodiff_hessian_diagonal",
     "hessian_rows",
@@ -298,6 +299,22 @@ def autodiff_ggn(
     _symmetrize_(G)
     problem.add_l2_diagonal(G)
     return G
+
+
+def autodiff_ggn_blocks(
+    problem: CurvatureRequest, groups: Sequence[tuple[int, int]], *, chunk_size: int | None = None
+) -> list[Tensor]:
+    """The diagonal blocks G[a:b, a:b] of the Gauss–Newton matrix for each group (a, b)."""
+    out = [torch.zeros(b - a, b - a, dtype=problem.dtype, device=problem.device) for a, b in groups]
+    for J, Hout in _ggn_chunks(problem, chunk_size):
+        for (a, b), block in zip(groups, out):
+            Jb = J[:, :, a:b]
+            block += torch.einsum("nkp,nkq->pq", Jb, torch.matmul(Hout, Jb))
+    for (a, b), block in zip(groups, out):
+        _symmetrize_(block)
+        if problem.l2:
+            block.diagonal().add_(problem.l2 * problem.l2_mask[a:b])
+    return out
 
 
 def autodiff_ggn_diagonal(problem: CurvatureRequest, *, chunk_size: int | None = None) -> Tensor:

@@ -27,6 +27,7 @@ from secondorder.losses import Loss
 
 from .autodiff import (
     autodiff_ggn,
+    autodiff_ggn_blocks,
     autodiff_ggn_diagonal,
     autodiff_hessian,
     autodiff_hessian_blocks,
@@ -34,9 +35,10 @@ from .autodiff import (
 )
 from .backward import CHUNK_BYTES, sample_chunks, second_order_pass
 from .blocks import add_l2, assemble, dense
+from .chain import Chain, analyse_chain, chain_diagonal, chain_ggn, chain_layer_blocks
 from .diagonal import diagonal, reveals_nonfinite_input
 from .request import CurvatureRequest, prepare
-from .structure import LayerInfo, MLPStructure, analyse_mlp, supports_fast_path, theta_blocks
+from .structure import LayerInfo, MLPStructure, analyse_mlp, theta_blocks
 
 __all__ = [
     "LayerInfo",
@@ -47,6 +49,7 @@ __all__ = [
     "hessian",
     "hessian_blocks",
     "hessian_diagonal",
+    "layer_ggns",
     "layer_hessians",
     "per_sample_hz",
     "supports_fast_path",
@@ -67,6 +70,7 @@ class _Call:
     chunk_size: int | None
     max_bytes: int | None
     options: dict[str, Any] = field(default_factory=dict)  # the quantity's own arguments
+    chain: Chain | None = None  # a chain of layers (CNNs), when not an MLP
 
     @cached_property
     def groups(self) -> list[tuple[int, int]]:
@@ -85,6 +89,7 @@ class _Quantity:
     fallback: Callable[[_Call], Any] | None = None
     guard: Callable[[_Call], tuple[tuple[int, ...], str]] | None = None
     defer_finite: bool = False  # the fast kernel tests X for NaN/inf by its result
+    chain: Callable[[_Call], Any] | None = None  # the kernel for a chain of layers
 
 
 def _compute(
@@ -100,41 +105,57 @@ def _compute(
     max_bytes: int | None = None,
     **options: Any,
 ) -> Any:
-    """Validate, analyse, guard memory, then run the fast kernel or the fallback of ``q``."""
-    problem, struct = _setup(q, model, X, y, loss, l2, method)
-    call = _Call(problem, struct, chunk_size, max_bytes, options)
+    """Validate, analyse, guard memory, then run the MLP kernel, the chain kernel or the
+    fallback of ``q``."""
+    problem, struct, chain = _setup(q, model, X, y, loss, l2, method)
+    call = _Call(problem, struct, chunk_size, max_bytes, options, chain)
     if q.guard is not None:
         shape, what = q.guard(call)
         check_dense_fits(shape, problem.dtype, what, max_bytes=max_bytes, device=problem.device)
-    return q.fast(call) if struct is not None else q.fallback(call)
+    if struct is not None:
+        return q.fast(call)
+    if chain is not None:
+        return q.chain(call)
+    return q.fallback(call)
 
 
 def _setup(q: _Quantity, model, X, y, loss, l2, method: str):
-    """(request, structure or None). With ``q.defer_finite`` the NaN/inf test of X is left to
-    the fast kernel where it reads X unchanged (see :func:`.diagonal.reveals_nonfinite_input`)."""
+    """(request, MLP structure or None, chain or None). With ``q.defer_finite`` the NaN/inf
+    test of X is left to the MLP kernel where it reads X unchanged (see
+    :func:`.diagonal.reveals_nonfinite_input`)."""
     if q.fallback is None:  # the fast path only: validate as for any model, then require it
         problem = prepare(model, X, y, loss, l2)
         struct, reason = analyse_mlp(model)
         if struct is None:
             raise ValueError(f"{q.name} needs a sequential MLP, but {reason}")
-        return problem, struct
+        return problem, struct, None
     check_choice("method", method, METHODS)
     struct, reason = (None, "") if method == "autodiff" else analyse_mlp(model)
+    chain = None
+    if struct is None and method != "autodiff":
+        chain, reason = analyse_chain(model)
+        if chain is not None and q.chain is None:
+            chain, reason = (
+                None,
+                (
+                    "blocks between layers of the Hessian need the modules' mixed second "
+                    "derivatives, which second-order backpropagation covers for MLPs only"
+                ),
+            )
     probe = None if struct is None else struct.output_width
     problem = prepare(model, X, y, loss, l2, check_finite=not q.defer_finite, probe=probe)
     if q.defer_finite and (struct is None or not reveals_nonfinite_input(struct)):
         check_finite("X", problem.X)
-    if method == "autodiff":
-        return problem, None
-    if struct is None:
-        if method == "backprop":
-            raise ValueError(f"method='backprop' needs a sequential MLP, but {reason}")
-        warnings.warn(
-            f"{q.name}: second-order backpropagation does not apply because {reason}; using "
-            "the slower autodiff fallback (torch.func)",
-            stacklevel=4,  # the caller of the public function
-        )
-    return problem, struct
+    if method == "autodiff" or struct is not None or chain is not None:
+        return problem, struct, chain
+    if method == "backprop":
+        raise ValueError(f"method='backprop' needs a chain of supported layers, but {reason}")
+    warnings.warn(
+        f"{q.name}: second-order backpropagation does not apply because {reason}; using "
+        "the slower autodiff fallback (torch.func)",
+        stacklevel=4,  # the caller of the public function
+    )
+    return problem, None, None
 
 
 # -- the quantities -----------------------------------------------------------------------------
@@ -144,10 +165,10 @@ def _square(what: str) -> Callable[[_Call], tuple[tuple[int, ...], str]]:
     return lambda c: ((c.problem.n_params, c.problem.n_params), what)
 
 
-def _layer_blocks_fast(c: _Call) -> list[Tensor]:
+def _layer_blocks_fast(c: _Call, mode: str = "hessian") -> list[Tensor]:
     p = c.problem
     out = [torch.empty(b - a, b - a, dtype=p.dtype, device=p.device) for a, b in c.groups]
-    assemble(p, c.struct, {(i, i): t for i, t in enumerate(out)}, "hessian", c.chunk_size)
+    assemble(p, c.struct, {(i, i): t for i, t in enumerate(out)}, mode, c.chunk_size)
     for (a, b), t in zip(c.groups, out):
         add_l2(p, t, slice(a, b))
     return out
@@ -280,24 +301,35 @@ GGN = _Quantity(
     fast=lambda c: dense(c.problem, c.struct, "ggn", c.chunk_size),
     fallback=lambda c: autodiff_ggn(c.problem, max_bytes=c.max_bytes),
     guard=_square("the dense Gauss-Newton matrix"),
+    chain=lambda c: chain_ggn(c.problem, c.chain, c.chunk_size),
 )
 HESSIAN_DIAGONAL = _Quantity(
     "hessian_diagonal",
     fast=lambda c: diagonal(c.problem, c.struct, "hessian", c.chunk_size, check_finite=True),
     fallback=lambda c: autodiff_hessian_diagonal(c.problem),
     defer_finite=True,
+    chain=lambda c: chain_diagonal(c.problem, c.chain, "hessian", c.chunk_size),
 )
 GGN_DIAGONAL = _Quantity(
     "ggn_diagonal",
     fast=lambda c: diagonal(c.problem, c.struct, "ggn", c.chunk_size, check_finite=True),
     fallback=lambda c: autodiff_ggn_diagonal(c.problem),
     defer_finite=True,
+    chain=lambda c: chain_diagonal(c.problem, c.chain, "ggn", c.chunk_size),
 )
 LAYER_HESSIANS = _Quantity(
     "layer_hessians",
     fast=_layer_blocks_fast,
     fallback=_layer_blocks_autodiff,
     guard=lambda c: ((sum((b - a) ** 2 for a, b in c.groups),), "the layer Hessian blocks"),
+    chain=lambda c: chain_layer_blocks(c.problem, c.chain, "hessian", c.chunk_size),
+)
+LAYER_GGNS = _Quantity(
+    "layer_ggns",
+    fast=lambda c: _layer_blocks_fast(c, "ggn"),
+    fallback=lambda c: autodiff_ggn_blocks(c.problem, c.groups),
+    guard=lambda c: ((sum((b - a) ** 2 for a, b in c.groups),), "the layer Gauss-Newton blocks"),
+    chain=lambda c: chain_layer_blocks(c.problem, c.chain, "ggn", c.chunk_size),
 )
 HESSIAN_BLOCKS = _Quantity(
     "hessian_blocks", fast=_blocks_fast, fallback=_blocks_autodiff, guard=_blocks_guard
@@ -310,6 +342,24 @@ PER_SAMPLE_HZ = _Quantity(
 
 
 # -- the public functions -----------------------------------------------------------------------
+
+
+def supports_fast_path(model: nn.Module) -> tuple[bool, str]:
+    """Whether second-order backpropagation covers ``model``; if not, the reason.
+
+    Covered: an ``nn.Sequential`` (nested ones flattened) of modules with a layer class
+    (:mod:`secondorder.layers`: ``nn.Linear``, ``nn.Conv2d`` with groups = 1, activations with
+    closed-form σ′ and σ″, Flatten, Unflatten, Identity, Dropout in eval mode, max and average
+    pooling), every parameter trainable and owned by one module. Sequential MLPs also get every
+    block between layers; other chains get the diagonals, the layer blocks and the
+    Gauss–Newton matrix, and leave the dense Hessian and its cross-layer blocks to torch.func.
+    Every other model uses the torch.func fallback.
+    """
+    struct, reason = analyse_mlp(model)
+    if struct is not None:
+        return True, ""
+    chain, reason = analyse_chain(model)
+    return chain is not None, reason
 
 
 def hessian(
@@ -404,6 +454,24 @@ def layer_hessians(
     """
     return _compute(
         LAYER_HESSIANS, model, X, y, loss, l2, method, chunk_size=chunk_size, max_bytes=max_bytes
+    )
+
+
+def layer_ggns(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | Loss = "cross_entropy",
+    l2: float = 0.0,
+    *,
+    max_bytes: int | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> list[Tensor]:
+    """The diagonal blocks of the Gauss–Newton matrix (see :func:`ggn`), one per layer with
+    parameters, laid out as in :func:`layer_hessians`."""
+    return _compute(
+        LAYER_GGNS, model, X, y, loss, l2, method, chunk_size=chunk_size, max_bytes=max_bytes
     )
 
 

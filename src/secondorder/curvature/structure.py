@@ -22,7 +22,7 @@ __all__ = [
     "MLPStructure",
     "analyse_mlp",
     "is_linear_map",
-    "supports_fast_path",
+    "named_modules_flat",
     "theta_blocks",
 ]
 
@@ -107,14 +107,16 @@ class MLPStructure:
         return self.layers[-1].n_out
 
 
-def _named_flat(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
+def named_modules_flat(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The modules of an ``nn.Sequential`` in call order, nested ones flattened, with their
+    dotted names."""
     out: list[tuple[str, nn.Module]] = []
     for name, m in model._modules.items():  # not named_children(): it hides repeated modules
         if m is None:
             continue
         full = f"{prefix}{name}"
         if isinstance(m, nn.Sequential):
-            out.extend(_named_flat(m, full + "."))
+            out.extend(named_modules_flat(m, full + "."))
         else:
             out.append((full, m))
     return out
@@ -133,7 +135,7 @@ def _scan_modules(model: nn.Sequential) -> tuple[list[nn.Module], list[dict], st
     pre: list[nn.Module] = []
     layers: list[dict] = []
     pending: list[Activation] = []
-    for name, m in _named_flat(model):
+    for name, m in named_modules_flat(model):
         label = f"layer {name} ({type(m).__name__})"
         if isinstance(m, nn.Linear):
             if type(m).forward is not nn.Linear.forward:
@@ -212,19 +214,6 @@ def analyse_mlp(model: nn.Module) -> tuple[MLPStructure | None, str]:
                 f"{prev.n_out}"
             )
     return MLPStructure(tuple(infos), tuple(pre), offset), ""
-
-
-def supports_fast_path(model: nn.Module) -> tuple[bool, str]:
-    """Whether second-order backpropagation covers ``model``; if not, the reason.
-
-    Supported: ``nn.Sequential`` (nested ones flattened) of ``nn.Linear`` (bias optional) and
-    elementwise activations with closed-form σ′, σ″ (``secondorder.models`` activations and
-    ``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ``nn.Identity``, ``nn.Softplus(beta=1)``), an
-    optional ``nn.Flatten`` or parameter-free activations before the first Linear, and an
-    optional activation after the last one. Everything else uses the autodiff fallback.
-    """
-    struct, reason = analyse_mlp(model)
-    return struct is not None, reason
 
 
 def theta_blocks(model: nn.Module, struct: MLPStructure | None) -> list[tuple[str, int, int]]:
