@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from secondorder import ModelObjective, minimize, mlp
 from secondorder.curvature import ggn
-from secondorder.curvature.kfac import KroneckerFactors, kfac_factors, mlp_structure
+from secondorder.curvature.kfac import FlatLayout, KroneckerFactors, kfac_factors, kfac_layers
 from secondorder.losses import get_loss
 from secondorder.optim import KFAC, LBFGS  # noqa: F401  (LBFGS: the old exports still work)
 from secondorder.sampling import ReshuffledBatches
@@ -95,8 +95,8 @@ def test_factors_after_one_step_equal_kfac_factors(kind, monkeypatch):
     )
     opt = KFAC(model, "cross_entropy", kind=kind, ema=0.0, seed=7)
     opt.step(_closure(opt, model, X, y))
-    for f, info in zip(ref, mlp_structure(model).layers, strict=True):
-        st = opt.state[info.linear.weight]
+    for f, info in zip(ref, kfac_layers(model)[0], strict=True):
+        st = opt.state[info.parameters()[0]]
         torch.testing.assert_close(st["A"], f.A, rtol=0, atol=1e-12)
         torch.testing.assert_close(st["G"], f.G, rtol=0, atol=1e-12)
     # the gradient the optimizer set is the closure loss's
@@ -120,17 +120,19 @@ def test_one_sample_step_solves_the_exact_gauss_newton_block_with_factored_dampi
     opt = KFAC(model, loss, lr=lr, damping=gamma, kind="exact")
     opt.step(_closure(opt, model, X, y, loss))
     step = _flat(model) - theta0
-    for info in mlp_structure(model).layers:
-        st = opt.state[info.linear.weight]
+    layers = kfac_layers(model)[0]
+    for info, sl in zip(layers, FlatLayout(model, layers).slices):
+        params = slice(sl[0].start, sl[-1].stop)
+        st = opt.state[info.parameters()[0]]
         A, G = st["A"], st["G"]
         ta, tg = float(A.trace()) / A.shape[0], float(G.trace()) / G.shape[0]
         pi = (ta / tg) ** 0.5
         eye_a, eye_g = torch.eye(A.shape[0], dtype=D), torch.eye(G.shape[0], dtype=D)
         damped = KroneckerFactors(info, A + pi * gamma**0.5 * eye_a, G + gamma**0.5 / pi * eye_g)
-        block = B[info.params, info.params]
+        block = B[params, params]
         M = block + damped.dense() - KroneckerFactors(info, A, G).dense()
-        expected = -lr * torch.linalg.solve(M, g[info.params])
-        torch.testing.assert_close(step[info.params], expected, rtol=0, atol=1e-10)
+        expected = -lr * torch.linalg.solve(M, g[params])
+        torch.testing.assert_close(step[params], expected, rtol=0, atol=1e-10)
 
 
 def _train(model, opt, batches, start=0, stop=None):
@@ -208,9 +210,13 @@ def test_trains_to_the_minimiser_of_a_convex_problem():
 
 def test_refusals():
     model = mlp([4, 3], "tanh", dtype=D)
-    conv = nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 2), nn.Flatten())
-    with pytest.raises(ValueError, match="K-FAC needs a sequential MLP"):
-        KFAC(conv)
+    normed = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    with pytest.raises(ValueError, match=r"module 1 \(LayerNorm\).*unsupported='gradient'"):
+        KFAC(normed)
+    with pytest.raises(ValueError, match="unsupported"):
+        KFAC(normed, unsupported="skip")
+    with pytest.raises(ValueError, match="approximation"):
+        KFAC(model, approximation="mean")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         KFAC(list(model.parameters()))
     for kw, match in (

@@ -82,7 +82,7 @@ def layer_block_structure(objective, theta: torch.Tensor, splits) -> dict[str, A
     import copy
 
     from secondorder import curvature
-    from secondorder.curvature.kfac import kfac_factors, mlp_structure
+    from secondorder.curvature.kfac import kfac_factors
 
     n = int(theta.numel())
     if n > BLOCK_STRUCTURE_LIMIT:
@@ -100,11 +100,13 @@ def layer_block_structure(objective, theta: torch.Tensor, splits) -> dict[str, A
     with torch.no_grad():
         for p, t in zip(model.parameters(), torch.split(theta.detach(), objective.numels)):
             p.copy_(t.view_as(p))
-    struct = mlp_structure(model)
+    struct, why = analyse_mlp(model)
+    if struct is None:
+        raise ValueError(f"metric 'layer_block_structure' needs a sequential MLP, but {why}")
     H = curvature.hessian(model, X, y, objective.loss)
     G = curvature.ggn(model, X, y, objective.loss)
     blocks = curvature.layer_hessians(model, X, y, objective.loss)
-    factors = kfac_factors(objective, theta, kind="exact", which="value", structure=None)
+    factors = kfac_factors(objective, theta, kind="exact", which="value")
     out: dict[str, Any] = {k: [] for k in ("diag_fraction_h", "diag_fraction_ggn")}
     out.update(kfac_error_ggn=[], kfac_error_h=[])
     block_sq = 0.0

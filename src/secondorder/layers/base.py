@@ -120,12 +120,13 @@ class Layer:
         return self.param_squares(x, V, sign)
 
     # -- K-FAC ---------------------------------------------------------------------------------
-    def kfac_inputs(self, x: Tensor, approximation: str = "expand") -> Tensor:
-        """Rows ã of the input factor A = Σ ã ãᵀ / n: (rows, d_in [+1])."""
+    def kfac_inputs(self, x: Tensor) -> Tensor:
+        """The rows ã of the input factor A at every position the weight is shared over:
+        (n, R, d_in [+1]), with a last entry 1 for the bias."""
         raise NotImplementedError(f"{self.label} has no Kronecker factors")
 
-    def kfac_output_grads(self, g: Tensor, approximation: str = "expand") -> Tensor:
-        """Rows of the output-gradient factor G from per-sample output gradients g (n, *out)."""
+    def kfac_output_grads(self, g: Tensor) -> Tensor:
+        """The output gradients g (n, *out_shape) as rows of G per position: (n, R, d_out)."""
         raise NotImplementedError(f"{self.label} has no Kronecker factors")
 
     def grad_matrix(self, grads: list[Tensor]) -> Tensor:

@@ -90,7 +90,7 @@ class Conv2d(Layer):
     def param_vjp(self, x: Tensor, V: Tensor) -> Tensor:
         n, C, o = V.shape[:3]
         U = self.unfold(x)  # (n, i, R)
-        Vr = V.reshape(n, C, o, -1)
+        Vr = V.reshape(n, C, o, V.shape[3] * V.shape[4])
         gw = torch.einsum("ncor,nir->ncoi", Vr, U).reshape(n, C, -1)
         return torch.cat([gw, Vr.sum(3)], 2) if self.bias else gw
 
@@ -121,15 +121,13 @@ class Conv2d(Layer):
         d_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
         return m.out_channels, d_in + (1 if self.bias else 0)
 
-    def kfac_inputs(self, x: Tensor, approximation: str = "expand") -> Tensor:
+    def kfac_inputs(self, x: Tensor) -> Tensor:
         U = self.unfold(x).transpose(1, 2)  # (n, R, i)
-        if self.bias:
-            U = torch.cat([U, U.new_ones(*U.shape[:2], 1)], 2)
-        return U.reshape(-1, U.shape[2]) if approximation == "expand" else U.mean(1)
+        return torch.cat([U, U.new_ones(*U.shape[:2], 1)], 2) if self.bias else U
 
-    def kfac_output_grads(self, g: Tensor, approximation: str = "expand") -> Tensor:
-        g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # (n, R, o)
-        return g.reshape(-1, g.shape[2]) if approximation == "expand" else g.sum(1)
+    def kfac_output_grads(self, g: Tensor) -> Tensor:
+        n, o = g.shape[:2]
+        return g.reshape(n, o, g.shape[2] * g.shape[3]).transpose(1, 2)  # (n, R, o)
 
     def grad_matrix(self, grads: list[Tensor]) -> Tensor:
         w = grads[0].reshape(grads[0].shape[0], -1)

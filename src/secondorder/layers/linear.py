@@ -11,6 +11,8 @@ the diagonals need no per-column gradients (Appendix B, eqs. 68-70).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -23,6 +25,11 @@ __all__ = ["Linear"]
 def _augment(x: Tensor) -> Tensor:
     """(x, 1) along the last dimension."""
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
+def _positions(x: Tensor) -> Tensor:
+    """x (n, *mid, d) as (n, m, d) (sizes spelt out: n may be 0 in a data-parallel share)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 class Linear(Layer):
@@ -58,8 +65,8 @@ class Linear(Layer):
 
     def param_vjp(self, x: Tensor, V: Tensor) -> Tensor:
         n, C = V.shape[:2]
-        xm = x.reshape(n, -1, x.shape[-1])  # (n, m, d_in)
-        Vm = V.reshape(n, C, -1, V.shape[-1])  # (n, C, m, d_out)
+        xm = _positions(x)  # (n, m, d_in)
+        Vm = V.reshape(n, C, xm.shape[1], V.shape[-1])  # (n, C, m, d_out)
         gw = torch.einsum("ncmo,nmi->ncoi", Vm, xm).reshape(n, C, -1)
         if not self.bias:
             return gw
@@ -88,14 +95,12 @@ class Linear(Layer):
         m = self.module
         return m.out_features, m.in_features + (1 if self.bias else 0)
 
-    def kfac_inputs(self, x: Tensor, approximation: str = "expand") -> Tensor:
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        x = x.reshape(-1, x.shape[-1]) if approximation == "expand" else x.mean(1)
+    def kfac_inputs(self, x: Tensor) -> Tensor:
+        x = _positions(x)  # the middle dimensions are positions
         return _augment(x) if self.bias else x
 
-    def kfac_output_grads(self, g: Tensor, approximation: str = "expand") -> Tensor:
-        g = g.reshape(g.shape[0], -1, g.shape[-1])
-        return g.reshape(-1, g.shape[-1]) if approximation == "expand" else g.sum(1)
+    def kfac_output_grads(self, g: Tensor) -> Tensor:
+        return _positions(g)
 
     def grad_matrix(self, grads: list[Tensor]) -> Tensor:
         w = grads[0]

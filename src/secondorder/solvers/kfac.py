@@ -31,7 +31,14 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.curvature.kfac import KroneckerInverse, kfac_factors, mlp_structure
+from secondorder.curvature.kfac import (
+    FlatLayout,
+    KFACEngine,
+    check_factors_fit,
+    engine_state_from,
+    kfac_layers,
+    kfac_statistics,
+)
 from secondorder.linalg import dot64
 from secondorder.solvers.protocol import Direction, Iterate
 
@@ -77,6 +84,8 @@ class KFAC(Direction):
         momentum: bool = False,
         factor_samples: int | None = None,
         adapt_damping: int = 0,
+        approximation: str = "expand",
+        ekfac: bool = False,
     ) -> None:
         super().__init__()
         if momentum and not rescale:
@@ -87,51 +96,51 @@ class KFAC(Direction):
         self.inv_every, self.rescale, self.seed = inv_every, rescale, seed
         self.momentum, self.factor_samples = momentum, factor_samples
         self.adapt_damping = adapt_damping
-        self.A: list[Tensor] | None = None
-        self.G: list[Tensor] | None = None
-        self.A_inv: list[Tensor] | None = None
-        self.G_inv: list[Tensor] | None = None
+        self.approximation, self.ekfac = approximation, ekfac
+        self.engine: KFACEngine | None = None
+        self._pending_engine: list | None = None  # from load_state_dict
+        self._layout: FlatLayout | None = None
         self.updates = 0
         self.generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None  # from load_state_dict
         self.prev_step: Tensor | None = None
-        self._structure = None
         self._scale = 1.0  # the step is lr·scale·d
         self._model: tuple[float, float] | None = None  # (gᵀd, dᵀ(B+γI)d) of the last d
         self._d: Tensor | None = None
 
     # -- the factors -------------------------------------------------------------------------
-    def _update_factors(self, it: Iterate) -> None:
+    def _start(self, objective) -> None:
+        """The layers, their place in θ and the engine, at the first iteration (after a
+        check that the factors fit in memory)."""
+        layers, _ = kfac_layers(objective.model, purpose="method='kfac'")
+        check_factors_fit(layers, objective.dtype, objective.device)
+        self._layout = FlatLayout(objective.model, layers)
+        self.engine = KFACEngine(layers, ema=self.ema, ekfac=self.ekfac)
+        if self._pending_engine is not None:
+            self.engine.load_state_dict(self._pending_engine)
+            self._pending_engine = None
+
+    def _update_factors(self, it: Iterate):
         objective = it.objective
-        if self._structure is None:
-            self._structure = mlp_structure(objective.model)
+        if self.engine is None:
+            self._start(objective)
         if self.kind == "mc" and self.generator is None:
             self.generator = self._new_generator(objective)
-        factors = kfac_factors(
+        stats = kfac_statistics(
             objective,
             it.theta,
             kind=self.kind,
             generator=self.generator,
-            structure=self._structure,
+            layers=self.engine.layers,
             max_samples=self.factor_samples,
+            approximation=self.approximation,
+            per_sample=self.ekfac,
         )
-        if self.A is None:
-            self.A = [f.A for f in factors]
-            self.G = [f.G for f in factors]
-        else:
-            r = self.ema
-            for A, G, f in zip(self.A, self.G, factors):  # in place: no new P×P arrays
-                A.mul_(r).add_(f.A, alpha=1 - r)
-                G.mul_(r).add_(f.G, alpha=1 - r)
+        self.engine.update(stats.factors)
+        return stats
 
     def _gamma(self, it: Iterate) -> float:
         return self.damping + float(getattr(it.objective, "l2_coefficient", 0.0))
-
-    def _invert(self, it: Iterate) -> None:
-        inverse = KroneckerInverse.from_factors(
-            self._structure.layers, self.A, self.G, self._gamma(it)
-        )
-        self.A_inv, self.G_inv = inverse.A_inv, inverse.G_inv
 
     # -- the step ----------------------------------------------------------------------------
     def _scaled(self, it: Iterate, delta: Tensor) -> Tensor:
@@ -163,12 +172,14 @@ class KFAC(Direction):
         return delta
 
     def compute(self, it: Iterate) -> Tensor:
-        self._update_factors(it)
-        if self.A_inv is None or self.updates % self.inv_every == 0:
-            self._invert(it)
+        stats = self._update_factors(it)
+        gamma = self._gamma(it)
+        if not self.engine.ready or self.updates % self.inv_every == 0:
+            self.engine.refresh(gamma)
+        if self.ekfac:
+            self.engine.update_scales(stats, getattr(it.objective, "sum_over_shards", None))
         self.updates += 1
-        inverse = KroneckerInverse(self._structure.layers, self.A_inv, self.G_inv)
-        delta = -inverse.apply(it.g)
+        delta = -self._layout.apply(self.engine, it.g, gamma)
         self._scale, self._model = 1.0, None
         d = self._scaled(it, delta) if self.rescale else delta
         self._d = d
@@ -206,10 +217,7 @@ class KFAC(Direction):
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "A": _clone(self.A),
-            "G": _clone(self.G),
-            "A_inv": _clone(self.A_inv),
-            "G_inv": _clone(self.G_inv),
+            "engine": None if self.engine is None else self.engine.state_dict(),
             "updates": self.updates,
             "damping": self.damping,
             "prev_step": _clone(self.prev_step),
@@ -218,8 +226,10 @@ class KFAC(Direction):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.A, self.G = _clone(state.get("A")), _clone(state.get("G"))
-        self.A_inv, self.G_inv = _clone(state.get("A_inv")), _clone(state.get("G_inv"))
+        self._pending_engine = engine_state_from(state)
+        if self.engine is not None and self._pending_engine is not None:
+            self.engine.load_state_dict(self._pending_engine)
+            self._pending_engine = None
         self.updates = int(state.get("updates", 0))
         self.damping = float(state.get("damping", self.damping))
         self.prev_step = _clone(state.get("prev_step"))

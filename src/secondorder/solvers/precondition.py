@@ -14,7 +14,7 @@
   computed here from the objective's products: exactly, one product per coordinate, up to
   ``exact_limit`` parameters, else by Hutchinson's estimator E[z ⊙ Bz] with Rademacher z;
 - ``"kfac"`` — K-FAC's block-diagonal M = ⊕_l (G_l + √γ/π I) ⊗ (A_l + π√γ I) over the
-  ``nn.Linear`` layers of a ModelObjective's sequential MLP (factored Tikhonov damping of
+  ``nn.Linear`` and ``nn.Conv2d`` layers of a ModelObjective's network (factored Tikhonov damping of
   G ⊗ A + γI, see :mod:`secondorder.curvature.kfac`), with the exact-GGN factors of the
   current curvature samples and γ = ``damping`` (``precondition_damping``, default 1e-3, as
   ``method="kfac"``) + the objective's L2 coefficient; M⁻¹v = G⁻¹ V A⁻¹ layer by layer;
@@ -39,8 +39,14 @@ from torch.func import grad, vmap
 
 from secondorder import curvature
 from secondorder._validation import check_choice, check_positive
-from secondorder.curvature.kfac import KroneckerInverse, kfac_factors, mlp_structure
-from secondorder.curvature.structure import MLPStructure
+from secondorder.curvature.kfac import (
+    FlatLayout,
+    KFACEngine,
+    check_factors_fit,
+    engine_state_from,
+    kfac_factors,
+    kfac_layers,
+)
 from secondorder.functional import trainable_parameters
 from secondorder.objective import ModelObjective, Objective
 
@@ -169,14 +175,11 @@ class KFACPreconditioner(Preconditioner):
     """M⁻¹ = ⊕_l (G_l ⊗ A_l)⁻¹ from damped inverses of the exact-GGN Kronecker factors at
     the current θ (see module doc), recomputed every ``every`` iterations."""
 
-    def __init__(self, structure: MLPStructure, *, every: int = 1, damping: float) -> None:
+    def __init__(self, layout: FlatLayout, *, every: int = 1, damping: float) -> None:
         super().__init__("kfac", every=every)
-        self.structure = structure
+        self.layout = layout
         self.damping = damping
-        self.A: list[Tensor] | None = None
-        self.G: list[Tensor] | None = None
-        self.A_inv: list[Tensor] | None = None
-        self.G_inv: list[Tensor] | None = None
+        self.engine = KFACEngine(layout.layers, ema=0.0)  # the factors at θ, no averaging
 
     @property
     def is_diagonal(self) -> bool:
@@ -187,42 +190,37 @@ class KFACPreconditioner(Preconditioner):
 
     def apply(self, v: Tensor) -> Tensor:
         """M⁻¹ v, layer by layer G⁻¹ V A⁻¹."""
-        if self.A_inv is None:
+        if not self.engine.ready:
             raise RuntimeError("the preconditioner was not computed yet (call update first)")
-        return KroneckerInverse(list(self.structure.layers), self.A_inv, self.G_inv).apply(v)
+        return self.layout.apply(self.engine, v, self.damping)
 
     __call__ = apply
 
     def update(self, objective, theta: Tensor, k: int) -> bool:
         """New factors and damped inverses at θ when due; return whether they changed."""
-        if self.A_inv is not None and self._last_k is not None and k - self._last_k < self.every:
+        fresh = self._last_k is not None and k - self._last_k < self.every
+        if self.engine.ready and fresh:
             return False
-        factors = kfac_factors(objective, theta, kind="exact", structure=self.structure)
+        factors = kfac_factors(objective, theta, kind="exact", layers=self.layout.layers)
         gamma = self.damping + float(getattr(objective, "l2_coefficient", 0.0))
-        self.A, self.G = [f.A for f in factors], [f.G for f in factors]
-        inverse = KroneckerInverse.from_factors(self.structure.layers, self.A, self.G, gamma)
-        self.A_inv, self.G_inv = inverse.A_inv, inverse.G_inv
+        self.engine.update(factors)
+        self.engine.refresh(gamma)
         self._last_k = k
         self.updates += 1
         return True
 
     def state_dict(self) -> dict:
-        def copy_of(ts):
-            return None if ts is None else [t.clone() for t in ts]
-
         return {
-            "A": copy_of(self.A),
-            "G": copy_of(self.G),
-            "A_inv": copy_of(self.A_inv),
-            "G_inv": copy_of(self.G_inv),
+            "engine": self.engine.state_dict(),
             "last_k": self._last_k,
             "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            self.A, self.G = state.get("A"), state.get("G")
-            self.A_inv, self.G_inv = state.get("A_inv"), state.get("G_inv")
+            engine = engine_state_from(state)
+            if engine is not None:
+                self.engine.load_state_dict(engine)
             self._last_k = state.get("last_k")
             self.updates = state.get("updates", 0)
 
@@ -234,9 +232,10 @@ def _kfac_preconditioner(objective, every: int, damping: float | None) -> KFACPr
             "preconditioner='kfac' needs a ModelObjective (a network and its data), got "
             f"{type(objective).__name__}"
         )
-    structure = mlp_structure(objective.model)
+    layers, _ = kfac_layers(objective.model, purpose="preconditioner='kfac'")
+    check_factors_fit(layers, objective.dtype, objective.device)
     gamma = KFAC_PRECONDITION_DAMPING if damping is None else damping
-    return KFACPreconditioner(structure, every=every, damping=gamma)
+    return KFACPreconditioner(FlatLayout(objective.model, layers), every=every, damping=gamma)
 
 
 def check_kfac_damping(spec, damping: float | None) -> float | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from secondorder._validation import check_choice, check_positive, check_positive_int
-from secondorder.curvature.kfac import KFAC_KINDS, mlp_structure
+from secondorder.curvature.kfac import KFAC_APPROXIMATIONS, KFAC_KINDS, kfac_layers
 from secondorder.objective import Objective
 from secondorder.solvers.directions import (
     CURVATURES,
@@ -439,8 +439,8 @@ register(
 )
 
 
-def _needs_mlp(objective: Any, kind: str) -> None:
-    """K-FAC factors the layers of a ModelObjective's sequential MLP."""
+def _needs_layers(objective: Any, kind: str) -> None:
+    """K-FAC factors the Linear and Conv2d layers of a ModelObjective's network."""
     if not isinstance(objective, Objective):
         return
     model = getattr(objective, "model", None)
@@ -449,7 +449,7 @@ def _needs_mlp(objective: Any, kind: str) -> None:
             f"method='kfac' needs a ModelObjective (a network and its data), got "
             f"{type(objective).__name__}"
         )
-    mlp_structure(model)
+    kfac_layers(model, purpose="method='kfac'")
 
 
 register(
@@ -466,10 +466,12 @@ register(
             momentum=o["momentum"],
             factor_samples=o["factor_samples"],
             adapt_damping=o["adapt_damping"],
+            approximation=o["approximation"],
+            ekfac=o["ekfac"],
         ),
         (
             Option("damping", 1e-3, check_positive),
-            Option("kind", "exact", choice(KFAC_KINDS), requires=_needs_mlp),
+            Option("kind", "exact", choice(KFAC_KINDS), requires=_needs_layers),
             Option("ema", 0.95, below(1.0)),
             Option("inv_every", 1, check_positive_int),
             Option("rescale", True, check_bool),
@@ -477,6 +479,8 @@ register(
             Option("momentum", False, check_bool),
             Option("factor_samples", None, optional(check_positive_int)),
             Option("adapt_damping", 0, lambda a, v: check_positive_int(a, v, allow_zero=True)),
+            Option("approximation", "expand", choice(KFAC_APPROXIMATIONS)),
+            Option("ekfac", False, check_bool),
         ),
         line_search="armijo",
         preconditioned=False,
