@@ -126,7 +126,13 @@ def check_factors_fit(
         f"K-FAC's Kronecker factors ({len(layers)} layers; the largest, {widest.label}, has "
         f"factors of {widest.kfac_dims[1]}² and {widest.kfac_dims[0]}² entries)"
     )
-    return check_dense_fits((total,), dtype, what, max_bytes=max_bytes, device=device)
+    try:
+        return check_dense_fits((total,), dtype, what, max_bytes=max_bytes, device=device)
+    except MemoryError as err:
+        raise type(err)(
+            f"{err.args[0].split('; use ')[0]}; narrow the layer, or use a method without "
+            "Kronecker factors (e.g. 'newton-cg' with Gauss–Newton products)"
+        ) from None
 
 
 # -- capturing layer inputs and output gradients -----------------------------------------------

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from secondorder._validation import check_choice, check_positive, check_positive_int
-from secondorder.curvature.kfac import KFAC_APPROXIMATIONS, KFAC_KINDS, kfac_layers
+from secondorder.curvature.kfac import (
+    KFAC_APPROXIMATIONS,
+    KFAC_KINDS,
+    check_factors_fit,
+    kfac_layers,
+)
 from secondorder.objective import Objective
 from secondorder.solvers.directions import (
     CURVATURES,
@@ -449,7 +454,8 @@ def _needs_layers(objective: Any, kind: str) -> None:
             f"method='kfac' needs a ModelObjective (a network and its data), got "
             f"{type(objective).__name__}"
         )
-    kfac_layers(model, purpose="method='kfac'")
+    layers, _ = kfac_layers(model, purpose="method='kfac'")
+    check_factors_fit(layers, objective.dtype, objective.device)
 
 
 register(
