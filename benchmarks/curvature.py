@@ -20,6 +20,12 @@ Not a test. Cases (float64, cross-entropy, random data): 784-32-10 sigmoid, N = 
   ``vmap(jvp(grad))``; every route and chunk size of ``--chunks`` is timed and the fastest
   taken. curvlinops' HessianLinearOperator @ I is reported too.
 - HVP over gradient time for 784-300-10, N = 60,000, float32 (target: ≤ 3×).
+- A LeNet-like CNN (Conv2d 1→8 5×5, ReLU, MaxPool, Conv2d 8→16 5×5, ReLU, MaxPool, Flatten,
+  Linear 256→64, ReLU, Linear 64→10; P = 20,522; 256 images of 28×28, float64): the Hessian
+  and GGN diagonals against BackPACK's DiagHessian and DiagGGNExact (target: ≥ 3× faster),
+  and one K-FAC update (exact-GGN factors of the batch, expand, and their damped inverses)
+  against curvlinops' KFACLinearOperator (type-2, expand) on the same batch, its factors
+  computed and inverted (target: no slower, ratio ≥ 1).
 
 Timings interleave ours and the peer (ours, peer, ours, peer, …) and keep the minimum of
 ``--repeat`` repetitions (``--heavy-repeat`` for the multi-second dense results). A peer (or
@@ -573,6 +579,116 @@ def hvp_case(args) -> None:
     )
 
 
+def lenet() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    ).double()
+
+
+def backpack_cnn_diagonal(model, X, y, extension: str) -> Callable[[], torch.Tensor]:
+    """BackPACK's DiagHessian or DiagGGNExact of the mean cross-entropy, flattened."""
+    from backpack import backpack, extend
+    from backpack import extensions as ext
+
+    net = extend(copy.deepcopy(model))
+    lossf = extend(nn.CrossEntropyLoss())
+    attr = {"DiagHessian": "diag_h", "DiagGGNExact": "diag_ggn_exact"}[extension]
+
+    def diag():
+        net.zero_grad()
+        with backpack(getattr(ext, extension)()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lossf(net(X), y).backward()
+        return torch.cat([getattr(p, attr).reshape(-1) for p in net.parameters()])
+
+    return diag
+
+
+def our_kfac_update(model, X, y) -> Callable[[], list]:
+    """Exact-GGN factors of the batch and their damped inverses, through the K-FAC engine."""
+    from secondorder.curvature.kfac import KFACEngine, kfac_layers, kfac_statistics
+
+    obj = ModelObjective(model, "cross_entropy", (X, y))
+    theta = obj.initial_theta()
+    layers, _ = kfac_layers(model)
+
+    def update():
+        engine = KFACEngine(layers, ema=0.0)
+        engine.update(kfac_statistics(obj, theta, layers=layers).factors)
+        engine.refresh(1e-3)
+        return engine.state
+
+    return update
+
+
+def curvlinops_kfac_update(model, X, y) -> Callable[[], object]:
+    """curvlinops' KFACLinearOperator (type-2, expand) on the batch, factors computed and
+    inverted (its inverse operator applied once forces the inversion)."""
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+
+    def update():
+        op = KFACLinearOperator(
+            model,
+            nn.CrossEntropyLoss(),
+            params,
+            [(X, y)],
+            fisher_type="type-2",
+            kfac_approx="expand",
+            separate_weight_and_bias=False,
+            check_deterministic=False,
+        )
+        op.compute_kronecker_factors()
+        inv = KFACInverseLinearOperator(op, damping=1e-3)
+        return inv @ v
+
+    return update
+
+
+def cnn_case(args) -> None:
+    """The LeNet-like CNN of the module doc: diagonals against BackPACK, K-FAC against
+    curvlinops."""
+    from secondorder.curvature import ggn_diagonal
+
+    N = 64 if args.quick else 256
+    print(f"\n== CNN (LeNet-like, P = 20,522), N = {N}, float64 ==")
+    model = lenet()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (N,), generator=g)
+    with threads(args.threads):
+        for name, ours_fn, ext in (
+            ("CNN Hessian diagonal", hessian_diagonal, "DiagHessian"),
+            ("CNN GGN diagonal", ggn_diagonal, "DiagGGNExact"),
+        ):
+            ours = ours_fn(model, X, y)
+            if not have("backpack"):
+                faster(name, min_time(lambda f=ours_fn: f(model, X, y), args.repeat), None, "")
+                continue
+            peer = backpack_cnn_diagonal(model, X, y, ext)
+            print(f"  {name}: max |ours − BackPACK| / max |BackPACK| = {rel_err(ours, peer()):.1e}")
+            t = interleave({"ours": lambda f=ours_fn: f(model, X, y), "peer": peer}, args.repeat)
+            faster(name, t["ours"], t["peer"], f"BackPACK {ext}", 3.0)
+        ours = our_kfac_update(model, X, y)
+        if have("curvlinops"):
+            t = interleave({"ours": ours, "peer": curvlinops_kfac_update(model, X, y)}, args.repeat)
+            faster("CNN K-FAC factors + inverses", t["ours"], t["peer"], "curvlinops KFAC", 1.0)
+        else:
+            faster("CNN K-FAC factors + inverses", min_time(ours, args.repeat), None, "")
+
+
 def add_peers_path(path: str | None) -> None:
     if path is None:
         path = DEFAULT_PEERS if os.path.isdir(DEFAULT_PEERS) else None
@@ -641,6 +757,7 @@ def main(argv=None) -> int:
         exact_case("784-32-10", [784, 32, 10], 1000, args)
         exact_case("784-32-16-10", [784, 32, 16, 10], 1000, args)
     hvp_case(args)
+    cnn_case(args)
     print_table(args.quick)
     return 0
 

@@ -168,7 +168,8 @@ def _backward(
     out = xs[-1]
     S = loss.hessian_output_sqrt(out, y)  # (n, k, C): H_ŷ = S Sᵀ
     cur = _Curvature(S.transpose(1, 2) * math.sqrt(weight), None, None)
-    g = loss.grad_output(out, y) * weight if mode == "hessian" else None
+    # the output gradient feeds only the modules' own second-derivative terms
+    g = loss.grad_output(out, y) * weight if mode == "hessian" and chain.has_residuals else None
     for i in range(len(chain.layers) - 1, chain.lowest - 1, -1):
         layer, x, o = chain.layers[i], xs[i], xs[i + 1]
         if layer.n_params:
