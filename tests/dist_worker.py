@@ -5,7 +5,11 @@ process. With RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment:
   (:func:`scenario` is also called in the test process for the single-process reference);
 - ``python tests/dist_worker.py cli FAULT AT ARGS...`` runs the command line
   ``secondorder ARGS...``; with FAULT ``kill`` or ``stop`` the last rank sends itself SIGKILL
-  or SIGSTOP at its AT-th collective (a process that dies or hangs mid-run).
+  or SIGSTOP at its AT-th collective (a process that dies or hangs mid-run); with ``spec`` the
+  last rank runs another L2 (``--set l2=0.002``) and reports another code version, with
+  ``labels`` it reads other labels (ranks that disagree);
+- ``python tests/dist_worker.py other-x`` makes an objective data-parallel through
+  ``distributed.from_environment`` with another X on the last rank.
 """
 
 from __future__ import annotations
@@ -135,13 +139,55 @@ def _fault(how: str, at: int) -> None:
     distributed.Shard._all_reduce = counted
 
 
+def _disagree(how: str, args: list[str]) -> list[str]:
+    """The last rank's arguments and code when it is to disagree with the others."""
+    if distributed.rank() != distributed.world_size() - 1:
+        return args
+    if how == "spec":
+        distributed.code_version.cache_clear()
+        distributed.code_version = lambda: "0.0.0+another"
+        return [*args, "--set", "l2=0.002"]
+    if how == "labels":
+        from secondorder.experiments import problems
+
+        load = problems._load_data
+
+        changed: set[int] = set()
+
+        def other_labels(spec, cache):
+            splits = load(spec, cache)
+            y = splits.train.y
+            if id(y) not in changed:  # the cache hands the same tensor out again
+                changed.add(id(y))
+                y[:5] = (y[:5] + 1) % int(y.max() + 1)
+            return splits
+
+        problems._load_data = other_labels
+    return args
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     if argv[0] == "cli":
         from secondorder.cli import main as cli_main
 
+        if argv[1] in ("spec", "labels"):
+            return cli_main(_disagree(argv[1], argv[3:]))
         _fault(argv[1], int(argv[2]))
         return cli_main(argv[3:])
+    if argv[0] == "other-x":
+        X, y = data()
+        if distributed.rank() == distributed.world_size() - 1:
+            X = X.clone()
+            X[0, 0] += 1e-9
+        model = mlp([D, 8, K], "tanh", seed=1, dtype=torch.float64)
+        obj = ModelObjective(model, "cross_entropy", (X, y), l2=1e-2)
+        try:
+            distributed.from_environment(obj)
+        except distributed.RanksDisagree as err:
+            print(f"refused: {err}", file=sys.stderr)
+            return 4
+        return 0
     distributed.init(timeout=30)
     result = scenario(argv[2:])
     torch.save(result, Path(argv[1]) / f"rank{distributed.rank()}.pt")

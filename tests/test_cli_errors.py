@@ -71,6 +71,29 @@ def test_spec_type_errors_name_their_key(tmp_path, capsys, old, new, expected):
     assert not (tmp_path / "run").exists()
 
 
+TORCH_SOLVERS_THAT_CANNOT_SERVE = [
+    ('method = "torch:LBFGS"\noptions = { history_size = 0 }', "history_size must be an"),
+    ('method = "torch:SparseAdam"', "SparseAdam cannot serve here"),
+    ('method = "torch:Adam"\noptions = { capturable = true }', "capturable=True needs"),
+    ('method = "torch:Adam"\noptions = { betas = [0.9, 0.99, 0.1] }', "betas must be a list"),
+    ('method = "torch:Adam"\noptions = { maximize = "false", lr = 0.1 }', "maximize must"),
+    ('method = "torch:SGD"\noptions = { lr = inf }', "lr must be a finite number"),
+]
+
+
+def test_torch_options_that_cannot_serve_are_refused_before_the_run_directory(tmp_path, capsys):
+    for solver, expected in TORCH_SOLVERS_THAT_CANNOT_SERVE:
+        path = _spec_file(tmp_path, LOGISTIC.replace('method = "lbfgs"', solver))
+        code, err = _run_cli(capsys, "run", path, "--run-dir", str(tmp_path / "run"))
+        assert code == 2 and expected in err and "solvers[0]" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "run").exists()
+    # the same optimiser with options of the right types runs (lists become tuples)
+    good = 'method = "torch:Adam"\noptions = { betas = [0.8, 0.99], amsgrad = true, lr = 0.01 }'
+    path = _spec_file(tmp_path, LOGISTIC.replace('method = "lbfgs"', good))
+    assert _run_cli(capsys, "run", path, "--run-dir", str(tmp_path / "ok"))[0] == 0
+
+
 def _paths(d, pre=()):
     items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
     for k, v in items:

@@ -350,3 +350,80 @@ def test_cuda_objective_matches_cpu():
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(MemoryError_):
         check_dense_fits((free // 4 + 1, 1), torch.float64, "x", device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks that disagree, and a bad environment
+# ----------------------------------------------------------------------------------------------
+def _refused_once_by_rank_0(procs: list[subprocess.Popen], run: Path, expected: list[str]):
+    (code0, err0), (code1, err1) = _finish(procs, timeout=120)
+    assert code0 == code1 == 2, (err0[-3000:], err1[-3000:])
+    assert "Traceback" not in err0 + err1
+    line = err0.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("secondorder: error: the 2 proc")
+    assert all(e in line for e in expected), line
+    assert err1.strip() == ""  # said once, by rank 0
+    assert not run.exists()  # nothing was written, nothing trained
+
+
+def test_ranks_that_disagree_are_stopped_before_the_first_step(reference, tmp_path):
+    spec, _ = reference
+    run = tmp_path / "run"
+    # rank 1 with another --set and another code version; and another X through the API
+    other_spec = _launch(2, ["cli", "spec", "0", "run", str(spec), "--run-dir", str(run)])
+    other_x = _launch(2, ["other-x"])
+    expected = ["resolved spec of rank 1 differs", "l2: 0.001 → 0.002", "code version of rank 1"]
+    _refused_once_by_rank_0(other_spec, run, expected)
+    for code, err in _finish(other_x, timeout=120):
+        assert code == 4 and "data (a digest of X and y) of rank 1 differs" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_ranks_reading_other_labels_are_stopped_before_the_first_step(reference, tmp_path):
+    spec, _ = reference
+    run = tmp_path / "run"
+    procs = _launch(2, ["cli", "labels", "0", "run", str(spec), "--run-dir", str(run)])
+    _refused_once_by_rank_0(procs, run, ["data (a digest of X and y) of rank 1 differs"])
+
+
+BAD_ENVIRONMENTS = [
+    *[
+        ({distributed.TIMEOUT_ENV: v}, distributed.TIMEOUT_ENV)
+        for v in ("abc", "0", "nan", "-5", "inf")
+    ],
+    ({"WORLD_SIZE": "2"}, "lacks RANK"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE must be an integer, got 'abc'"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE must be >= 1"),
+    ({"RANK": "1"}, "RANK must lie in [0, WORLD_SIZE=1)"),
+]
+
+
+def test_a_bad_distributed_environment_is_refused_once_before_any_work(
+    reference, tmp_path, monkeypatch, capsys
+):
+    from secondorder import cli
+
+    spec, ref = reference
+    run = tmp_path / "stopped"
+    shutil.copytree(ref, run)
+    (run / "checkpoints" / "k-fac.pt").unlink()  # K-FAC has work left to do
+    summary = io.read_json(run / "summary.json")
+    summary["status"] = "interrupted"
+    io.write_json(run / "summary.json", summary)
+    before = (run / "summary.json").read_bytes()
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", distributed.TIMEOUT_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for env, expected in BAD_ENVIRONMENTS:
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            fresh = tmp_path / "fresh"
+            for argv in (["run", str(spec), "--run-dir", str(fresh)], ["resume", str(run)]):
+                code = cli.main([*argv, "--no-progress", "--no-report"])
+                err = capsys.readouterr().err
+                assert code == 2, (env, argv, err)
+                assert len(err.strip().splitlines()) == 1 and expected in err, (env, err)
+                assert err.startswith("secondorder: error: ")
+            assert not fresh.exists()
+            assert (run / "summary.json").read_bytes() == before  # no solver recorded failed
+            assert not (run / "checkpoints" / "k-fac.pt").exists()

@@ -248,6 +248,41 @@ def test_torch_optimizer_resumes_and_refuses_bad_input_before_evaluating():
     assert obj.counts.f == 0 and obj.counts.g == 0
 
 
+TORCH_REFUSALS = [
+    ("Adam", {"maximize": "false", "lr": 0.1}, "maximize must be true or false, got 'false'"),
+    ("Adam", {"maximize": True}, "maximize=True would climb f"),
+    ("Adam", {"betas": {"a": 1}}, "betas must be a list of 2 numbers, got dict"),
+    ("Adam", {"betas": [0.9, 0.99, 0.1]}, "betas must be a list of 2 numbers, got list of 3"),
+    ("Adam", {"lr": "0.01"}, "lr must be a finite number"),
+    ("Adam", {"eps": float("nan")}, "eps must be a finite number, got nan"),
+    ("Adam", {"capturable": True}, "capturable=True needs θ on a CUDA device"),
+    ("Adam", {"differentiable": True}, "torch.optim.Adam cannot serve here"),
+    ("Adam", {"foreach": "yes"}, "foreach must be true or false or None"),
+    ("SGD", {"lr": float("inf")}, "lr must be a finite number, got inf"),
+    ("SGD", {"dampening": -1.0}, "dampening must be >= 0"),
+    ("LBFGS", {"history_size": 0}, "history_size must be an integer >= 1, got 0"),
+    ("LBFGS", {"history_size": 2.5}, "history_size must be an integer, got 2.5"),
+    ("LBFGS", {"max_eval": 0}, "max_eval must be an integer >= 1"),
+    ("LBFGS", {"line_search_fn": "wolfe"}, "LBFGS cannot serve here: .*strong_wolfe"),
+    ("SparseAdam", {}, "SparseAdam cannot serve here: .*dense gradients"),
+    ("Rprop", {"etas": [0.5, "1.2"]}, "etas must be a list of 2 numbers"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,options,match",
+    TORCH_REFUSALS,
+    ids=[f"{n}-{i}" for i, (n, *_) in enumerate(TORCH_REFUSALS)],
+)
+def test_torch_options_are_checked_by_type_before_any_evaluation(name, options, match):
+    obj = _objective(False)
+    with pytest.raises((TypeError, ValueError), match=match):
+        validate_options(obj, f"torch:{name}", **options)
+    with pytest.raises((TypeError, ValueError), match=match):
+        minimize(obj, obj.initial_theta(), method=f"torch:{name}", **options)
+    assert obj.counts.f == 0 and obj.counts.g == 0
+
+
 def test_a_torch_argument_named_like_a_loop_option_is_prefixed():
     # torch.optim.LBFGS(max_iter=1): one inner iteration per step(); here optimizer_max_iter
     obj = _objective(False)

@@ -234,6 +234,28 @@ def test_an_altered_checkpoint_is_refused_with_its_name(tmp_path):
         resume_run(run, QUIET)
 
 
+def test_a_checkpoint_without_its_digest_is_refused_with_its_name(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(_Kill), pytest.MonkeyPatch.context() as m:
+        _kill_at_write(m, 6)
+        start_run(spec_from_dict(_rosenbrock(max_iter=20, every=3)), run, QUIET)
+    path = run / "checkpoints" / "gd.pt"
+    ckpt = io.torch_load(path)
+    ckpt["theta"] = ckpt["theta"] + 1.0  # altered, and the digest that would show it removed
+    del ckpt["digest"]
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(io.CheckpointError, match="gd.pt has no digest"):
+        resume_run(run, QUIET)
+    assert path.read_bytes() == before  # nothing went on from the altered state
+    # the same for the spec's digest in run.json
+    meta = io.read_json(run / "run.json")
+    del meta["spec_sha256"]
+    io.write_json(run / "run.json", meta)
+    with pytest.raises(rundir.RunDirError, match="run.json records no spec_sha256"):
+        resume_run(run, QUIET)
+
+
 def test_a_trace_edited_under_its_checkpoint_is_refused(tmp_path):
     spec = spec_from_dict(_rosenbrock(max_iter=20, every=3))
     run = tmp_path / "run"

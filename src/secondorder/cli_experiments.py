@@ -83,7 +83,8 @@ def guarded(func, args: argparse.Namespace) -> int:
             print("interrupted", file=sys.stderr)
             return 130
         except SecondOrderError as err:
-            _err(str(err))
+            if not getattr(err, "writer_only", False) or _writes():
+                _err(str(err))  # said once, by rank 0, where every process raises it alike
             return err.exit_code
         except FileNotFoundError as err:  # a path named on the command line
             _err(os_error_text(err))
@@ -91,6 +92,16 @@ def guarded(func, args: argparse.Namespace) -> int:
         except OSError as err:
             _err(os_error_text(err))
             return 1
+
+
+def _writes() -> bool:
+    """Whether this process speaks for the others (rank 0, or a single process)."""
+    from secondorder.distributed import is_writer
+
+    try:
+        return is_writer()
+    except SecondOrderError:
+        return True
 
 
 def progress_wanted(args: argparse.Namespace) -> bool:
@@ -150,9 +161,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _drive(launch, args: argparse.Namespace) -> int:
     """Run or resume, turning interruptions, lost peers and failed solvers into exit codes;
     report afterwards (other errors are left to :func:`guarded`)."""
-    from secondorder.distributed import PeerLost
+    from secondorder.distributed import PeerLost, check_environment
     from secondorder.experiments.runner import Interrupted, RunErrors
 
+    check_environment()  # a bad WORLD_SIZE, RANK or timeout: one refusal, before any work
     code = 0
     try:
         run_dir = launch(_options(args))

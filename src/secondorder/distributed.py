@@ -18,30 +18,46 @@ same solver on them, so the solvers are unchanged and every process holds the sa
 :func:`curvature_sum` does the same for a function of the exact curvature engine
 (``secondorder.curvature.hessian_diagonal``, ``layer_hessians``, ...). :func:`init` joins the
 process group that ``torchrun`` describes in the environment, with a timeout after which a
-collective whose peer died or hangs raises :class:`PeerLost` instead of waiting for ever.
+collective whose peer died or hangs raises :class:`PeerLost` instead of waiting for ever;
+:func:`check_environment` refuses a bad environment before any work.
+
+The processes must hold the same things: :func:`data_parallel` all-gathers a digest of each
+process's X, y, θ₀ and objective settings and :func:`agree` compares any named values (the
+runner's resolved spec and :func:`code_version`) before the first step; a difference raises
+:class:`RanksDisagree` on every process, naming what differs and on which ranks.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import functools
+import hashlib
+import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from secondorder.errors import InvalidTypeError, InvalidValueError
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "TIMEOUT_ENV",
     "NullTrace",
     "PeerLost",
+    "RanksDisagree",
     "Shard",
+    "agree",
+    "check_environment",
+    "code_version",
     "curvature_sum",
     "data_parallel",
     "from_environment",
@@ -65,6 +81,13 @@ class PeerLost(Exception):
     evaluates again."""
 
 
+class RanksDisagree(InvalidValueError):
+    """The processes of one data-parallel job do not hold the same spec, data or code; raised
+    on every process, with the same message (``writer_only``: one process need say it)."""
+
+    writer_only = True
+
+
 # ----------------------------------------------------------------------------------------------
 # The process group
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +98,39 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+        raise InvalidValueError(
+            f"environment variable {name} must be an integer, got {raw!r}"
+        ) from None
+
+
+def check_environment() -> None:
+    """Refuse, before any work, an environment no process group can be built from:
+    ``WORLD_SIZE`` not an integer >= 1; with ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR`` or
+    ``MASTER_PORT`` missing; ``RANK`` outside [0, WORLD_SIZE); ``LOCAL_RANK`` or
+    ``MASTER_PORT`` not a non-negative integer; a bad ``SECONDORDER_DIST_TIMEOUT``. Each
+    error names the variable and what was expected."""
+    timeout_seconds()
+    n = _env_int("WORLD_SIZE", 1)
+    if n < 1:
+        raise InvalidValueError(f"environment variable WORLD_SIZE must be >= 1, got {n}")
+    if n > 1:
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise InvalidValueError(
+                f"WORLD_SIZE={n} but the environment lacks {', '.join(missing)}: launch with "
+                "torchrun, or set RANK, MASTER_ADDR and MASTER_PORT for every process"
+            )
+    r = _env_int("RANK", 0)
+    if not 0 <= r < n:
+        raise InvalidValueError(
+            f"environment variable RANK must lie in [0, WORLD_SIZE={n}), got {r}"
+            + (" (WORLD_SIZE is unset)" if not os.environ.get("WORLD_SIZE") else "")
+        )
+    for name, top in (("LOCAL_RANK", None), ("MASTER_PORT", 65535)):
+        v = _env_int(name, 0)
+        if v < 0 or (top is not None and v > top):
+            bound = f"in [0, {top}]" if top else ">= 0"
+            raise InvalidValueError(f"environment variable {name} must be {bound}, got {v}")
 
 
 def world_size() -> int:
@@ -108,11 +163,15 @@ def timeout_seconds(timeout: float | None = None) -> float:
         try:
             timeout = float(raw)
         except ValueError:
-            raise ValueError(f"{source} must be a number of seconds, got {raw!r}") from None
+            raise InvalidValueError(f"{source} must be a number of seconds, got {raw!r}") from None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{source} must be a number of seconds, got {type(timeout).__name__}")
+        raise InvalidTypeError(
+            f"{source} must be a number of seconds, got {type(timeout).__name__}"
+        )
     if not (math.isfinite(timeout) and timeout > 0):
-        raise ValueError(f"{source} must be a positive, finite number of seconds, got {timeout}")
+        raise InvalidValueError(
+            f"{source} must be a positive, finite number of seconds, got {timeout}"
+        )
     return float(timeout)
 
 
@@ -147,12 +206,7 @@ def init(
     n = _env_int("WORLD_SIZE", 1)
     if n <= 1:
         return False
-    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
-    if missing:
-        raise ValueError(
-            f"WORLD_SIZE={n} but the environment lacks {', '.join(missing)}: launch with "
-            "torchrun, or set RANK, MASTER_ADDR and MASTER_PORT for every process"
-        )
+    check_environment()
     device = local_device(device)
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -179,6 +233,108 @@ def _first_line(err: BaseException) -> str:
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement: the same spec, data and code on every process
+# ----------------------------------------------------------------------------------------------
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 of tensors: dtype, shape and bytes of each (on the CPU)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype};{tuple(t.shape)};".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package's version and a SHA-256 of its source files: equal only for the same
+    code."""
+    from secondorder import __version__
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:16]}"
+
+
+Explain = Callable[[Any, Any], list[str]]
+
+
+def agree(
+    items: Mapping[str, Any],
+    *,
+    explain: Mapping[str, Explain] | None = None,
+    group: Any = None,
+) -> None:
+    """Check that every process of ``group`` (the default group when None; nothing to do
+    without one, or in one process) holds equal ``items`` (name → a digest or a small
+    value), in one all-gather. A difference raises :class:`RanksDisagree` on every process
+    naming each item that differs, the ranks whose value is not rank 0's and, through
+    ``explain[name](rank 0's value, theirs)``, how."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    n = dist.get_world_size(group)
+    gathered: list[Any] = [None] * n
+    start = time.monotonic()
+    try:
+        dist.all_gather_object(gathered, dict(items), group=group)
+    except Exception as err:  # a peer died, hung or never came
+        raise PeerLost(
+            f"rank {dist.get_rank(group)} of {n}: comparing {', '.join(items)} across the "
+            f"processes failed after {time.monotonic() - start:.1f} s: another process died "
+            f"or stopped responding ({type(err).__name__}: {_first_line(err)})"
+        ) from err
+    first = gathered[0]
+    problems = []
+    for name in sorted({k for g in gathered for k in g}, key=str):
+        ranks = [r for r, g in enumerate(gathered) if _same(g.get(name)) != _same(first.get(name))]
+        if not ranks:
+            continue
+        how = ""
+        if explain and name in explain:
+            lines = explain[name](first.get(name), gathered[ranks[0]].get(name))
+            if lines:
+                shown = "; ".join(lines[:5]) + (
+                    f"; … ({len(lines)} in all)" if len(lines) > 5 else ""
+                )
+                how = f": {shown}"
+        on = ", ".join(map(str, ranks))
+        problems.append(
+            f"the {name} of rank{'s' if len(ranks) > 1 else ''} {on} differs from rank 0's{how}"
+        )
+    if problems:
+        raise RanksDisagree(
+            f"the {n} processes disagree before the first step: "
+            + "; ".join(problems)
+            + " — every process must run the same spec on the same data with the same code"
+        )
+
+
+def _same(value: Any) -> str:
+    """A canonical text of a value, so that equal specs compare equal (NaN included)."""
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _settings(objective) -> str:
+    """What, besides X, y and θ₀, makes an objective's sums: loss, L2 and samplers."""
+    parts = [
+        type(objective.loss).__name__,
+        repr(objective.l2_coefficient),
+        str(objective.regularize_bias),
+    ]
+    for sampler in (objective.sampler, objective.curvature_sampler):
+        if sampler is None:
+            parts.append("None")
+            continue
+        scalars = {
+            k: v for k, v in sorted(vars(sampler).items()) if isinstance(v, (bool, int, float, str))
+        }
+        parts.append(f"{type(sampler).__name__}{scalars}")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +479,11 @@ def curvature_sum(
 def data_parallel(objective, *, group: Any = None):
     """Make a :class:`~secondorder.objective.ModelObjective` data-parallel over ``group``
     (the default process group when None) and return it: its evaluations then use this
-    process's share of each batch and sum over the processes (see the module doc)."""
+    process's share of each batch and sum over the processes (see the module doc).
+
+    Every process must pass an equal objective: its X, y, θ₀, loss, L2 and samplers are
+    compared across the processes first (:func:`agree`), and a difference raises
+    :class:`RanksDisagree` on every process."""
     from secondorder.objective import ModelObjective
 
     if not isinstance(objective, ModelObjective):
@@ -331,7 +491,16 @@ def data_parallel(objective, *, group: Any = None):
             "data_parallel needs a ModelObjective (a sum over samples), got "
             f"{type(objective).__name__}"
         )
-    objective.data_parallel = Shard.of_group(group)
+    shard = Shard.of_group(group)
+    agree(
+        {
+            "data (a digest of X and y)": tensor_digest(objective.X, objective.y),
+            "initial θ (the model's parameters)": tensor_digest(objective.initial_theta()),
+            "objective (loss, L2, samplers)": _settings(objective),
+        },
+        group=group,
+    )
+    objective.data_parallel = shard
     return objective
 
 

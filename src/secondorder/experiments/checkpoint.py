@@ -16,7 +16,8 @@ Three records make a checkpoint safe to trust:
   first ``n_rows`` lines of ``trace/<solver>.jsonl``): the trace file is appended and flushed
   row by row and ``fsync``-ed before each checkpoint, so a checkpoint costs O(θ), not O(k), and
   ``checkpoint_every = 1`` stays linear in the run's length. Checkpoints of the first format,
-  which embed the rows (``rows``), still load.
+  which embed the rows (``rows``), still load, but only with their digest: a checkpoint without
+  one is refused, whatever its format, since nothing would show that it is what was saved.
 
 Every refusal is a :class:`~secondorder.experiments.io.CheckpointError` naming the file.
 """
@@ -246,7 +247,11 @@ class Checkpoint:
 
 def _check_digest(path: Path, ckpt: dict[str, Any]) -> None:
     if "digest" not in ckpt:
-        return  # the first format had no digest
+        raise io.CheckpointError(
+            f"{path} has no digest, so nothing shows that its content is what was saved (a "
+            "checkpoint is trusted only with its SHA-256); delete it to restart that solver "
+            "from scratch"
+        )
     content = {k: v for k, v in ckpt.items() if k != "digest"}
     try:
         ok = content_digest(content) == ckpt["digest"]

@@ -252,8 +252,13 @@ def write_meta(spec: Spec, run_dir: Path) -> None:
 def check_spec_unchanged(run_dir: Path, meta: dict[str, Any], data: dict[str, Any]) -> None:
     """Refuse a spec.toml edited since the run started, naming every key that changed."""
     digest = meta.get("spec_sha256")
-    if digest is None or spec_digest(data) == digest:
-        return  # run directories of the first format record no digest
+    if not isinstance(digest, str):
+        raise RunDirError(
+            f"{run_dir / RUN_JSON} records no spec_sha256, so nothing shows that {SPEC_TOML} is "
+            "the spec the run started with; a resume needs it: start a new run"
+        )
+    if spec_digest(data) == digest:
+        return
     changes = spec_difference(meta.get("spec", {}), data) if "spec" in meta else []
     shown = "; ".join(changes[:10]) + (f"; … ({len(changes)} in all)" if len(changes) > 10 else "")
     raise RunDirError(

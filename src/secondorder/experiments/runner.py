@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secondorder.distributed import NullTrace, PeerLost, is_writer
+from secondorder import distributed
+from secondorder.distributed import NullTrace, PeerLost, RanksDisagree, is_writer
 from secondorder.experiments import rundir
 from secondorder.experiments.checkpoint import (
     Checkpoint,
@@ -206,7 +207,14 @@ class _Runner:
         """Run one solver; a failure is logged and recorded, and the run goes on."""
         try:
             return self._run_solver(job)
-        except (KeyboardInterrupt, SystemExit, SpecError, CheckpointError, PeerLost):
+        except (
+            KeyboardInterrupt,
+            SystemExit,
+            SpecError,
+            CheckpointError,
+            PeerLost,
+            RanksDisagree,
+        ):
             raise
         except Exception as exc:  # one failing solver does not end a long run
             name = job.solver["name"]
@@ -383,8 +391,31 @@ def _write_environment(spec: Spec, run_dir: Path) -> None:
     rundir.write_environment(run_dir, environment(_device_of(spec), _threads_of(spec)))
 
 
+def _first_device(spec: Spec) -> str:
+    return _first_device(spec.parts[0][1]) if spec.is_suite else spec.data.get("device", "cpu")
+
+
+def agree_across_ranks(spec: Spec) -> None:
+    """With several processes (``WORLD_SIZE`` > 1): join the group and check that every
+    process resolved the same spec and runs the same code, before any data or step (the data
+    are compared when each objective is made data-parallel); a difference raises
+    :class:`~secondorder.distributed.RanksDisagree` on every process."""
+    if distributed.world_size() <= 1:
+        return
+    distributed.init(device=distributed.local_device(_first_device(spec)))
+    resolved = spec.data
+    if spec.is_suite:
+        resolved = {"suite": spec.data, **{name: part.data for name, part in spec.parts}}
+    distributed.agree(
+        {"resolved spec": resolved, "code version": distributed.code_version()},
+        explain={"resolved spec": lambda a, b: rundir.spec_difference(a, b)},
+    )
+
+
 def _prepare(spec: Spec, run_dir: Path, cache: DataCache) -> None:
     """Everything that can fail before training: data, directory, solver options, files."""
+    distributed.check_environment()
+    agree_across_ranks(spec)
     check_data_available(spec)
     if not is_writer():  # data-parallel: the other ranks check, rank 0 writes
         preflight(spec, cache)
@@ -539,9 +570,11 @@ def resume_run(run_dir: str | os.PathLike[str], options: RunOptions | None = Non
     """Finish an interrupted run: solvers already finished are skipped, the others continue
     from their last checkpoint."""
     options = options or RunOptions()
+    distributed.check_environment()
     run_dir = Path(run_dir)
     _complete_creation(run_dir)
     spec = load_run_spec(run_dir)
+    agree_across_ranks(spec)
     check_data_available(spec)
     if is_writer():
         rundir.check_run_dir(run_dir, must_be_new=False)

@@ -112,6 +112,9 @@ def _validate(objective, method: str, line_search, options: dict) -> dict:
     own = _method_options(entry, objective, options)
     cfg["robust"] = own.get("robust", False)
     built = entry.build(own)
+    serves = getattr(built, "check_serves", None)
+    if serves is not None:  # a direction that can tell whether it can step on this θ
+        serves(objective.dtype, objective.device)
     cfg["deferred"] = _defers_evaluation(objective, ls, built)
     if cfg["deferred"]:
         cfg["rule"] = UnevaluatedStep()

@@ -40,7 +40,11 @@ from secondorder.solvers.hessianfree import HessianFree
 from secondorder.solvers.kfac import KFAC
 from secondorder.solvers.quasinewton import BFGS, LBFGS
 from secondorder.solvers.sqn import SQN
-from secondorder.solvers.torchstep import TorchOptimizerStep, torch_optimizer_class
+from secondorder.solvers.torchstep import (
+    TorchOptimizerStep,
+    option_checks,
+    torch_optimizer_class,
+)
 from secondorder.solvers.trust import ARC, TrustNCG
 
 __all__ = [
@@ -239,8 +243,13 @@ def torch_entry(optimizer: str) -> MethodEntry:
             for p in params
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
+        checks = option_checks(cls)
         options = tuple(
-            Option(name, None if p.default is inspect.Parameter.empty else p.default, _given)
+            Option(
+                name,
+                None if p.default is inspect.Parameter.empty else p.default,
+                checks[p.name],
+            )
             for name, p in renamed.items()
         )
 
@@ -258,11 +267,6 @@ def torch_entry(optimizer: str) -> MethodEntry:
             own_step=True,
         )
     return _TORCH_ENTRIES[optimizer]
-
-
-def _given(arg: str, value: Any) -> Any:
-    """Any value: the optimiser's constructor checks its own arguments."""
-    return value
 
 
 def accepted_options(method: str) -> frozenset[str]:
