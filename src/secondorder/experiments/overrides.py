@@ -13,7 +13,7 @@ from typing import Any
 
 from secondorder._validation import closest
 from secondorder.experiments.schema import SpecError, SpecWarning
-from secondorder.experiments.spec_toml import tomllib
+from secondorder.experiments.spec_toml import TOO_DEEP, tomllib
 
 __all__ = ["apply_override", "apply_quick", "flatten_overrides", "parse_override"]
 
@@ -112,6 +112,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
+    except RecursionError:
+        raise SpecError(f"--set {key}: {TOO_DEEP}") from None
     return key, parsed
 
 
