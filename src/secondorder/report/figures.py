@@ -15,6 +15,7 @@ directories — and writes one figure file (PNG or SVG, by the path's suffix):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ def _cope_with_empty_axes(fig: Figure) -> None:
         for name, (_, hi) in limits.items():
             scale = ax.get_xscale() if name == "x" else ax.get_yscale()
             if scale == "log" and not (math.isfinite(hi) and hi > 0):
-                (ax.set_xscale if name == "x" else ax.set_yscale)("linear")
+                with warnings.catch_warnings():  # the log axis's own note on leaving it
+                    warnings.simplefilter("ignore", UserWarning)
+                    (ax.set_xscale if name == "x" else ax.set_yscale)("linear")
         drawn = any(len(line.get_xdata()) for line in ax.lines) or bool(
             ax.collections or ax.patches or ax.images
         )
