@@ -840,25 +840,75 @@ def summarise(curve: list[dict], targets=TARGETS) -> dict:
 # -- sweeps, rows, the results file ----------------------------------------------------------------
 
 
+class ResultsFileError(ValueError):
+    """A results file this script cannot read back (damaged, or not one of its own)."""
+
+
+def _results_problem(data, row_keys=("key", "curve", "summary", "status", "label")) -> str:
+    """Why ``data`` is not a results block of this script ('' when it is one)."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    if not isinstance(data.get("settings"), dict):
+        return "no settings"
+    for kind, need in (("rows", row_keys), ("sweeps", ("key", "chosen", "candidates"))):
+        table = data.get(kind, {})
+        if not isinstance(table, dict):
+            return f"{kind!r} is not an object"
+        for name, rec in table.items():
+            if not isinstance(rec, dict) or any(k not in rec for k in need):
+                return f"{kind}[{name!r}] lacks {[k for k in need if k not in (rec or {})]}"
+    skipped = data.get("skipped", {})
+    if not isinstance(skipped, dict) or not all(isinstance(v, str) for v in skipped.values()):
+        return "'skipped' is not an object of notes"
+    return ""
+
+
+def read_results(path: Path, kind: str = "results") -> dict | None:
+    """The results file at ``path`` (None when there is none), every block checked; a file
+    that is not one of this script's is refused naming it, before anything is measured."""
+    if not path.exists():
+        return None
+    where = f"{path}: not a {kind} file of this benchmark"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ResultsFileError(f"{where} ({type(err).__name__}: {err})") from None
+    blocks = [data, *(data.get("other_settings", []) if isinstance(data, dict) else [])]
+    if isinstance(data, dict) and not isinstance(data.get("other_settings", []), list):
+        raise ResultsFileError(f"{where} ('other_settings' is not a list)")
+    check = _widths_problem if kind == "widths" else _results_problem
+    for block in blocks:
+        why = check(block)
+        if why:
+            raise ResultsFileError(f"{where} ({why}); move it away or choose another --out")
+    return data
+
+
+def _keyed_by_settings(old: dict | None, settings: dict, empty: dict) -> dict:
+    """The block of ``settings`` on top (from the file when stored there, else ``empty``),
+    with every other settings' block kept under ``other_settings``."""
+    blocks = [] if old is None else [old, *old.get("other_settings", [])]
+    mine = next((b for b in blocks if b.get("settings") == settings), None)
+    others = [
+        {k: v for k, v in b.items() if k != "other_settings"} for b in blocks if b is not mine
+    ]
+    top = dict(empty) if mine is None else {**empty, **mine}
+    top["settings"] = settings
+    top.pop("other_settings", None)
+    if others:
+        top["other_settings"] = others
+    return top
+
+
 class Results:
-    """``<task>.json``: rows, sweeps and skipped rows, written after every change."""
+    """``<task>.json``: rows, sweeps and skipped rows of these settings, written after every
+    change; the rows of other settings stay in the file, under ``other_settings``."""
 
     def __init__(self, path: Path, settings: Settings, resume: bool) -> None:
         self.path, self.resume = path, resume
-        self.data = {
-            "settings": settings.key(),
-            "environment": environment(settings),
-            "rows": {},
-            "sweeps": {},
-            "skipped": {},
-        }
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("settings") == settings.key():
-                for k in ("rows", "sweeps", "skipped"):
-                    self.data[k] = old.get(k, {})
-            else:
-                print(f"  {path.name}: stored with other settings; starting afresh")
+        empty = {"environment": environment(settings), "rows": {}, "sweeps": {}, "skipped": {}}
+        self.data = _keyed_by_settings(read_results(path), settings.key(), empty)
+        self.data["environment"] = environment(settings)
 
     def stored(self, kind: str, name: str, key: dict) -> dict | None:
         rec = self.data[kind].get(name)
@@ -868,10 +918,29 @@ class Results:
         self.data[kind][name] = record
         if kind != "skipped":
             self.data["skipped"].pop(name, None)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        _write_json(self.path, self.data)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _widths_problem(data) -> str:
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    if not isinstance(data.get("settings"), dict):
+        return "no settings"
+    cells = data.get("cells", {})
+    if not isinstance(cells, dict):
+        return "'cells' is not an object"
+    for name, cell in cells.items():
+        need = ("key", "summary", "status")
+        if not isinstance(cell, dict) or any(k not in cell for k in need):
+            return f"cells[{name!r}] lacks {[k for k in need if k not in (cell or {})]}"
+    return ""
 
 
 def environment(s: Settings) -> dict:
@@ -1105,8 +1174,8 @@ def width_rows(
 ) -> str:
     """Seconds per epoch of each row at each hidden width (2L: widths w and w/3)."""
     path = out / f"widths_{s.task}.json"
-    data = json.loads(path.read_text()) if resume and path.exists() else {}
-    cells: dict = data.get("cells", {})
+    data = _keyed_by_settings(read_results(path, "widths"), s.key(), {"cells": {}})
+    cells: dict = data["cells"]
     for name in names:
         row = row_by_name(name)
         note = row.needs() if row.needs else None
@@ -1133,8 +1202,7 @@ def width_rows(
                 f"s/epoch ({rec['status']})",
                 flush=True,
             )
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"settings": s.key(), "cells": cells}, indent=1))
+            _write_json(path, data)
     head = "| method | " + " | ".join(f"{w}: s / epoch" for w in widths) + " |"
     lines = [head, "|---|" + "---:|" * len(widths)]
     for name in names:
@@ -1151,7 +1219,61 @@ def width_rows(
 # -- the command line ------------------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    """A finite number of seconds > 0 (an argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
+    return v
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An integer >= ``least`` (an argparse type)."""
+
+    def parse_count(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {v}")
+        return v
+
+    return parse_count
+
+
+#: the images Fashion-MNIST has: --n-train and --n-test may not ask for more
+AVAILABLE = {"n_train": 60_000, "n_test": 10_000}
+
+
+def _check_out(out: Path, tasks: list[str], widths: bool) -> str:
+    """Why results cannot be written under ``out`` or read back from it ('' when they can):
+    checked before anything is measured."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: exists and is not a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"--out {out}: cannot write there ({err.strerror or err})"
+    for task in tasks:
+        path = out / (f"widths_{task}.json" if widths else f"{task}.json")
+        if path.exists() and not path.is_file():
+            return f"--out: {path} exists and is not a file"
+        try:
+            read_results(path, "widths" if widths else "results")
+        except ResultsFileError as err:
+            return str(err)
+    return ""
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, every one checked before anything is measured (an argparse error naming
+    the flag otherwise), the output directory included."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--task",
@@ -1159,20 +1281,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="network (default: both; 1L with --quick)",
     )
-    ap.add_argument("--budget", type=float, default=None, help="seconds a row (default 60)")
+    ap.add_argument("--budget", type=_seconds, default=None, help="seconds a row (default 60)")
     ap.add_argument(
         "--sweep-budget",
-        type=float,
+        type=_seconds,
         default=None,
         help="seconds a learning-rate candidate (default 15)",
     )
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--threads", type=_count(1), default=None, help="torch threads (default: all)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--batch-size", type=int, default=128, help="mini-batch size (128)")
-    ap.add_argument("--n-train", type=int, default=None, help="training images (all)")
-    ap.add_argument("--n-test", type=int, default=None, help="test images (all)")
-    ap.add_argument("--seed", type=int, default=0, help="initial weights and shuffling")
+    ap.add_argument("--batch-size", type=_count(1), default=128, help="mini-batch size (128)")
+    ap.add_argument("--n-train", type=_count(1), default=None, help="training images (all)")
+    ap.add_argument("--n-test", type=_count(1), default=None, help="test images (all)")
+    ap.add_argument("--seed", type=_count(0), default=0, help="initial weights and shuffling")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     ap.add_argument("--resume", action="store_true", help="skip rows already measured")
     ap.add_argument("--quick", action="store_true", help="smoke test: 5,000 images, 2 s a row")
@@ -1183,7 +1305,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--widths", default=None, help="e.g. 300,1000,3000: s/epoch by width")
     ap.add_argument(
-        "--width-budget", type=float, default=None, help="seconds a row at each width (default 10)"
+        "--width-budget",
+        type=_seconds,
+        default=None,
+        help="seconds a row at each width (default 10)",
     )
     ap.add_argument(
         "--data",
@@ -1196,20 +1321,34 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.worker:
         return args
     q = args.quick
-    args.task = args.task or ("1L" if q else "both")
-    args.budget = args.budget or (2.0 if q else 60.0)
-    args.sweep_budget = args.sweep_budget or (1.0 if q else 15.0)
-    args.width_budget = args.width_budget or (2.0 if q else 10.0)
-    args.n_train = args.n_train or (5000 if q else None)
-    args.n_test = args.n_test or (2000 if q else None)
+
+    def given(value, default):
+        return default if value is None else value
+
+    args.task = given(args.task, "1L" if q else "both")
+    args.budget = given(args.budget, 2.0 if q else 60.0)
+    args.sweep_budget = given(args.sweep_budget, 1.0 if q else 15.0)
+    args.width_budget = given(args.width_budget, 2.0 if q else 10.0)
+    args.n_train = given(args.n_train, 5000 if q else None)
+    args.n_test = given(args.n_test, 2000 if q else None)
+    if args.data == "fashion-mnist":
+        for name, most in AVAILABLE.items():
+            n = getattr(args, name)
+            if n is not None and n > most:
+                flag = "--" + name.replace("_", "-")
+                ap.error(f"{flag}: Fashion-MNIST has {most:,} such images, got {n:,}")
     names = [r.name for r in ROWS]
     args.row_names = names if args.rows is None else [n.strip() for n in args.rows.split(",")]
     for n in args.row_names:
         if n not in names:
             ap.error(f"--rows: unknown row {n!r}; rows: {', '.join(names)}")
-    if min(args.budget, args.sweep_budget, args.width_budget) <= 0 or args.batch_size < 1:
-        ap.error("--budget, --sweep-budget, --width-budget and --batch-size must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device: expected cpu or cuda (e.g. cuda:0), got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device: expected cpu or cuda (e.g. cuda:0), got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
     args.width_list = None
     if args.widths:
@@ -1219,6 +1358,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--widths must be comma-separated integers, got {args.widths!r}")
         if min(args.width_list) < 1:
             ap.error("--widths must be positive")
+    tasks = ["1L", "2L"] if args.task == "both" else [args.task]
+    problem = _check_out(args.out, tasks, widths=bool(args.width_list))
+    if problem:
+        ap.error(problem)
     return args
 
 

@@ -158,3 +158,86 @@ def test_distributed_benchmark_times_one_and_two_processes(capsys, fashion_mnist
     for cells in body:
         seconds, speedup, efficiency = map(float, cells[2:])
         assert seconds > 0 and math.isclose(efficiency, speedup / int(cells[1]), rel_tol=0.02)
+
+
+def _tiny(out, *extra: str) -> list[str]:
+    return [
+        "--data", "synthetic", "--in-process", "--task", "1L", "--threads", "1",
+        "--rows", "lbfgs", "--budget", "0.3", "--n-train", "300", "--n-test", "100",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--budget", "nan"], "--budget"),
+        (["--budget", "inf"], "--budget"),
+        (["--budget", "0"], "--budget"),
+        (["--sweep-budget", "-1"], "--sweep-budget"),
+        (["--width-budget", "nan"], "--width-budget"),
+        (["--n-train", "-5"], "--n-train"),
+        (["--n-train", "0"], "--n-train"),
+        (["--n-test", "0"], "--n-test"),
+        (["--threads", "-1"], "--threads"),
+        (["--threads", "0"], "--threads"),
+        (["--seed", "-1"], "--seed"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cpu:x"], "--device"),
+    ],
+)
+def test_time_to_accuracy_refuses_bad_arguments_naming_the_flag(tmp_path, capsys, argv, flag):
+    bench = _load("time_to_accuracy")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(_tiny(tmp_path / "out", *argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}" in err or f"error: {flag}" in err, err
+    assert not (tmp_path / "out" / "1L.json").exists()
+
+
+def test_time_to_accuracy_checks_its_output_before_measuring_and_keeps_other_settings(
+    tmp_path, capsys, monkeypatch
+):
+    import json
+
+    bench = _load("time_to_accuracy")
+    measured = []
+    real = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda job, *a, **k: measured.append(job) or real(job))
+    # --out an existing file; the full Fashion-MNIST asked for more images than it has
+    (tmp_path / "file").write_text("x")
+    for argv, expected in (
+        (_tiny(tmp_path / "file"), "--out"),
+        (_tiny(tmp_path / "o", "--data", "fashion-mnist", "--n-train", "70000"), "--n-train"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv)
+        assert exc.value.code == 2 and expected in capsys.readouterr().err
+    # results files this script cannot read back: refused naming the file, never overwritten
+    out = tmp_path / "out"
+    out.mkdir()
+    for text in ('{"settings": {"task": "1L"}, "rows": {', "[1, 2]", '{"rows": {}}',
+                 '{"settings": {}, "rows": {"lbfgs": {"curve": []}}}'):  # fmt: skip
+        (out / "1L.json").write_text(text)
+        for resume in ((), ("--resume",)):
+            with pytest.raises(SystemExit) as exc:
+                bench.main(_tiny(out, *resume))
+            err = capsys.readouterr().err
+            assert exc.value.code == 2 and "1L.json: not a results file" in err, err
+            assert (out / "1L.json").read_text() == text
+    assert not measured
+    # rows of other settings stay in the file, and come back with their settings
+    (out / "1L.json").unlink()
+    bench.main(_tiny(out))
+    first = json.loads((out / "1L.json").read_text())
+    bench.main(_tiny(out, "--n-train", "200"))
+    second = json.loads((out / "1L.json").read_text())
+    assert second["settings"]["n_train"] == 200 and "lbfgs" in second["rows"]
+    assert [b["settings"]["n_train"] for b in second["other_settings"]] == [300]
+    assert second["other_settings"][0]["rows"] == first["rows"]
+    n = len(measured)
+    bench.main(_tiny(out, "--resume"))
+    assert len(measured) == n and "stored (--resume)" in capsys.readouterr().out
+    assert json.loads((out / "1L.json").read_text()) == second  # nothing new to write

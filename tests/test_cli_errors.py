@@ -94,6 +94,34 @@ def test_torch_options_that_cannot_serve_are_refused_before_the_run_directory(tm
     assert _run_cli(capsys, "run", path, "--run-dir", str(tmp_path / "ok"))[0] == 0
 
 
+def test_a_spec_nested_thousands_deep_is_refused_in_one_line(tmp_path, capsys):
+    deep_array = "[" * 5000 + "]" * 5000
+    deep_table = "{a = " * 5000 + "1" + "}" * 5000
+    cases = [
+        (
+            LOGISTIC.replace(
+                'method = "lbfgs"', f'method = "lbfgs"\noptions = {{ m = {deep_array} }}'
+            ),
+            [],
+        ),
+        (LOGISTIC.replace("max_iter = 3", f"max_iter = 3\nfoo = {deep_table}"), []),
+        (LOGISTIC.replace("max_iter = 3", "max_iter = 3\nfoo = " + "[" * 40 + "]" * 40), []),
+        (LOGISTIC, ["--set", f"foo={deep_array}"]),
+        (LOGISTIC, ["--set", ".".join(["a"] * 5000) + "=1"]),
+    ]
+    for text, extra in cases:
+        path = _spec_file(tmp_path, text)
+        code, err = _run_cli(capsys, "run", path, "--run-dir", str(tmp_path / "run"), *extra)
+        assert code == 2 and "nested" in err and "32" in err, err[:500]
+        assert len(err.strip().splitlines()) == 1 and len(err) < 400
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(SpecError, match=r"foo\[0\]\[0\].*nested deeper than 32 levels"):
+        deep: list = []
+        for _ in range(5000):
+            deep = [deep]
+        spec_from_dict({**load_raw(path)[0], "foo": deep})
+
+
 def _paths(d, pre=()):
     items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
     for k, v in items:

@@ -40,6 +40,7 @@ def test_every_default_is_shown_zeros_included(capsys):
     ("argv", "expected"),
     [
         (["--set", "max_iter"], "--set 'max_iter': expected KEY=VALUE"),
+        (["--set", "solvers[GD lr=1].max_iter"], "expected KEY=VALUE"),  # = in a name only
         (["--max-cells", "0"], "--max-cells: expected a positive integer, got 0"),
     ],
 )

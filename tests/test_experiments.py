@@ -212,6 +212,22 @@ def test_overrides_and_toml_round_trip():
     assert [c.id for c in again.cells()] == [c.id for c in spec.cells()]
 
 
+def test_every_bundled_solver_is_addressable_by_name_with_set():
+    from secondorder.experiments.spec import load_raw
+
+    for name in bundled_specs():
+        raw = load_raw(name)[0]
+        for i, solver in enumerate(raw.get("solvers", [])):
+            label = solver.get("name", solver["method"])
+            key, value = parse_override(f"solvers[{label}].max_iter=7")
+            assert (key, value) == (f"solvers[{label}].max_iter", 7), (name, label)
+            changed = load_raw(name)[0]
+            apply_override(changed, key, value)
+            assert changed["solvers"][i]["max_iter"] == 7, (name, label)
+    key, value = parse_override("solvers[Adam lr=0.01].options.lr=a=b")
+    assert (key, value) == ("solvers[Adam lr=0.01].options.lr", "a=b")
+
+
 def test_sweep_expands_the_grid_and_options_apply_to_matching_solvers():
     raw = _logistic()
     raw["solvers"][1]["options"] = {"memory": 3}

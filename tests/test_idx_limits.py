@@ -86,3 +86,21 @@ def test_a_valid_gzip_file_is_read_exactly(tmp_path, code):
     out = read_idx(path)
     assert out.dtype.isnative and out.flags.writeable
     np.testing.assert_array_equal(out, arr)
+
+
+def test_reading_a_gzipped_file_closes_it(tmp_path):
+    import gc
+    import warnings
+
+    from secondorder.data.idx import write_idx
+
+    path = write_idx(tmp_path / "a.gz", np.arange(12, dtype=np.uint8).reshape(3, 4))
+    truncated = tmp_path / "b.gz"
+    truncated.write_bytes(path.read_bytes()[:-6])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert read_idx(path).shape == (3, 4)
+        with pytest.raises(DataError, match="b.gz"):
+            read_idx(truncated)  # the error path closes it too
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -275,6 +275,26 @@ def test_newton_cg_trains_and_refuses_backward_closures():
         opt.step(bad_closure)
 
 
+@pytest.mark.parametrize("cls", [NewtonCG, NLCG, LBFGS])
+def test_a_closure_without_a_gradient_is_refused_not_taken_for_convergence(cls):
+    X, y, net = _regression()
+    before = _flat(net).clone()
+    opt = cls(net.parameters())
+
+    def under_no_grad():
+        with torch.no_grad():
+            return ((net(X) - y) ** 2).mean()
+
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: .*no gradient.*torch.no_grad"):
+        opt.step(under_no_grad)
+    other = nn.Parameter(torch.ones(1, dtype=D))
+    with pytest.raises(ValueError, match="does not depend on the optimizer's parameters"):
+        opt.step(lambda: (other * 2.0).sum())
+    assert torch.equal(_flat(net), before)
+    if cls is not LBFGS:
+        assert opt.last_result is None
+
+
 def test_newton_cg_matches_minimize():
     from secondorder.objective import FunctionObjective
     from secondorder.solvers import minimize

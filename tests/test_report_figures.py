@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +204,79 @@ def test_the_study_figure_3_is_drawn_for_the_2d_problem(tmp_path, drawn):
     assert np.allclose(ys, -(w1 * xs + b) / w2)
     n_points = sum(len(c.get_offsets()) for c in ax.collections)
     assert n_points == int(cell.spec["data"]["n_test"])  # the whole validation set
+
+
+def test_save_draws_log_panels_without_data_or_with_one_point(tmp_path):
+    fig = figures._figure(3)
+    empty, one, zero = fig.subplots(1, 3)
+    for ax in (empty, one, zero):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    one.plot([1.0], [0.5])
+    zero.plot([0.0], [0.0])  # one point at 0: nothing a log axis can show
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even Matplotlib's note about the log axis
+        path = figures.save(fig, tmp_path / "f.png")
+    assert path.stat().st_size > 1000
+    assert [ax.get_yscale() for ax in (empty, one, zero)] == ["linear", "log", "linear"]
+    assert any("nothing to show" in t.get_text() for t in empty.texts)
+    assert not one.texts
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("studies/preconditioning/small-net", [("max_iter", 0), ("data.n_train", 60)]),
+        ("paper/rosenbrock", [("max_iter", 0)]),
+    ],
+)
+def test_reports_of_runs_without_iterations_or_rows_are_written(tmp_path, name, overrides):
+    spec = load_spec(name, quick=name.startswith("studies"), overrides=overrides)
+    run = start_run(spec, tmp_path / "run", QUIET)
+    for empty_traces in (False, True):
+        if empty_traces:  # every solver as if it had failed before its first row
+            for trace in run.rglob("trace/*.jsonl"):
+                trace.write_text("")
+        [report] = write_report(run)
+        links = re.findall(r"\]\((figures/[^)]+\.png)\)", report.read_text())
+        assert links or empty_traces
+        assert all((report.parent / link).stat().st_size > 1000 for link in links)
+
+
+def _fake_fashion_mnist(root: Path, n_train: int = 60_000, n_test: int = 10_000) -> Path:
+    """Fashion-MNIST's four files, as large as the real ones, with random images (black and
+    white: quick to compress) and labels."""
+    from secondorder.data.fashion_mnist import FILES
+    from secondorder.data.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n, dtype=np.uint8) % 10
+        X = rng.integers(0, 2, (n, 28, 28), dtype=np.uint8) * 255
+        write_idx(root / f"{FILES[f'{split}_images']}.gz", X)
+        write_idx(root / f"{FILES[f'{split}_labels']}.gz", y)
+    return root
+
+
+@pytest.mark.slow
+def test_every_bundled_report_copes_with_runs_without_iterations_or_rows(tmp_path, monkeypatch):
+    from secondorder.experiments.spec import bundled_specs
+
+    monkeypatch.setenv("SECONDORDER_DATA", str(_fake_fashion_mnist(tmp_path)))
+    for name in bundled_specs():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # specs without a [quick] table say so
+            spec = load_spec(name, quick=True, overrides=[])
+            if spec.is_suite:
+                continue  # its parts are specs by themselves
+            spec = load_spec(name, quick=True, overrides=[("max_iter", 0)])
+        run = start_run(spec, tmp_path / name.replace("/", "-"), QUIET)
+        for empty_traces in (False, True):
+            if empty_traces:  # as if every solver had failed before its first row
+                for trace in run.rglob("trace/*.jsonl"):
+                    trace.write_text("")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # not even a warning about an empty panel
+                [report] = write_report(run)
+            for link in re.findall(r"\]\((figures/[^)]+\.png)\)", report.read_text()):
+                assert (report.parent / link).stat().st_size > 1000, (name, link)

@@ -173,6 +173,17 @@ def test_a_short_budget_is_judged_after_as_many_iterations():
     assert depth._failures({1: cell}) == {1: {"GD", "SFN"}}
 
 
+def test_a_cell_whose_solvers_recorded_no_row_is_judged_without_error():
+    from pathlib import Path
+
+    from secondorder.report.rundata import CellRun, SolverRun
+
+    spec = {"max_iter": 0, "solvers": [{"name": "GD"}, {"name": "L-BFGS"}]}
+    solvers = [SolverRun("GD", "gd", "gd", []), SolverRun("L-BFGS", "l-bfgs", "lbfgs", [])]
+    cell = CellRun("c", Path("."), {}, 0, spec, solvers)
+    assert depth._failures({1: cell}) == {1: {"GD", "L-BFGS"}}  # no loss: nothing learnt
+
+
 def test_onset_rule():
     assert depth.onset({1: False, 2: False, 3: True, 4: True}) == 3
     assert depth.onset({1: True, 2: False, 3: False, 4: True}) == 4

@@ -132,11 +132,12 @@ def _report_after(run_dir: Path, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from secondorder.experiments.overrides import key_end
     from secondorder.experiments.runner import start_run
     from secondorder.experiments.spec import load_spec, parse_override
 
     # the command line's own arguments are refused as such, not as a fault of the spec
-    bad = [o for o in args.set if "=" not in o]
+    bad = [o for o in args.set if key_end(o) is None]
     if bad:
         _err(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. --set max_iter=5")
         return 2

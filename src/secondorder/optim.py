@@ -192,7 +192,7 @@ class LBFGS(torch.optim.Optimizer):
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
 
-        orig_loss, g = loss_and_grad(flat, closure)
+        orig_loss, g = loss_and_grad(flat, closure, "LBFGS")
         loss = float(orig_loss)
         evals = 1
         state["func_evals"] += 1
@@ -254,7 +254,7 @@ class LBFGS(torch.optim.Optimizer):
 
                 def evaluate(x: Tensor) -> tuple[float, Tensor]:
                     flat.set(x)
-                    f_, g_ = loss_and_grad(flat, closure)
+                    f_, g_ = loss_and_grad(flat, closure, "LBFGS")
                     return float(f_), g_
 
                 phi = LineFunction(evaluate, x0, d, loss, g, gtd, step_fn=flat.add)
@@ -284,7 +284,7 @@ class LBFGS(torch.optim.Optimizer):
                 ls_evals = 0
                 opt_cond = False
                 if n_iter != max_iter:
-                    f_, g = loss_and_grad(flat, closure)
+                    f_, g = loss_and_grad(flat, closure, "LBFGS")
                     loss = float(f_)
                     opt_cond = float(g.abs().max()) <= tol_grad
                     ls_evals = 1
@@ -358,7 +358,7 @@ class _MinimizeOptimizer(torch.optim.Optimizer):
         obj = ClosureObjective(flat, closure, self._label)
         state = self.state[flat.params[0]]
         theta = flat.get()
-        loss, g = loss_and_grad(flat, closure)
+        loss, g = loss_and_grad(flat, closure, self._label)
         prev = state.get("minimize") or {"method": self._method, "k": 0}
         start = dict(prev)
         start.update(

@@ -44,7 +44,8 @@ _CHUNK = 1 << 20
 
 
 def _open(path: Path):
-    """(binary stream, is gzip, size on disk), or the DataError naming the file."""
+    """(binary stream, is gzip, size on disk), or the DataError naming the file; closing the
+    stream closes the file under it too."""
     try:
         f = path.open("rb")
     except FileNotFoundError:
@@ -56,9 +57,24 @@ def _open(path: Path):
     size = os.fstat(f.fileno()).st_size
     if f.read(2) == _GZIP_MAGIC:
         f.seek(0)
-        return gzip.GzipFile(fileobj=f, mode="rb"), True, size
+        return _GzipStream(f), True, size
     f.seek(0)
     return f, False, size
+
+
+class _GzipStream(gzip.GzipFile):
+    """A gzip stream over an open file that it closes with itself (``GzipFile(fileobj=)``
+    leaves the file open)."""
+
+    def __init__(self, raw) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 def _read_exact(f, buf: memoryview) -> int:

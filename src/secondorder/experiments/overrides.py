@@ -1,7 +1,8 @@
 """Dotted overrides of a raw spec: ``--set KEY=VALUE``, ``[sweep]`` points and ``[quick]``.
 
 ``solvers.K`` sets K on every solver (``solvers.options.K`` only on those that already list
-option K, or on all when none does); ``solvers[NAME].K`` or ``solvers[INDEX].K`` on one.
+option K, or on all when none does); ``solvers[NAME].K`` or ``solvers[INDEX].K`` on one (a
+NAME may hold dots and ``=``: ``--set 'solvers[Adam lr=0.01].options.lr=0.02'``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 
 from secondorder._validation import closest
 from secondorder.experiments.schema import SpecError, SpecWarning
-from secondorder.experiments.spec_toml import tomllib
+from secondorder.experiments.spec_toml import TOO_DEEP, tomllib
 
-__all__ = ["apply_override", "apply_quick", "flatten_overrides", "parse_override"]
+__all__ = ["apply_override", "apply_quick", "flatten_overrides", "key_end", "parse_override"]
 
 _SOLVER_SELECTOR = re.compile(r"^solvers(?:\[([^\]]+)\])?$")
 
@@ -101,17 +102,34 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
         _set_path(s, rest, value, key)
 
 
+def key_end(text: str) -> int | None:
+    """The position of the ``=`` that ends the key: the first outside brackets, so that a
+    solver named ``"Adam lr=0.01"`` is addressed as ``solvers[Adam lr=0.01].KEY=VALUE``."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth = max(0, depth - 1)
+        elif ch == "=" and depth == 0:
+            return i
+    return None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'sampler.batch_size=10'`` → ``('sampler.batch_size', 10)``; the value is read as a TOML
-    value, or as a plain string when it is not one."""
-    if "=" not in text:
+    value, or as a plain string when it is not one. The key ends at the first ``=`` outside
+    brackets (a solver's name in ``solvers[NAME]`` may hold ``=``)."""
+    split = key_end(text)
+    if split is None:
         raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. max_iter=5")
-    key, value = text.split("=", 1)
-    key = key.strip()
+    key, value = text[:split].strip(), text[split + 1 :]
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
+    except RecursionError:
+        raise SpecError(f"--set {key}: {TOO_DEEP}") from None
     return key, parsed
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "SpecError",
     "SpecNotFoundError",
     "SpecWarning",
+    "MAX_DEPTH",
+    "check_depth",
     "check_table",
     "check_value",
     "describe",
@@ -106,6 +108,31 @@ TYPE_NAMES = {
 def fmt_path(path: str, key: str) -> str:
     k = key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else f'"{key}"'
     return f"{path}.{k}" if path else k
+
+
+#: how deeply a spec may nest tables and lists (the bundled specs need 5)
+MAX_DEPTH = 32
+
+
+def check_depth(value: Any, where: str = "", limit: int = MAX_DEPTH) -> None:
+    """Refuse a value that nests tables and lists more than ``limit`` deep, naming the key
+    path where it does; the walk is iterative, so no depth makes it fail otherwise."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, dict):
+            children = [(fmt_path(path, str(k)), x) for k, x in v.items()]
+        elif isinstance(v, (list, tuple)):
+            children = [(f"{path}[{i}]", x) for i, x in enumerate(v)]
+        else:
+            continue
+        if depth > limit:
+            shown = path if len(path) <= 60 else path[:60] + "…"
+            raise SpecError(
+                f"{shown or 'spec'}: nested deeper than {limit} levels of tables and lists "
+                "(a spec needs a few); flatten it"
+            )
+        stack.extend((x, p, depth + 1) for p, x in children)
 
 
 def type_ok(value: Any, t: str) -> bool:

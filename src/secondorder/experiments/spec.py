@@ -68,6 +68,7 @@ from secondorder.experiments.schema import (
     F,  # noqa: F401 - public before the split
     SpecError,
     SpecWarning,
+    check_depth,
     check_table,
     fmt_path,
     kind_table,
@@ -352,6 +353,12 @@ def spec_from_dict(
     problem. ``quick`` applies the ``[quick]`` overrides; ``overrides`` are (dotted key, value).
     ``max_cells`` refuses, before expanding it, a grid of more cells (sweep points × seeds).
     Sweep points that define the same problem are reported with a :class:`SpecWarning`."""
+    try:  # before any recursive walk of it (a copy, the checks)
+        check_depth(raw)
+        for k, v in overrides or []:
+            check_depth(v, str(k))
+    except SpecError as err:
+        raise SpecError(err.errors, source) from None
     raw = copy.deepcopy(raw)
     if quick:
         apply_quick(raw, source)
@@ -361,6 +368,10 @@ def spec_from_dict(
             apply_override(raw, k, v)
         except SpecError as err:
             raise SpecError(err.errors, source) from None
+    try:  # a dotted key makes tables too
+        check_depth(raw)
+    except SpecError as err:
+        raise SpecError(err.errors, source) from None
     if "parts" in raw:
         return _suite_from_dict(raw, source, quick=quick, depth=_depth, max_cells=max_cells)
     errors: list[str] = []

@@ -8,14 +8,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from secondorder.experiments.schema import SpecError
+from secondorder.experiments.schema import MAX_DEPTH, SpecError
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["read_toml", "to_toml", "tomllib"]
+__all__ = ["TOO_DEEP", "read_toml", "to_toml", "tomllib"]
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -29,6 +29,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SpecError(
             f"not a UTF-8 text file, so not TOML (byte {err.start}: {err.reason})", str(path)
         ) from None
+    except RecursionError:  # the parser recurses once per level of arrays and tables
+        raise SpecError(TOO_DEEP, str(path)) from None
+
+
+#: why a TOML text too deeply nested to parse is refused
+TOO_DEEP = (
+    "arrays or tables nested too deeply to read (a spec needs a few levels; at most "
+    f"{MAX_DEPTH} are accepted)"
+)
 
 
 def _toml_key(k: str) -> str:

@@ -15,6 +15,7 @@ directories — and writes one figure file (PNG or SVG, by the path's suffix):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "Distinct",
     "accuracy_figure",
     "colour",
+    "legend",
     "loss_figure",
     "paths_figure",
     "save",
@@ -53,10 +55,47 @@ def _figure(ncols: int, nrows: int = 1, width: float = 5.2, height: float = 4.0)
     return fig
 
 
+def _cope_with_empty_axes(fig: Figure) -> None:
+    """Panels of empty or one-point traces (``max_iter = 0``, a solver that failed at once):
+    a log axis with no positive value becomes linear, and a panel with nothing drawn says
+    so, instead of failing to draw."""
+    for ax in fig.axes:
+        limits = {"x": ax.dataLim.intervalx, "y": ax.dataLim.intervaly}
+        for name, (_, hi) in limits.items():
+            scale = ax.get_xscale() if name == "x" else ax.get_yscale()
+            if scale == "log" and not (math.isfinite(hi) and hi > 0):
+                with warnings.catch_warnings():  # the log axis's own note on leaving it
+                    warnings.simplefilter("ignore", UserWarning)
+                    (ax.set_xscale if name == "x" else ax.set_yscale)("linear")
+        drawn = any(len(line.get_xdata()) for line in ax.lines) or bool(
+            ax.collections or ax.patches or ax.images
+        )
+        if not drawn and ax.get_visible() and ax.axison:
+            ax.text(
+                0.5,
+                0.5,
+                "nothing to show\n(no iterations recorded)",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="0.4",
+                fontsize=9,
+            )
+
+
+def legend(ax, **kwargs: Any) -> None:
+    """The panel's legend, when something labelled was drawn on it (an empty trace draws
+    nothing, and Matplotlib warns about a legend of nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write the figure (format from the suffix) atomically and return the path."""
+    """Write the figure (format from the suffix) atomically and return the path; panels
+    without data are drawn empty and labelled so (see :func:`_cope_with_empty_axes`)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
+    _cope_with_empty_axes(fig)
     atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=110), binary=True)
     return path
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from secondorder.errors import InvalidValueError
 from secondorder.objective import Objective
 
 __all__ = ["ClosureObjective", "FlatParams", "loss_and_grad"]
@@ -77,15 +78,32 @@ class FlatParams:
         return [t.view_as(p) for t, p in zip(torch.split(v, self.numels), self.params)]
 
 
-def loss_and_grad(flat: FlatParams, closure: Callable) -> tuple[Tensor, Tensor]:
-    """Run the closure at the current parameters; the loss and the flat gradient."""
+def loss_and_grad(
+    flat: FlatParams, closure: Callable, name: str = "the optimizer"
+) -> tuple[Tensor, Tensor]:
+    """Run the closure at the current parameters; the loss and the flat gradient.
+
+    A loss that carries no gradient — computed under ``torch.no_grad()`` or detached, without
+    ``backward()``, or not depending on the parameters at all — is refused naming ``name``:
+    its zero gradient would otherwise read as convergence, and nothing would move."""
     flat.zero()
     with torch.enable_grad():
         loss = closure()
     if not isinstance(loss, Tensor):
         raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
-    if all(p.grad is None for p in flat.params) and loss.requires_grad:
+    if all(p.grad is None for p in flat.params) and not loss.requires_grad:
+        raise InvalidValueError(
+            f"{name}: the closure's loss carries no gradient (it was computed under "
+            "torch.no_grad() or detached, and no backward() set the parameters' .grad); "
+            "return the loss with its graph"
+        )
+    if all(p.grad is None for p in flat.params):
         grads = torch.autograd.grad(loss, flat.params, allow_unused=True)
+        if all(gi is None for gi in grads):
+            raise InvalidValueError(
+                f"{name}: the closure's loss does not depend on the optimizer's parameters; "
+                "pass the parameters the loss is computed from"
+            )
         g = torch.cat(
             [
                 torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
@@ -114,7 +132,7 @@ class ClosureObjective(Objective):
         self.flat.set(theta)
         self.counts.f += 1
         self.counts.g += 1
-        return loss_and_grad(self.flat, self.closure)
+        return loss_and_grad(self.flat, self.closure, self.name)
 
     def value(self, theta: Tensor) -> Tensor:
         return self.value_and_grad(theta)[0]

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 
 from secondorder.report.measures import first_k, group_key, group_label, last_k, s_per_iter
 from secondorder.report.paper.published import TABLES
-from secondorder.report.rundata import CellRun, RunData, SolverRun, convergence_iteration
+from secondorder.report.rundata import (
+    CellRun,
+    RunData,
+    SolverRun,
+    convergence_iteration,
+    final_value,
+)
 from secondorder.report.text import format_number as num
 from secondorder.report.text import value_label
 
@@ -146,8 +152,10 @@ def _gd_crawls(cells: list[CellRun], eps: float) -> Finding | None:
     bits, slow = [], []
     for s in gds:
         k = first_k(s, "f", lambda v: v - f_star <= 1e-8)
-        f_end = s.rows[-1].get("f")
-        if k is None:
+        f_end = final_value(s.rows, "f")
+        if k is None and f_end is None:
+            bits.append(f"{s.name}: no f recorded after {last_k(s)} it.")
+        elif k is None:
             bits.append(f"{s.name}: f − f* = {num(f_end - f_star)} after {last_k(s)} it.")
         else:
             bits.append(f"{s.name}: f − f* ≤ 1e-8 at k = {k}")

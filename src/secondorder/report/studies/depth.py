@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from secondorder._format import format_number, format_spec_value
-from secondorder.report.figures import _figure, save
+from secondorder.report.figures import _figure, legend, save
 from secondorder.report.rundata import CellRun, RunData, final_value
 from secondorder.report.studies import Conclusion, StudyContext, conclusions_table
 from secondorder.report.studies.depth_runs import (
@@ -144,7 +144,9 @@ def _failures(cells: dict[int, CellRun]) -> dict[int, set[str]]:
     iterations, not against their final losses."""
     out = {}
     for L, cell in cells.items():
-        f0 = float(start_row(cell).get("train_loss", start_row(cell).get("f")))
+        r0 = start_row(cell)
+        f0 = r0.get("train_loss", r0.get("f"))
+        f0 = math.nan if f0 is None else float(f0)  # no row recorded: nothing is judged
         plateau = plateau_loss(cell.spec)
         budgets = {s.name: budget(cell, s.name) for s in cell.solvers}
         longest = max(budgets.values(), default=0)
@@ -262,7 +264,7 @@ def _per_layer_figure(grid, ctx, key: str, name: str, title: str, ylabel: str, e
             ax.set_yscale("log")
         else:
             ax.set_ylim(0.0, 1.0)
-        ax.legend(fontsize=7, ncol=2)
+        legend(ax, fontsize=7, ncol=2)
     fig.suptitle(title)
     return save(fig, ctx.figure(name))
 
@@ -302,7 +304,7 @@ def _lambda_figure(grid, ctx: StudyContext):
             ax.set_title(f"{a}, L = {L}")
             ax.set_xlabel("iteration")
             ax.set_ylabel("λ_min (Lanczos)")
-            ax.legend(fontsize=7, ncol=2)
+            legend(ax, fontsize=7, ncol=2)
     fig.suptitle(F_LAMBDA)
     return save(fig, ctx.figure("depth-lambda-min"))
 
