@@ -652,3 +652,21 @@ def test_two_layer_example_agrees(capsys):
     a, b, c = mod.by_formulas(model, X, y)
     H = mod.by_autograd(model, X, y)
     assert np.allclose(b.numpy(), H[:6, 6:].numpy(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss,k", [("cross_entropy", 5), ("cross_entropy", 2), ("mse", 3)])
+def test_hessian_output_factor_reproduces_the_loss_hessian(loss, k):
+    """L Lᵀ = H_z per sample, against torch.func's Hessian of the per-sample loss; for the
+    softmax cross-entropy L has k − 1 columns (H_z has rank k − 1), also at saturated outputs."""
+    fn = get_loss(loss)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, k, generator=g, dtype=f64)
+    z[0, 0], z[1, -1] = 40.0, 40.0  # p ≈ e_0 and p ≈ e_k: the reflection must stay stable
+    y = torch.randint(0, k, (6,), generator=g) if loss == "cross_entropy" else torch.randn(6, k)
+    y = y if loss == "cross_entropy" else y.to(f64)
+    L = fn.hessian_output_sqrt(z, y)
+    for i in range(6):
+        H = torch.func.hessian(lambda t: fn.per_sample(t[None], y[i : i + 1]).sum())(z[i])
+        torch.testing.assert_close(L[i] @ L[i].T, H, rtol=1e-10, atol=1e-12)
+    if loss == "cross_entropy":
+        assert L.shape == (6, k, k - 1)

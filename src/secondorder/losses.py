@@ -111,10 +111,24 @@ class CrossEntropy(Loss):
         return p * v - p * (p * v).sum(1, keepdim=True)
 
     def hessian_output_sqrt(self, out: Tensor, y: Tensor) -> Tensor:
-        # diag p − ppᵀ = L Lᵀ with L = diag √p − p √pᵀ, because Σ p = 1 (eq. 83's H_Z)
+        # diag p − ppᵀ = S Sᵀ with S = diag √p − p √pᵀ, because Σ p = 1 (eq. 83's H_Z); S √p = 0,
+        # so S = S Q Qᵀ for Q an orthonormal basis of √p's complement, and L = S Q has k − 1
+        # columns (fewer columns to back-propagate). Q: the first k − 1 columns of the
+        # Householder reflection R = I − 2 v vᵀ / vᵀv, v = √p + e_k (‖v‖ ≥ 1), which maps √p
+        # to −e_k.
         p = torch.softmax(out, dim=1)
         r = p.sqrt()
-        return torch.diag_embed(r) - p[:, :, None] * r[:, None, :]
+        S = torch.diag_embed(r) - p[:, :, None] * r[:, None, :]
+        k = out.shape[1]
+        if k == 1:
+            return S
+        v = r.clone()
+        v[:, -1] += 1
+        Q = (
+            torch.eye(k, k - 1, dtype=out.dtype, device=out.device)
+            - (2 / (v * v).sum(1))[:, None, None] * v[:, :, None] * v[:, None, : k - 1]
+        )
+        return S @ Q
 
     def sample_targets(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor:
         p = torch.softmax(out, dim=1)
