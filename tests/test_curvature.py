@@ -666,7 +666,7 @@ def test_hessian_output_factor_reproduces_the_loss_hessian(loss, k):
     y = y if loss == "cross_entropy" else y.to(f64)
     L = fn.hessian_output_sqrt(z, y)
     for i in range(6):
-        H = torch.func.hessian(lambda t: fn.per_sample(t[None], y[i : i + 1]).sum())(z[i])
+        H = torch.func.hessian(lambda t, i=i: fn.per_sample(t[None], y[i : i + 1]).sum())(z[i])
         torch.testing.assert_close(L[i] @ L[i].T, H, rtol=1e-10, atol=1e-12)
     if loss == "cross_entropy":
         assert L.shape == (6, k, k - 1)

@@ -41,7 +41,8 @@ from .structure import named_modules_flat
 
 __all__ = ["Chain", "analyse_chain", "chain_diagonal", "chain_ggn", "chain_layer_blocks"]
 
-#: bytes for one chunk's temporaries (small chunks stay in cache and reuse the allocator's blocks: measured 1.5x faster than 2**28 on a LeNet)
+#: bytes for one chunk's temporaries: small chunks stay in cache and reuse the allocator's
+#: blocks (1.5× faster than 2**28 on a LeNet)
 _CHUNK_BYTES = 2**25
 
 
