@@ -10,7 +10,7 @@ a module type is one subclass and one :func:`register` call::
 
     register(MyLayer)
 
-Covered: ``nn.Linear``, ``nn.Conv2d`` (groups = 1), the elementwise activations with closed-form
+Covered: ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` (groups = 1), the elementwise activations with closed-form
 σ′, σ″, ``nn.Flatten``, ``nn.Unflatten``, ``nn.Identity``, ``nn.Dropout`` (eval mode),
 ``nn.MaxPool2d``, ``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d``.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import KFAC_APPROXIMATIONS, Layer, diagonal_columns
-from .conv import Conv2d
+from .conv import Conv1d, Conv2d
 from .linear import Linear
 from .parameter_free import AveragePool, Elementwise, MaxPool2d, Reshape
 
@@ -28,6 +28,7 @@ __all__ = [
     "KFAC_APPROXIMATIONS",
     "LAYERS",
     "AveragePool",
+    "Conv1d",
     "Conv2d",
     "Elementwise",
     "Layer",
@@ -76,5 +77,5 @@ def make_layer(module: nn.Module, name: str = "") -> tuple[Layer | None, str]:
     return cls(module, name), ""
 
 
-for _cls in (Linear, Conv2d, Elementwise, Reshape, MaxPool2d, AveragePool):
+for _cls in (Linear, Conv2d, Conv1d, Elementwise, Reshape, MaxPool2d, AveragePool):
     register(_cls)
