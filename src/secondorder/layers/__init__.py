@@ -11,8 +11,8 @@ a module type is one subclass and one :func:`register` call::
     register(MyLayer)
 
 Covered: ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv1d`` (groups = 1), the elementwise
-activations with closed-form σ′, σ″, ``nn.Flatten``, ``nn.Unflatten``, ``nn.Identity``, ``nn.Dropout`` (eval mode),
-``nn.MaxPool2d``, ``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d``.
+activations with closed-form σ′, σ″, ``nn.Flatten``, ``nn.Unflatten``, ``nn.Identity``,
+``nn.Dropout`` (eval mode), ``nn.MaxPool2d``, ``nn.AvgPool2d`` and ``nn.AdaptiveAvgPool2d``.
 """
 
 from __future__ import annotations
