@@ -299,3 +299,72 @@ def test_optim_kfac_trains_a_residual_mlp_on_fashion_mnist(fashion_mnist):
 
             opt.step(closure)
     assert _accuracy(model, Xte, yte) > 0.7
+
+
+def test_a_non_finite_batch_is_skipped_without_poisoning_the_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = KFAC(model, lr=0.1)
+
+    def closure(X=X):
+        opt.zero_grad()
+        return F.cross_entropy(model(X), y)
+
+    opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    factors = [opt.state[ly.parameters()[0]]["A"].clone() for ly in opt._layers]
+    bad = X.clone()
+    bad[3, 1] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite.*skipped"):
+        opt.step(lambda: closure(bad))
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    for ly, A in zip(opt._layers, factors):
+        assert torch.equal(opt.state[ly.parameters()[0]]["A"], A)
+    loss0 = float(closure())
+    for _ in range(5):
+        opt.step(closure)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert float(closure()) < loss0
+
+
+def test_bfloat16_models_keep_float32_factors_and_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = model.to(torch.bfloat16)
+    X = torch.randn(32, 1, 8, 8).to(torch.bfloat16)
+    y = torch.randint(0, 3, (32,))
+    opt = KFAC(model, lr=0.05, damping=0.1)
+
+    def closure():
+        opt.zero_grad()
+        return F.cross_entropy(model(X).float(), y)
+
+    loss0 = float(closure())
+    for _ in range(10):
+        opt.step(closure)
+    st = opt.state[model[0].weight]
+    assert st["A"].dtype == torch.float32 and st["A_inv"].dtype == torch.float32
+    assert model[0].weight.dtype == torch.bfloat16
+    assert float(closure()) < loss0
+
+
+def test_meta_device_models_are_refused():
+    model = nn.Sequential(nn.Linear(3, 2)).to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        KFAC(model)
+
+
+def test_state_of_another_model_and_new_parameter_groups_are_refused():
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    wide = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = KFAC(small)
+    opt.step(lambda: F.cross_entropy(small(X), y))
+    other = KFAC(wide)
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear\).*another model"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="no further parameter groups"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})

@@ -41,6 +41,7 @@ not included). ``loss`` names the loss the closure computes (see
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -54,6 +55,7 @@ from secondorder.curvature.kfac import (
     LayerCapture,
     backpropagate,
     check_factors_fit,
+    factor_dtype,
     kfac_layers,
     output_vectors,
     statistics_from,
@@ -130,7 +132,12 @@ class KFAC(torch.optim.Optimizer):
         self.ekfac = ekfac
         self._layers, self._others = kfac_layers(model, unsupported=unsupported, purpose="KFAC")
         first = self._layers[0].parameters()[0]
-        check_factors_fit(self._layers, first.dtype, first.device)
+        if first.is_meta:
+            raise ValueError(
+                "KFAC: the model's parameters are on the meta device and hold no values; "
+                "materialise them first (model.to_empty(device=...) and initialise)"
+            )
+        check_factors_fit(self._layers, factor_dtype(first.dtype), first.device)
         self._model = model
         self._layout = FlatLayout(model, self._layers)
         self._engine = KFACEngine(self._layers, ema=self.ema, ekfac=self.ekfac)
@@ -231,6 +238,16 @@ class KFAC(torch.optim.Optimizer):
         stats = statistics_from(
             self._layers, capture, per_layer, w, self.approximation, per_sample=self.ekfac
         )
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if not (finite and stats.finite()):
+            # one bad batch must not poison the running factors and the parameters for good
+            warnings.warn(
+                "KFAC: the batch gave a non-finite loss, gradient or factor; the step was "
+                "skipped (parameters and running factors unchanged)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss.detach()
         self._bind_engine()
         engine = self._engine
         engine.update(stats.factors)

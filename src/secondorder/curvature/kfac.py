@@ -49,6 +49,7 @@ __all__ = [
     "backpropagate",
     "check_factors_fit",
     "damped_inverses",
+    "factor_dtype",
     "engine_state_from",
     "kfac_factors",
     "kfac_layers",
@@ -233,10 +234,17 @@ class KroneckerFactors:
         return block[order][:, order]
 
 
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factors are formed and inverted in: float32 for half-precision models (bf16
+    or fp16 factors give broken inverses and eigenvectors), else the model's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _positions(layer: Layer, calls: list[Tensor], grads: bool) -> Tensor:
-    """(n, R, d): every call's rows as positions of one sample."""
+    """(n, R, d): every call's rows as positions of one sample, in the factors' dtype."""
     rows = [layer.kfac_output_grads(t) if grads else layer.kfac_inputs(t) for t in calls]
-    return rows[0] if len(rows) == 1 else torch.cat(rows, 1)
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, 1)
+    return out.to(factor_dtype(out.dtype))
 
 
 def layer_factors(
@@ -284,6 +292,14 @@ class KFACStatistics:
     factors: list[KroneckerFactors]
     per_sample: list[list[Tensor]] | None
     w: Tensor
+
+    def finite(self) -> bool:
+        """Whether every factor (and per-sample gradient) is finite: a batch with an inf or
+        NaN must not enter the running averages."""
+        tensors = [t for f in self.factors for t in (f.A, f.G)]
+        for cols in self.per_sample or []:
+            tensors.extend(cols)
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def statistics_from(
