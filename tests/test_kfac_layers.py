@@ -313,15 +313,15 @@ def test_a_non_finite_batch_is_skipped_without_poisoning_the_state():
 
     opt.step(closure)
     before = [p.detach().clone() for p in model.parameters()]
-    factors = [opt.state[ly.parameters()[0]]["A"].clone() for ly in opt._layers]
+    factors = [opt.layer_state(j)["A"].clone() for j in range(len(opt._layers))]
     bad = X.clone()
     bad[3, 1] = float("inf")
     with pytest.warns(RuntimeWarning, match="non-finite.*skipped"):
         opt.step(lambda: closure(bad))
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p.detach(), q)
-    for ly, A in zip(opt._layers, factors):
-        assert torch.equal(opt.state[ly.parameters()[0]]["A"], A)
+    for j, A in enumerate(factors):
+        assert torch.equal(opt.layer_state(j)["A"], A)
     loss0 = float(closure())
     for _ in range(5):
         opt.step(closure)
@@ -344,7 +344,7 @@ def test_bfloat16_models_keep_float32_factors_and_train():
     loss0 = float(closure())
     for _ in range(10):
         opt.step(closure)
-    st = opt.state[model[0].weight]
+    st = opt.layer_state(0)
     assert st["A"].dtype == torch.float32 and st["A_inv"].dtype == torch.float32
     assert model[0].weight.dtype == torch.bfloat16
     assert float(closure()) < loss0

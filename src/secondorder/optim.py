@@ -1,6 +1,7 @@
 """``torch.optim.Optimizer`` faces of the solvers: :class:`LBFGS`, :class:`NLCG`, :class:`NewtonCG`
-(and :class:`~secondorder.optim_kfac.KFAC`, K-FAC for MLPs, defined in
-:mod:`secondorder.optim_kfac` and exported here).
+(and :class:`~secondorder.optim_kfac.KFAC` and :class:`~secondorder.optim_kfac.KFACPreconditioner`,
+K-FAC for networks of Linear and convolution layers, defined in :mod:`secondorder.optim_kfac` and
+exported here).
 
 LBFGS, NLCG and NewtonCG take an iterable of parameters (any number of tensors, flattened
 internally into one vector in the order given) and a ``step(closure)`` like
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from secondorder._format import format_number
 from secondorder._validation import check_choice, check_positive_int
-from secondorder.optim_kfac import KFAC
+from secondorder.optim_kfac import KFAC, KFACPreconditioner
 from secondorder.solvers import minimize
 from secondorder.solvers.closure import ClosureObjective, FlatParams, loss_and_grad
 from secondorder.solvers.directions import NLCG_VARIANTS
@@ -54,7 +55,7 @@ from secondorder.solvers.line import LineFunction
 from secondorder.solvers.quasinewton import two_loop
 from secondorder.solvers.wolfe import strong_wolfe_search
 
-__all__ = ["KFAC", "LBFGS", "NLCG", "NewtonCG"]
+__all__ = ["KFAC", "KFACPreconditioner", "LBFGS", "NLCG", "NewtonCG"]
 
 
 def _single_group(opt: torch.optim.Optimizer, name: str) -> list[Tensor]:

@@ -1,4 +1,5 @@
-"""K-FAC (Martens & Grosse 2015) as a ``torch.optim.Optimizer``: :class:`KFAC`.
+"""K-FAC (Martens & Grosse 2015) for PyTorch training loops: :class:`KFACPreconditioner` for any
+``torch.optim`` optimiser, and :class:`KFAC`, a ``torch.optim.Optimizer`` built on it.
 
 For any network whose trainable parameters live in ``nn.Linear`` and ``nn.Conv2d`` layers
 (whatever the graph: residual blocks, branches; with ``unsupported="gradient"`` other
@@ -31,18 +32,34 @@ added to the damping), μ = ``momentum`` (heavy ball; μ = 0 is the plain step) 
 eigenbasis of G ⊗ A by running second moments of per-sample gradients (plus the damping),
 the eigenbases refreshed every ``inv_every`` steps.
 
-Closure contract: ``step(closure)`` calls the closure once; it must evaluate the model on the
-batch (``model(X)``, once: the last forward pass is the one used) and **return the mean loss
-without calling** ``backward()``: the optimizer differentiates the loss (and, for "mc" and
-"exact", the model output) itself, and sets every parameter's ``.grad`` to ∇L (weight decay
-not included). ``loss`` names the loss the closure computes (see
-:data:`secondorder.losses.LOSSES`); "mc" and "exact" read its output derivatives.
+How it fits a training loop: hooks on the layers record each layer's input during the forward
+pass; when the model's output z is formed (``model(X)``, gradients enabled) the curvature
+vectors ("mc": one sampled gradient, "exact": the k − 1 columns of L) are back-propagated at
+once to the layers' outputs — a backward pass that touches no parameter's ``.grad`` — so the
+user's own ``loss.backward()`` may follow and free the graph. "empirical" reads the output
+gradients of the user's backward pass instead. Then ``step()`` forms the factors of the last
+forward passes since the previous step (several passes, as in gradient accumulation, are
+averaged) and preconditions each parameter's ``.grad``.
+
+The Fisher's scale follows the loss: ``loss_reduction="mean"`` (the default, ``F.cross_entropy``'s)
+gives the factors above; ``"sum"`` multiplies G by n, as the sum of n per-sample losses has n
+times the mean's curvature and gradient. For the cross-entropy a "mean" that is really a sum is
+detected from ∂L/∂z (its entries are at most 1/n for the mean) and refused, saying how to fix it.
+
+    # loss.backward(); precond.step(); optimizer.step()
+    precond = KFACPreconditioner(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for X, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        precond.step()
+        opt.step()
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +69,8 @@ from secondorder.curvature.kfac import (
     KFAC_APPROXIMATIONS,
     FlatLayout,
     KFACEngine,
+    KFACStatistics,
     LayerCapture,
-    backpropagate,
     check_factors_fit,
     factor_dtype,
     kfac_layers,
@@ -62,9 +79,10 @@ from secondorder.curvature.kfac import (
 )
 from secondorder.losses import Loss, get_loss
 
-__all__ = ["KFAC", "KFAC_OPTIMIZER_KINDS"]
+__all__ = ["KFAC", "KFACPreconditioner", "KFAC_OPTIMIZER_KINDS", "LOSS_REDUCTIONS"]
 
 KFAC_OPTIMIZER_KINDS = ("mc", "exact", "empirical")
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 def _unit_interval(arg: str, value) -> float:
@@ -74,32 +92,368 @@ def _unit_interval(arg: str, value) -> float:
     return value
 
 
-class KFAC(torch.optim.Optimizer):
-    """K-FAC for networks of ``nn.Linear`` and ``nn.Conv2d`` layers (see module doc).
+class _Recorder:
+    """The hooks: layer inputs (and, for "empirical", output gradients) and the curvature
+    vectors back-propagated from the model's output at the end of each forward pass."""
+
+    def __init__(self, owner: KFACPreconditioner) -> None:
+        self.owner = owner
+        self.capture = LayerCapture(owner.layers)
+        self.pending: list[KFACStatistics] = []  # statistics of the forward passes so far
+        self.output: Tensor | None = None
+        self.output_grad: Tensor | None = None
+        self.backward_seen = False
+        self.handles = []
+        self._reset_capture()
+        for j, ly in enumerate(owner.layers):
+            self.handles.append(ly.module.register_forward_hook(self._layer_hook(j)))
+        self.handles.append(owner.model.register_forward_hook(self._output_hook))
+
+    def _reset_capture(self) -> None:
+        n = len(self.owner.layers)
+        self.capture.inputs = [[] for _ in range(n)]
+        self.capture.outputs = [[] for _ in range(n)]
+        self.capture.grads = [[] for _ in range(n)]
+
+    def _active(self, out) -> bool:
+        return self.owner.enabled and torch.is_grad_enabled() and isinstance(out, Tensor)
+
+    def _layer_hook(self, j: int):
+        def hook(module, args, out):
+            if not (self._active(out) and out.requires_grad):
+                return
+            self.capture.inputs[j].append(args[0].detach())
+            self.capture.outputs[j].append(out)
+            if self.owner.kind == "empirical":
+                out.register_hook(lambda g: self.capture.grads[j].append(g.detach()))
+
+        return hook
+
+    def _output_hook(self, module, args, z):
+        if not (self._active(z) and z.requires_grad) or not self.capture.complete():
+            self._reset_capture()
+            return
+        if self.owner.kind != "empirical":
+            # before the hook below: this backward pass is ours, not the user's
+            self.pending.append(self.owner._curvature_statistics(self.capture, z))
+            self._reset_capture()
+        self.output, self.output_grad, self.backward_seen = z, None, False
+
+        def seen(g):
+            self.backward_seen = True
+            self.output_grad = g.detach()
+
+        z.register_hook(seen)
+
+    def check_recorded(self) -> None:
+        """Refuse a step with no forward pass recorded since the last one."""
+        if not self.pending and not self.capture.complete():
+            raise RuntimeError(
+                "KFAC: no forward pass was recorded since the last step: compute the loss from "
+                "model(X) with gradients enabled (and call loss.backward()) before step()"
+            )
+
+    def take(self) -> list[KFACStatistics]:
+        """The statistics since the last step (for "empirical", from the backward pass)."""
+        if self.owner.kind == "empirical" and self.capture.complete():
+            if not all(self.capture.grads):
+                raise RuntimeError(
+                    "KFAC (kind='empirical') needs the output gradients of a backward pass: "
+                    "call loss.backward() on a loss computed from model(X) before step()"
+                )
+            self.pending.append(self.owner._empirical_statistics(self.capture, self.output))
+            self._reset_capture()
+        out, self.pending = self.pending, []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class KFACPreconditioner:
+    """K-FAC's preconditioner for any ``torch.optim`` optimiser: after ``loss.backward()``,
+    :meth:`step` replaces each parameter's ``.grad`` by (G ⊗ A + γ)⁻¹ ``.grad`` layer by layer
+    (see the module doc).
 
     Args:
-        model: the network whose trainable parameters are optimised (all of them).
-        loss: the loss the closure returns, a name of ``secondorder.losses.LOSSES`` or a
-            :class:`~secondorder.losses.Loss`.
-        lr: step length (> 0).
-        damping: Tikhonov damping added to the curvature (> 0).
-        kind: ``"mc"`` (Monte-Carlo Fisher), ``"exact"`` (GGN factorisation) or
-            ``"empirical"`` (empirical Fisher) for G.
+        model: the network; its trainable parameters must live in ``nn.Linear``,
+            ``nn.Conv2d`` or ``nn.Conv1d`` layers (any graph), unless ``unsupported="gradient"``
+            leaves the others' ``.grad`` unchanged.
+        loss: the loss computed from the model's output (a name of
+            ``secondorder.losses.LOSSES`` or a Loss): "mc" and "exact" read its output
+            derivatives.
+        damping: γ added to the curvature (> 0); the factored Tikhonov damping of
+            :func:`~secondorder.curvature.kfac.damped_inverses`, or γ itself for EKFAC.
+        kind: ``"mc"`` (Monte-Carlo Fisher, default), ``"exact"`` (Gauss–Newton) or
+            ``"empirical"`` (the gradients of the user's own loss).
         ema: ρ of the running averages of A and G, in [0, 1).
-        inv_every: refresh the damped inverses every this many steps (the first step inverts).
-        weight_decay: λ of an L2 term (λ/2)‖W‖² on the layers' weights (not the biases), ≥ 0.
-        momentum: heavy-ball μ on the preconditioned step, in [0, 1).
-        seed: seed of the generator that draws the targets of ``kind="mc"``.
-        approximation: ``"expand"`` or ``"reduce"``: how a convolution's positions enter
-            its factors.
-        ekfac: EKFAC's eigenbasis rescaling instead of the damped Kronecker inverse.
-        unsupported: ``"error"`` (default) refuses parameters outside Linear and Conv2d
-            layers, naming their module; ``"gradient"`` updates them with the plain gradient.
+        inv_every: refresh the inverses (or EKFAC's eigenbases) every this many steps.
+        approximation: ``"expand"`` or ``"reduce"`` for convolutions' positions.
+        ekfac: EKFAC's eigenbasis rescaling (George et al. 2018) instead of K-FAC's inverse.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss sums over the batch.
+        unsupported: ``"error"`` or ``"gradient"`` (see :func:`~secondorder.curvature.kfac.
+            kfac_layers`).
+        seed: seed of the targets drawn for ``kind="mc"``.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        loss: str | Loss = "cross_entropy",
+        *,
+        damping: float = 1e-2,
+        kind: str = "mc",
+        ema: float = 0.95,
+        inv_every: int = 10,
+        approximation: str = "expand",
+        ekfac: bool = False,
+        loss_reduction: str = "mean",
+        unsupported: str = "error",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.loss = get_loss(loss)
+        self.damping = check_positive("damping", damping)
+        self.kind = check_choice("kind", kind, KFAC_OPTIMIZER_KINDS)
+        self.ema = _unit_interval("ema", ema)
+        self.inv_every = check_positive_int("inv_every", inv_every)
+        self.approximation = check_choice("approximation", approximation, KFAC_APPROXIMATIONS)
+        if not isinstance(ekfac, bool):
+            raise TypeError(f"ekfac must be True or False, got {ekfac!r}")
+        self.ekfac = ekfac
+        self.loss_reduction = check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        self.seed = check_positive_int("seed", seed, allow_zero=True)
+        self.layers, self.others = kfac_layers(model, unsupported=unsupported, purpose="KFAC")
+        first = self.layers[0].parameters()[0]
+        if first.is_meta:
+            raise ValueError(
+                "KFAC: the model's parameters are on the meta device and hold no values; "
+                "materialise them first (model.to_empty(device=...) and initialise)"
+            )
+        check_factors_fit(self.layers, factor_dtype(first.dtype), first.device)
+        self.model = model
+        self.engine = KFACEngine(self.layers, ema=self.ema, ekfac=self.ekfac)
+        self.steps = 0
+        self.generator_state: Tensor | None = None
+        self.enabled = True
+        self._recorder = _Recorder(self)
+
+    # -- statistics ------------------------------------------------------------------------------
+    def _weights(self, n: int, like: Tensor) -> Tensor:
+        """Per-sample weights 1/n (A is the inputs' mean second moment either way)."""
+        return torch.full((n,), 1.0 / n, dtype=factor_dtype(like.dtype), device=like.device)
+
+    def _scaled(self, stats: KFACStatistics, n: int) -> KFACStatistics:
+        """A sum of n losses has n times the mean's curvature: G (and EKFAC's scales) × n."""
+        if self.loss_reduction == "sum":
+            for f in stats.factors:
+                f.G = f.G * n
+            stats.w = stats.w * n
+        return stats
+
+    def _generator(self, device) -> torch.Generator:
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        if self.generator_state is not None:
+            gen.set_state(self.generator_state)
+        return gen
+
+    def _curvature_statistics(self, capture: LayerCapture, z: Tensor) -> KFACStatistics:
+        """ "mc" or "exact": the vectors back-propagated now, while z's graph is alive."""
+        if z.ndim != 2:
+            raise ValueError(
+                f"KFAC kind={self.kind!r} needs model outputs of shape (n, k), got {tuple(z.shape)}"
+            )
+        with torch.autocast(z.device.type, enabled=False):  # factors in float32 or wider
+            return self._scaled(self._backpropagated(capture, z), len(z))
+
+    def _backpropagated(self, capture: LayerCapture, z: Tensor) -> KFACStatistics:
+        gen = None
+        if self.kind == "mc":
+            gen = self._generator(z.device)
+        vectors = output_vectors(
+            self.loss, z.float() if z.dtype in _HALF else z, self.kind, generator=gen
+        )
+        if gen is not None:
+            self.generator_state = gen.get_state()
+        outs = [o for calls in capture.outputs for o in calls]
+        counts = [len(calls) for calls in capture.outputs]
+        per_column: list[list[list[Tensor]]] = [[] for _ in counts]
+        with torch.enable_grad():
+            for v in vectors:
+                grads = torch.autograd.grad(z, outs, v.to(z.dtype), retain_graph=True)
+                it = iter(grads)
+                for j, c in enumerate(counts):
+                    per_column[j].append([next(it).detach() for _ in range(c)])
+        return statistics_from(
+            self.layers,
+            capture,
+            per_column,
+            self._weights(len(z), z),
+            self.approximation,
+            per_sample=self.ekfac,
+        )
+
+    def _empirical_statistics(self, capture: LayerCapture, z: Tensor | None) -> KFACStatistics:
+        """ "empirical": the user's output gradients, per sample (×n for a mean loss)."""
+        n = capture.inputs[0][0].shape[0]
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        grads = [[[g * scale for g in calls]] for calls in capture.grads]
+        like = capture.inputs[0][0]
+        with torch.autocast(like.device.type, enabled=False):
+            stats = statistics_from(
+                self.layers,
+                capture,
+                grads,
+                self._weights(n, like),
+                self.approximation,
+                per_sample=self.ekfac,
+            )
+        return self._scaled(stats, n)
+
+    def _check_reduction(self) -> None:
+        """A cross-entropy "mean" whose ∂L/∂z exceeds 1/n is a sum: refused, saying so."""
+        g = self._recorder.output_grad
+        if g is None or self.loss_reduction != "mean" or self.loss.name != "cross_entropy":
+            return
+        n = g.shape[0]
+        if float(g.abs().max()) * n > 1.0 + 1e-3:
+            raise ValueError(
+                "KFAC: loss_reduction='mean' but the loss's gradient ∂L/∂z has entries above "
+                f"1/n = 1/{n}: the loss sums over the batch; pass loss_reduction='sum' or use "
+                "the mean (F.cross_entropy's default reduction)"
+            )
+
+    # -- the step ----------------------------------------------------------------------------------
+    def gammas(self, weight_decay: list[float] | None = None) -> list[float]:
+        """The damping of each layer: γ plus the L2 coefficient of its weight, if any."""
+        if weight_decay is None:
+            return [self.damping] * len(self.layers)
+        return [self.damping + wd for wd in weight_decay]
+
+    def update(self, weight_decay: list[float] | None = None) -> bool:
+        """Fold the statistics recorded since the last step into the running factors and
+        refresh the inverses when due; False (nothing changed) for a non-finite batch."""
+        stats = self._recorder.take()
+        if not stats:
+            raise RuntimeError(
+                "KFAC: no forward pass was recorded since the last step: compute the loss from "
+                "model(X) with gradients enabled (and call loss.backward()) before step()"
+            )
+        self._check_reduction()
+        if not all(s.finite() for s in stats):
+            warnings.warn(
+                "KFAC: the batch gave a non-finite factor; the step was skipped (the running "
+                "factors and the parameters unchanged)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        factors = stats[0].factors
+        if len(stats) > 1:  # several forward passes before a step: their mean
+            for f in factors:
+                f.A, f.G = f.A / len(stats), f.G / len(stats)
+            for s in stats[1:]:
+                for f, g in zip(factors, s.factors):
+                    f.A += g.A / len(stats)
+                    f.G += g.G / len(stats)
+        self.engine.update(factors)
+        gammas = self.gammas(weight_decay)
+        if self.steps % self.inv_every == 0 or not self.engine.ready:
+            self.engine.refresh(gammas)
+        if self.ekfac:
+            for s in stats:
+                self.engine.update_scales(s)
+        self.steps += 1
+        return True
+
+    def precondition(self, grads: list[list[Tensor]], gammas: list[float]) -> list[list[Tensor]]:
+        """Each layer's (weight, bias) gradients → (G ⊗ A + γ)⁻¹ applied to them."""
+        mats = [ly.grad_matrix(g) for ly, g in zip(self.layers, grads)]
+        steps = self.engine.precondition(mats, gammas)
+        return [
+            [t.to(g.dtype) for t, g in zip(ly.split_matrix(M), gs)]
+            for ly, M, gs in zip(self.layers, steps, grads)
+        ]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Precondition every K-FAC layer's ``.grad`` in place (after ``loss.backward()``)."""
+        self._recorder.check_recorded()
+        grads = []
+        for ly in self.layers:
+            ps = ly.parameters()
+            if any(p.grad is None for p in ps):
+                raise RuntimeError(
+                    f"KFAC: layer {ly.label} has no .grad: call loss.backward() before step()"
+                )
+            grads.append([p.grad for p in ps])
+        if not all(bool(torch.isfinite(g).all()) for gs in grads for g in gs):
+            self._recorder.take()
+            warnings.warn(
+                "KFAC: a non-finite gradient; the preconditioner skipped this step",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        if not self.update():
+            return
+        for ly, new in zip(self.layers, self.precondition(grads, self.gammas())):
+            for p, t in zip(ly.parameters(), new):
+                p.grad.copy_(t)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "engine": self.engine.state_dict(),
+            "steps": self.steps,
+            "generator": None if self.generator_state is None else self.generator_state.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "engine" not in state:
+            raise ValueError("not a KFACPreconditioner state (no 'engine' entry)")
+        self.engine.load_state_dict(state["engine"])
+        self.steps = int(state.get("steps", 0))
+        gen = state.get("generator")
+        self.generator_state = None if gen is None else gen.clone()
+
+    def remove(self) -> None:
+        """Remove the hooks from the model (the preconditioner is then unusable)."""
+        self._recorder.remove()
+        self.enabled = False
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC as a ``torch.optim.Optimizer`` (see the module doc).
+
+    ``KFAC(model, ...)`` optimises all the model's trainable parameters in one group;
+    ``KFAC(param_groups, model=model, ...)`` takes torch-style groups (each may set ``lr``,
+    ``momentum`` and ``weight_decay``; every trainable parameter of the model in exactly one
+    group). Weight decay λ adds (λ/2)‖W‖² over the parameters with two or more dimensions
+    (weights and kernels, not biases, as the library's L2 everywhere) to the loss, and its
+    curvature λ to the damping of those layers.
+
+    Closure contract (torch's): ``step(closure=None)``. The closure clears the gradients,
+    evaluates the model, may call ``loss.backward()``, and returns the loss; when it does not
+    call ``backward()`` the gradient is taken here. ``step()`` without a closure uses the
+    ``.grad`` of the user's own ``loss.backward()``. One forward pass per step is all K-FAC
+    needs (several, as in gradient accumulation, are averaged).
+
+    Args (besides those of :class:`KFACPreconditioner`):
+        lr: step length (> 0).
+        weight_decay: λ (≥ 0), see above.
+        momentum: heavy-ball μ on the preconditioned step, in [0, 1).
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable | None = None,
         loss: str | Loss = "cross_entropy",
         lr: float = 0.1,
         damping: float = 1e-2,
@@ -112,202 +466,180 @@ class KFAC(torch.optim.Optimizer):
         approximation: str = "expand",
         ekfac: bool = False,
         unsupported: str = "error",
+        loss_reduction: str = "mean",
+        *,
+        model: nn.Module | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._loss = get_loss(loss)
+        network = model
+        if params is None:
+            params = model
+        if isinstance(params, nn.Module):
+            if network is not None and network is not params:
+                raise ValueError("pass the model once: KFAC(model) or KFAC(groups, model=model)")
+            network, params = params, [p for p in params.parameters() if p.requires_grad]
+        elif network is None:
+            raise TypeError(
+                "model must be a torch.nn.Module: KFAC(model, ...) or "
+                "KFAC(param_groups, model=model)"
+            )
+        elif not isinstance(network, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(network).__name__}")
         defaults = {
             "lr": check_positive("lr", lr),
-            "damping": check_positive("damping", damping),
             "weight_decay": check_positive("weight_decay", weight_decay, allow_zero=True),
             "momentum": _unit_interval("momentum", momentum),
         }
-        self.kind = check_choice("kind", kind, KFAC_OPTIMIZER_KINDS)
-        self.ema = _unit_interval("ema", ema)
-        self.inv_every = check_positive_int("inv_every", inv_every)
-        self.seed = check_positive_int("seed", seed, allow_zero=True)
-        self.approximation = check_choice("approximation", approximation, KFAC_APPROXIMATIONS)
-        if not isinstance(ekfac, bool):
-            raise TypeError(f"ekfac must be True or False, got {ekfac!r}")
-        self.ekfac = ekfac
-        self._layers, self._others = kfac_layers(model, unsupported=unsupported, purpose="KFAC")
-        first = self._layers[0].parameters()[0]
-        if first.is_meta:
-            raise ValueError(
-                "KFAC: the model's parameters are on the meta device and hold no values; "
-                "materialise them first (model.to_empty(device=...) and initialise)"
-            )
-        check_factors_fit(self._layers, factor_dtype(first.dtype), first.device)
-        self._model = model
-        self._layout = FlatLayout(model, self._layers)
-        self._engine = KFACEngine(self._layers, ema=self.ema, ekfac=self.ekfac)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.kind = kind
+        self._pre = KFACPreconditioner(
+            network,
+            loss,
+            damping=damping,
+            kind=kind,
+            ema=ema,
+            inv_every=inv_every,
+            approximation=approximation,
+            ekfac=ekfac,
+            loss_reduction=loss_reduction,
+            unsupported=unsupported,
+            seed=seed,
+        )
+        self._model = network
+        self._layers = self._pre.layers
+        self._layout = FlatLayout(network, self._layers)
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError("KFAC does not support parameter groups")
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        ours = {id(p) for g in self.param_groups for p in g["params"]}
+        model = [p for p in self._model.parameters() if p.requires_grad]
+        named = self._model.named_parameters()
+        missing = [n for n, p in named if p.requires_grad and id(p) not in ours]
+        if missing or len(ours) != len(model):
+            raise ValueError(
+                "KFAC's parameter groups must hold every trainable parameter of the model once "
+                f"(missing: {', '.join(missing) or 'none'}; parameters not in the model: "
+                f"{len(ours) - (len(model) - len(missing))})"
+            )
+        for g in self.param_groups:
+            check_positive("lr", g["lr"])
+            check_positive("weight_decay", g["weight_decay"], allow_zero=True)
+            _unit_interval("momentum", g["momentum"])
 
     def add_param_group(self, param_group: dict) -> None:
-        if self.param_groups:
-            raise ValueError(
-                "KFAC optimises the parameters of the model it was given and takes no further "
-                "parameter groups; build a new KFAC for another model"
-            )
+        if getattr(self, "_layout", None) is not None and self.param_groups:
+            ours = {id(p) for g in self.param_groups for p in g["params"]}
+            new = param_group["params"]
+            new = [new] if isinstance(new, Tensor) else list(new)
+            if len(ours) == sum(1 for p in self._model.parameters() if p.requires_grad):
+                raise ValueError(
+                    "KFAC already optimises every parameter of its model and takes no further "
+                    "parameter groups; build a new KFAC for another model"
+                )
+            del new
         super().add_param_group(param_group)
 
-    # -- state ---------------------------------------------------------------------------------
-    def _layer_state(self, j: int) -> dict:
-        """Layer j's factors, inverses or eigenbases (kept on its weight)."""
-        return self.state[self._layers[j].parameters()[0]]
+    @property
+    def damping(self) -> float:
+        return self._pre.damping
 
-    def _global_state(self) -> dict:
-        """The step count, momentum buffer and generator state (on the first layer's weight)."""
-        return self._layer_state(0)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = torch.Generator(device=device).manual_seed(self.seed)
-        saved = self._global_state().get("generator")
-        if saved is not None:
-            gen.set_state(torch.frombuffer(bytearray(saved), dtype=torch.uint8))
-        return gen
-
-    def _bind_engine(self) -> None:
-        """The engine works on the optimiser's own state dicts (also after load_state_dict)."""
-        self._engine.state = [self._layer_state(j) for j in range(len(self._layers))]
+    def layer_state(self, j: int) -> dict:
+        """Layer j's running factors and inverses (or eigenbases)."""
+        return self._pre.engine.state[j]
 
     # -- one step --------------------------------------------------------------------------------
-    def _forward(self, closure: Callable[[], Tensor]) -> tuple[Tensor, LayerCapture, Tensor]:
-        """Run the closure with hooks capturing each layer's inputs and outputs and the
-        model's output z; returns (loss, capture, z)."""
-        capture = LayerCapture(self._layers)
-        final: list[Tensor] = []
-        handle = self._model.register_forward_hook(lambda m, a, out: final.append(out))
-        try:
-            with capture.recording(), torch.enable_grad():
-                loss = closure()
-        finally:
-            handle.remove()
+    def _group_of(self) -> dict[int, dict]:
+        return {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def _run_closure(self, closure: Callable[[], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            loss = closure()
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError("the KFAC closure must return the loss as a one-element tensor")
-        if not final or not capture.complete():
-            raise RuntimeError("the KFAC closure must evaluate the model (call model(X))")
-        if not isinstance(final[-1], Tensor):
-            raise TypeError(
-                f"the model must return a tensor of outputs, got {type(final[-1]).__name__}"
-            )
-        if loss.grad_fn is None:
-            raise RuntimeError(
-                "the loss the KFAC closure returns has no graph: compute it from model(X) "
-                "with gradients enabled"
-            )
-        return loss, capture, final[-1]
-
-    def _output_grads(self, loss: Tensor, z: Tensor, capture: LayerCapture, params) -> tuple:
-        """(per layer, per column, per call: the per-sample output gradients g; ∇L)."""
-        n = z.shape[0]
-        if self.kind == "empirical":
-            outs = [o for calls in capture.outputs for o in calls]
-            grads = _grad(loss, [*outs, *params], retain=False)
-            it = iter(grads[: len(outs)])
-            per_layer = [[[n * next(it) for _ in calls]] for calls in capture.outputs]
-            return per_layer, grads[len(outs) :]
-        gen = None
-        if self.kind == "mc":
-            gen = self._generator(z.device)
-        vectors = output_vectors(self._loss, z, self.kind, generator=gen)
-        if gen is not None:  # as bytes: load_state_dict would cast a tensor to a dtype
-            self._global_state()["generator"] = bytes(gen.get_state().tolist())
-        try:
-            per_layer = backpropagate(z, capture, vectors, retain=True)
-        except RuntimeError as err:
-            _closure_error(err)
-        return per_layer, _grad(loss, params, retain=False)
+        rec = self._pre._recorder
+        if not rec.backward_seen:
+            if loss.grad_fn is None:
+                raise RuntimeError(
+                    "the loss the KFAC closure returns has no graph: compute it from model(X) "
+                    "with gradients enabled"
+                )
+            # the closure left the backward pass to us: ∇ of this loss alone
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            with torch.enable_grad():
+                loss.backward()
+        return loss.detach()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One K-FAC step on the closure's batch; returns the loss before the step."""
-        if closure is None:
-            raise ValueError("KFAC.step needs a closure that returns the loss of model(X)")
-        group = self.param_groups[0]
-        params = group["params"]
-        loss, capture, z = self._forward(closure)
-        with torch.enable_grad():
-            per_layer, grads = self._output_grads(loss, z, capture, params)
-        for p, g in zip(params, grads):
-            p.grad = g.detach().clone()
-        w = z.new_full((z.shape[0],), 1.0 / z.shape[0]).detach()
-        stats = statistics_from(
-            self._layers, capture, per_layer, w, self.approximation, per_sample=self.ekfac
-        )
-        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-        if not (finite and stats.finite()):
-            # one bad batch must not poison the running factors and the parameters for good
+    def step(self, closure: Callable[[], Tensor] | None = None):  # type: ignore[override]
+        """One K-FAC step; returns the closure's loss (None without a closure)."""
+        loss = self._run_closure(closure) if closure is not None else None
+        self._pre._recorder.check_recorded()
+        groups = self._group_of()
+        for ly in self._layers:
+            for p in ly.parameters():
+                if p.grad is None:
+                    raise RuntimeError(
+                        f"KFAC: layer {ly.label} has no .grad: call loss.backward() before "
+                        "step(), or pass a closure"
+                    )
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if loss is not None:
+            finite = finite and bool(torch.isfinite(loss))
+        if not finite:
+            self._pre._recorder.take()
             warnings.warn(
                 "KFAC: the batch gave a non-finite loss, gradient or factor; the step was "
                 "skipped (parameters and running factors unchanged)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return loss.detach()
-        self._bind_engine()
-        engine = self._engine
-        engine.update(stats.factors)
-        glob = self._global_state()
-        k = int(glob.get("step", 0))
-        lam = group["weight_decay"]
-        gamma = group["damping"] + lam
-        if k % self.inv_every == 0 or not engine.ready:
-            engine.refresh(gamma)
-        if self.ekfac:
-            engine.update_scales(stats)
-        theta = torch.cat([p.detach().reshape(-1) for p in params])
-        g = torch.cat([g.reshape(-1) for g in grads])
-        if lam:
-            g = g + lam * self._weight_mask(theta) * theta
-        delta = self._layout.apply(engine, g, gamma)
-        if group["momentum"]:
-            buf = glob.get("momentum_buffer")
-            delta = delta if buf is None else group["momentum"] * buf + delta
-            glob["momentum_buffer"] = delta.clone()
-        theta = theta - group["lr"] * delta
-        for p, t in zip(params, torch.split(theta, [p.numel() for p in params])):
-            p.copy_(t.view_as(p))
-        glob["step"] = k + 1
-        return loss.detach()
+            return loss
+        decay = [groups[id(ly.parameters()[0])]["weight_decay"] for ly in self._layers]
+        if not self._pre.update(decay):
+            return loss
+        grads = []
+        for ly in self._layers:
+            gs = []
+            for p in ly.parameters():
+                g = p.grad
+                wd = groups[id(p)]["weight_decay"]
+                gs.append(g + wd * p if wd and p.ndim >= 2 else g)
+            grads.append(gs)
+        steps = self._pre.precondition(grads, self._pre.gammas(decay))
+        direction = {}
+        for ly, ts in zip(self._layers, steps):
+            direction.update((id(p), t) for p, t in zip(ly.parameters(), ts))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = direction.get(id(p))
+                if d is None:  # outside the K-FAC layers: the plain (decayed) gradient
+                    wd = g["weight_decay"] if p.ndim >= 2 else 0.0
+                    d = p.grad + wd * p if wd else p.grad
+                if g["momentum"]:
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    d = d.clone() if buf is None else buf.mul_(g["momentum"]).add_(d)
+                    st["momentum_buffer"] = d
+                p.add_(d, alpha=-g["lr"])
+        return loss
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["kfac"] = self._pre.state_dict()
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's checks, then each layer's factors checked against the model's sizes."""
+        """torch's checks, then the K-FAC state checked against the model's layers."""
+        state_dict = dict(state_dict)
+        kfac = state_dict.pop("kfac", None)
+        if kfac is not None:
+            try:
+                self._pre.load_state_dict(kfac)
+            except ValueError as err:
+                raise ValueError(f"{err}: the state belongs to another model") from None
         super().load_state_dict(state_dict)
-        for j, ly in enumerate(self._layers):
-            d_out, d_in = ly.kfac_dims
-            st = self._layer_state(j)
-            for key, size in (("A", d_in), ("G", d_out)):
-                if key in st and tuple(st[key].shape) != (size, size):
-                    raise ValueError(
-                        f"the KFAC state of layer {ly.label} has {key} of shape "
-                        f"{tuple(st[key].shape)}, but this model's layer needs {(size, size)}: "
-                        "the state belongs to another model"
-                    )
-
-    def _weight_mask(self, theta: Tensor) -> Tensor:
-        """1 on the layers' weights, 0 on the biases and other parameters (weight decay acts
-        on weights only)."""
-        mask = torch.zeros_like(theta)
-        for sl in self._layout.slices:
-            mask[sl[0]] = 1.0
-        return mask
-
-
-def _closure_error(err: RuntimeError):
-    if "backward through the graph a second time" in str(err):
-        raise RuntimeError(
-            "the KFAC closure must return the loss without calling loss.backward()"
-        ) from err
-    raise err
-
-
-def _grad(out: Tensor, inputs: list[Tensor], grad_out: Tensor | None = None, retain=True):
-    """torch.autograd.grad with the closure contract's error for a freed graph."""
-    try:
-        return torch.autograd.grad(out, inputs, grad_out, retain_graph=retain)
-    except RuntimeError as err:
-        _closure_error(err)

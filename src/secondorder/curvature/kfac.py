@@ -27,6 +27,7 @@ applies (G ⊗ A + damping)⁻¹ to a gradient: the same engine behind ``minimiz
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -408,7 +409,10 @@ def _spd_inverse(M: Tensor) -> Tensor:
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) == 0:
         return torch.cholesky_inverse(L)
-    return torch.linalg.inv(M)
+    try:
+        return torch.linalg.inv(M)
+    except RuntimeError:  # exactly singular: the caller sees a non-finite inverse
+        return torch.full_like(M, math.nan)
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -458,20 +462,46 @@ class KFACEngine:
                 st["A"].mul_(r).add_(f.A, alpha=1 - r)
                 st["G"].mul_(r).add_(f.G, alpha=1 - r)
 
-    def refresh(self, gamma: float) -> None:
-        for st in self.state:
+    def refresh(self, gamma: float | list[float]) -> None:
+        """New inverses (K-FAC) or eigenbases (EKFAC) of the running factors; ``gamma`` is the
+        damping, one for all layers or one per layer. A factor whose inverse or
+        eigendecomposition is not finite (a singular or NaN factor) keeps the layer's previous
+        one, with a warning once per engine."""
+        gammas = gamma if isinstance(gamma, list) else [gamma] * len(self.state)
+        for ly, st, gam in zip(self.layers, self.state, gammas):
             if self.ekfac:
                 ea, eg = _eigh(st["A"]), _eigh(st["G"])
-                if ea is None or eg is None:  # keep the previous basis (or start from I)
-                    if "QA" not in st:
+                if ea is None or eg is None:
+                    self._kept(ly)
+                    if "QA" not in st:  # no basis yet: the identity
                         st["QA"] = torch.eye(st["A"].shape[0], dtype=st["A"].dtype)
                         st["QG"] = torch.eye(st["G"].shape[0], dtype=st["G"].dtype)
+                        st["S"] = torch.zeros(st["G"].shape[0], st["A"].shape[0])
                     continue
                 st["QA"], st["QG"] = ea[1], eg[1]
                 # until new scales arrive, the eigenvalues' products are K-FAC's own
                 st["S"] = eg[0][:, None] * ea[0][None, :]
-            else:
-                st["A_inv"], st["G_inv"] = damped_inverses(st["A"], st["G"], gamma)
+                continue
+            A_inv, G_inv = damped_inverses(st["A"], st["G"], gam)
+            if bool(torch.isfinite(A_inv).all()) and bool(torch.isfinite(G_inv).all()):
+                st["A_inv"], st["G_inv"] = A_inv, G_inv
+                continue
+            self._kept(ly)
+            if "A_inv" not in st:  # nothing to keep: the damped identity, a gradient step
+                d_out, d_in = ly.kfac_dims
+                root = math.sqrt(gam)
+                st["A_inv"] = torch.eye(d_in, dtype=st["A"].dtype, device=st["A"].device) / root
+                st["G_inv"] = torch.eye(d_out, dtype=st["A"].dtype, device=st["A"].device) / root
+
+    def _kept(self, layer: Layer) -> None:
+        if not getattr(self, "_warned", False):
+            warnings.warn(
+                f"K-FAC: a factor of layer {layer.label} is singular or not finite; the "
+                "layer keeps its previous inverse (warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned = True
 
     def update_scales(self, stats: KFACStatistics, reduce=None) -> None:
         """EKFAC's scales from a step's per-sample gradients; ``reduce`` sums tensors over
@@ -494,9 +524,10 @@ class KFACEngine:
                 st["S_avg"].mul_(r).add_(S, alpha=1 - r)
             st["S"] = st["S_avg"]
 
-    def precondition(self, mats: list[Tensor], gamma: float) -> list[Tensor]:
+    def precondition(self, mats: list[Tensor], gamma: float | list[float]) -> list[Tensor]:
+        gammas = gamma if isinstance(gamma, list) else [gamma] * len(self.state)
         out = []
-        for st, M in zip(self.state, mats):
+        for st, M, gamma in zip(self.state, mats, gammas):
             M = M.to(st["A"].dtype)
             if self.ekfac:
                 QG, QA = st["QG"], st["QA"]
