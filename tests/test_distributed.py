@@ -48,10 +48,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _launch(world: int, args: list[str], timeout_s: str = "30") -> list[subprocess.Popen]:
     """``world`` processes of the worker, ranks 0..world-1, on a fresh port."""
+    return _launch_script(world, [sys.executable, WORKER, *args], timeout_s)
+
+
+def _launch_script(world: int, command: list[str], timeout_s: str = "30") -> list[subprocess.Popen]:
+    """``world`` processes of ``command``, ranks 0..world-1, on a fresh port."""
     port = str(_free_port())
     return [
         subprocess.Popen(
-            [sys.executable, WORKER, *args],
+            command,
             env=_env(
                 RANK=str(r),
                 WORLD_SIZE=str(world),

@@ -362,12 +362,46 @@ class KFACPreconditioner:
         self.engine.update(factors)
         gammas = self.gammas(weight_decay)
         if self.steps % self.inv_every == 0 or not self.engine.ready:
-            self.engine.refresh(gammas)
+            self._refresh(gammas)
         if self.ekfac:
             for s in stats:
                 self.engine.update_scales(s)
+            if _world() > 1:  # every process preconditions with the same scales
+                _mean_over_ranks([st["S_avg"] for st in self.engine.state])
         self.steps += 1
         return True
+
+    def _refresh(self, gammas: list[float]) -> None:
+        """Refresh the inverses; in a data-parallel run (``torch.distributed`` initialised,
+        e.g. under DistributedDataParallel) the running factors are first averaged over the
+        processes (one collective: the averages of running averages are the running averages
+        of the averages), each process refreshes its share of the layers (layer j on rank
+        j mod world) and one more collective gives every process all of them, bit for bit."""
+        world = _world()
+        if world == 1:
+            self.engine.refresh(gammas)
+            return
+        import torch.distributed as dist
+
+        state = self.engine.state
+        _mean_over_ranks([t for st in state for t in (st["A"], st["G"])])
+        rank = dist.get_rank()
+        mine = [j for j in range(len(state)) if j % world == rank]
+        self.engine.refresh(gammas, only=mine)
+        first = state[0]["A"]
+        parts = []
+        for j, st in enumerate(state):
+            for key, shape in self.engine.refreshed_shapes(j).items():
+                t = st[key] if j in mine else first.new_zeros(shape)
+                parts.append(t.reshape(-1))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)  # owners' values plus zeros: exact
+        at = 0
+        for j, st in enumerate(state):
+            for key, shape in self.engine.refreshed_shapes(j).items():
+                n = shape[0] * shape[1]
+                st[key] = flat[at : at + n].view(shape).clone()
+                at += n
 
     def precondition(self, grads: list[list[Tensor]], gammas: list[float]) -> list[list[Tensor]]:
         """Each layer's (weight, bias) gradients → (G ⊗ A + γ)⁻¹ applied to them."""
@@ -427,6 +461,28 @@ class KFACPreconditioner:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _world() -> int:
+    """The number of data-parallel processes (1 without an initialised process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _mean_over_ranks(tensors: list[Tensor]) -> None:
+    """Replace each tensor by its mean over the processes, in one collective."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    at = 0
+    for t in tensors:
+        t.copy_(flat[at : at + t.numel()].view_as(t))
+        at += t.numel()
 
 
 class KFAC(torch.optim.Optimizer):

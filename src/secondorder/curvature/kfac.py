@@ -446,8 +446,19 @@ class KFACEngine:
         self.ema = ema
         self.ekfac = ekfac
         self.state: list[dict[str, Tensor]] = [{} for _ in self.layers]
+        self.refreshes = [0] * len(self.layers)  # inverses or eigenbases computed, per layer
 
     # -- factors ---------------------------------------------------------------------------
+    def refreshed_keys(self) -> tuple[str, ...]:
+        """What :meth:`refresh` writes per layer."""
+        return ("QA", "QG", "S") if self.ekfac else ("A_inv", "G_inv")
+
+    def refreshed_shapes(self, j: int) -> dict[str, tuple[int, int]]:
+        d_out, d_in = self.layers[j].kfac_dims
+        shapes = {"QA": (d_in, d_in), "QG": (d_out, d_out), "S": (d_out, d_in)}
+        shapes.update(A_inv=(d_in, d_in), G_inv=(d_out, d_out))
+        return {k: shapes[k] for k in self.refreshed_keys()}
+
     @property
     def ready(self) -> bool:
         key = "QA" if self.ekfac else "A_inv"
@@ -462,13 +473,17 @@ class KFACEngine:
                 st["A"].mul_(r).add_(f.A, alpha=1 - r)
                 st["G"].mul_(r).add_(f.G, alpha=1 - r)
 
-    def refresh(self, gamma: float | list[float]) -> None:
+    def refresh(self, gamma: float | list[float], only: list[int] | None = None) -> None:
         """New inverses (K-FAC) or eigenbases (EKFAC) of the running factors; ``gamma`` is the
-        damping, one for all layers or one per layer. A factor whose inverse or
+        damping, one for all layers or one per layer; ``only`` restricts the work to those
+        layers (a data-parallel process's share). A factor whose inverse or
         eigendecomposition is not finite (a singular or NaN factor) keeps the layer's previous
         one, with a warning once per engine."""
         gammas = gamma if isinstance(gamma, list) else [gamma] * len(self.state)
-        for ly, st, gam in zip(self.layers, self.state, gammas):
+        for j, (ly, st, gam) in enumerate(zip(self.layers, self.state, gammas)):
+            if only is not None and j not in only:
+                continue
+            self.refreshes[j] += 1
             if self.ekfac:
                 ea, eg = _eigh(st["A"]), _eigh(st["G"])
                 if ea is None or eg is None:
