@@ -19,6 +19,32 @@ def closest(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def check_device(arg: str, device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), refused in one line when it does not
+    parse, or names CUDA on a build or machine without it, or a GPU index that is not there."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidValueError(
+            f"{arg}={device!r} is not a device ('cpu', 'cuda', 'cuda:N', ...): {exc}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise InvalidValueError(
+                f"{arg}={device!r}: this PyTorch ({torch.__version__}) is built without CUDA; "
+                "use 'cpu' or install a CUDA build of torch"
+            )
+        if not torch.cuda.is_available():
+            raise InvalidValueError(f"{arg}={device!r}: no CUDA device is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidValueError(
+                f"{arg}={device!r}: there are {torch.cuda.device_count()} CUDA devices"
+            )
+    return dev
+
+
 def check_choice(arg: str, value: Any, choices: Iterable[str]) -> str:
     """Check that ``value`` is one of ``choices``; the error suggests the closest name."""
     choices = list(choices)

@@ -16,6 +16,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from secondorder._validation import check_device
+
 __all__ = ["FlatModel", "check_model_output", "parameter_groups", "trainable_parameters"]
 
 
@@ -53,7 +55,7 @@ class FlatModel:
         self.trainable = tuple(params.values())
         self.params = tuple(p.detach() for p in self.trainable)
         self.frozen_names = [n for n, p in named if not p.requires_grad]
-        self.device = torch.device(device) if device is not None else first.device
+        self.device = check_device("device", device) or first.device
         self.buffers = {k: v.to(self.device) for k, v in model.named_buffers()}
         self._slots = _parameter_slots(model, self.trainable)
         # buffers that moved to another device, in their modules' stores

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from secondorder._validation import check_choice, check_positive_int
+from secondorder._validation import check_choice, check_device, check_positive_int
 from secondorder.linalg import MemoryError_, available_bytes
 
 __all__ = [
@@ -297,6 +297,7 @@ def mlp(
     for i, w in enumerate(widths):
         check_positive_int(f"widths[{i}]", w)
     check_choice("init", init, INITIALISATIONS)
+    check_device("device", device)
     if isinstance(activation, str):
         check_choice("activation", activation, ACTIVATIONS)
     if isinstance(output_activation, str):
@@ -337,6 +338,7 @@ def logistic_regression(
     problem is convex) unless ``seed`` is given, which draws small Gaussian weights.
     """
     check_positive_int("n_features", n_features)
+    check_device("device", device)
     linear = nn.Linear(n_features, 1, bias=bias, dtype=torch.float64)
     with torch.no_grad():
         if seed is None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from secondorder._format import format_spec_value
 from secondorder._validation import (
     check_choice,
+    check_device,
     check_finite,
     check_positive,
     check_same_length,
@@ -85,7 +86,7 @@ class FunctionObjective(Objective):
         self.fn = fn
         self.n_params = n_params
         self.dtype = dtype or torch.get_default_dtype()
-        self.device = torch.device(device or "cpu")
+        self.device = check_device("device", device) or torch.device("cpu")
         self.grad_fn = grad_fn
         self.hvp_fn = hvp_fn
         self.name = name or getattr(fn, "__name__", "function")

@@ -51,9 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from secondorder._format import format_spec_value
+from secondorder._validation import check_device
 from secondorder.data import DataError, fashion_mnist
 from secondorder.experiments.bundled import bundled_specs, load_raw, resolve_spec_path
 from secondorder.experiments.functions import FUNCTIONS
@@ -207,8 +206,10 @@ def _validate_device(spec: dict[str, Any], errors: list[str]) -> None:
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         errors.append(f"device: {device!r} is not 'cpu', 'cuda', 'cuda:N' or 'mps'")
         return
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        errors.append(f"device: {device!r} requested but CUDA is not available here")
+    try:
+        check_device("device", device)
+    except ValueError as err:
+        errors.append(str(err))
 
 
 def _validate_solvers(spec: dict[str, Any], errors: list[str]) -> None:

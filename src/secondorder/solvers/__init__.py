@@ -15,17 +15,25 @@ from secondorder.solvers.minimize import (
     minimize,
     validate_options,
 )
+from secondorder.solvers.protocol import Direction, Iterate
+from secondorder.solvers.registry import MethodEntry, Option, register, unregister
 from secondorder.solvers.result import STATUSES, Result, StopRules, Trace, default_gtol
 
 __all__ = [
     "DEFAULT_LINE_SEARCH",
     "METHODS",
     "STATUSES",
+    "Direction",
+    "Iterate",
+    "MethodEntry",
+    "Option",
     "OptionError",
     "Result",
     "StopRules",
     "Trace",
     "default_gtol",
     "minimize",
+    "register",
+    "unregister",
     "validate_options",
 ]

@@ -157,13 +157,35 @@ def _line_search(entry: MethodEntry, line_search) -> str | None:
     return None if line_search == "fixed" else line_search
 
 
+#: the names torch.optim (and scipy) give to options that are called otherwise here
+FOREIGN_NAMES = {
+    "history_size": "memory",
+    "tolerance_grad": "gtol",
+    "tolerance_change": "ftol",
+    "line_search_fn": "line_search",
+    "max_eval": "max_evals",
+    "maxiter": "max_iter",
+    "weight_decay": "l2 (an objective setting, ModelObjective(..., l2=...))",
+}
+
+
+def _suggest(name: str, every: set[str]) -> str:
+    """' (did you mean ...?)': torch's name for one of ours first, else the closest name."""
+    ours = FOREIGN_NAMES.get(name)
+    if ours is not None and ours.split(" ")[0] in every | {"l2"}:
+        return f" (did you mean {ours!r}? {name!r} is torch.optim's name for it)"
+    return closest(name, every)
+
+
 def _check_names(entry: MethodEntry, ls: str | None, options: dict) -> None:
     """Every option exists, applies to the method and to the chosen step rule."""
     every = all_options() | entry.option_names
     allowed = accepted_options(entry.name)
     for name in options:
         if name not in every:
-            raise OptionError(f"minimize() got an unexpected option {name!r}{closest(name, every)}")
+            raise OptionError(
+                f"minimize() got an unexpected option {name!r}{_suggest(name, every)}"
+            )
         if name not in allowed:
             owners = [m for m, e in REGISTRY.items() if name in e.option_names]
             why = f" (it is an option of {', '.join(owners)})" if owners else ""
