@@ -271,3 +271,24 @@ def test_bfloat16_autocast_trains_like_float32(fashion_mnist):
             acc[mode] = float((model(Xte).argmax(1) == yte).float().mean())
     assert acc["float32"] > 0.75
     assert abs(acc["bfloat16"] - acc["float32"]) <= 0.005
+
+
+@pytest.mark.parametrize("kappa", [1e-6, 1e3])
+def test_kl_clip_scales_the_step_to_the_bound(kappa):
+    """ν = min(1, √(κ / lr² Δᵀg)): computed here from the unclipped step Δθ = −lr Δ."""
+    X, y = _data(40)
+    steps = {}
+    for clip in (None, kappa):
+        model = mlp([4, 6, 3], "tanh", seed=6, dtype=D)
+        before = _flat(model)
+        opt = KFAC(model, lr=0.5, kind="exact", kl_clip=clip)
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        steps[clip] = (_flat(model) - before, grad)
+    step, grad = steps[None]
+    dg = float((-step / 0.5) @ grad)
+    nu = min(1.0, (kappa / (0.25 * dg)) ** 0.5)
+    torch.testing.assert_close(steps[kappa][0], nu * step, rtol=1e-10, atol=1e-14)
+    assert (nu < 1) == (kappa == 1e-6)

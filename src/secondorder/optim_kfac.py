@@ -58,6 +58,7 @@ detected from ∂L/∂z (its entries are at most 1/n for the mean) and refused, 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -505,6 +506,8 @@ class KFAC(torch.optim.Optimizer):
         lr: step length (> 0).
         weight_decay: λ (≥ 0), see above.
         momentum: heavy-ball μ on the preconditioned step, in [0, 1).
+        kl_clip: κ > 0 scales the K-FAC layers' step by ν = min(1, √(κ / Σ lr² Δᵀg)), so
+            that its predicted change of the output distribution stays below κ/2; None: off.
     """
 
     def __init__(
@@ -523,10 +526,12 @@ class KFAC(torch.optim.Optimizer):
         ekfac: bool = False,
         unsupported: str = "error",
         loss_reduction: str = "mean",
+        kl_clip: float | None = None,
         *,
         model: nn.Module | None = None,
     ) -> None:
         network = model
+        self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
         if params is None:
             params = model
         if isinstance(params, nn.Module):
@@ -667,6 +672,7 @@ class KFAC(torch.optim.Optimizer):
         direction = {}
         for ly, ts in zip(self._layers, steps):
             direction.update((id(p), t) for p, t in zip(ly.parameters(), ts))
+        scale = self._kl_scale(direction, grads)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -675,6 +681,8 @@ class KFAC(torch.optim.Optimizer):
                 if d is None:  # outside the K-FAC layers: the plain (decayed) gradient
                     wd = g["weight_decay"] if p.ndim >= 2 else 0.0
                     d = p.grad + wd * p if wd else p.grad
+                elif scale != 1.0:
+                    d = d * scale
                 if g["momentum"]:
                     st = self.state[p]
                     buf = st.get("momentum_buffer")
@@ -682,6 +690,20 @@ class KFAC(torch.optim.Optimizer):
                     st["momentum_buffer"] = d
                 p.add_(d, alpha=-g["lr"])
         return loss
+
+    def _kl_scale(self, direction: dict[int, Tensor], grads: list[list[Tensor]]) -> float:
+        """ν = min(1, √(κ / Σ lr² Δᵀg)) over the K-FAC layers (κ = ``kl_clip``): the step's
+        predicted change of the model's output distribution, ½ lr² Δᵀ F Δ ≈ ½ lr² Δᵀ g, kept
+        below κ/2 (Ba et al. 2017). 1 without ``kl_clip``."""
+        if self.kl_clip is None:
+            return 1.0
+        groups = self._group_of()
+        total = 0.0
+        for ly, gs in zip(self._layers, grads):
+            for p, g in zip(ly.parameters(), gs):
+                lr = groups[id(p)]["lr"]
+                total += lr * lr * abs(float((direction[id(p)].double() * g.double()).sum()))
+        return min(1.0, math.sqrt(self.kl_clip / total)) if total > 0 else 1.0
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
