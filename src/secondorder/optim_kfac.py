@@ -72,6 +72,7 @@ from secondorder.curvature.kfac import (
     KFACEngine,
     KFACStatistics,
     LayerCapture,
+    all_finite,
     check_factors_fit,
     factor_dtype,
     kfac_layers,
@@ -425,7 +426,7 @@ class KFACPreconditioner:
                     f"KFAC: layer {ly.label} has no .grad: call loss.backward() before step()"
                 )
             grads.append([p.grad for p in ps])
-        if not all(bool(torch.isfinite(g).all()) for gs in grads for g in gs):
+        if not all_finite([g for gs in grads for g in gs]):
             self._recorder.take()
             warnings.warn(
                 "KFAC: a non-finite gradient; the preconditioner skipped this step",
@@ -645,9 +646,7 @@ class KFAC(torch.optim.Optimizer):
                         "step(), or pass a closure"
                     )
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
-        if loss is not None:
-            finite = finite and bool(torch.isfinite(loss))
+        finite = all_finite([p.grad for p in params] + ([] if loss is None else [loss]))
         if not finite:
             self._pre._recorder.take()
             warnings.warn(

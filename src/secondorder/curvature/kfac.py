@@ -47,6 +47,7 @@ __all__ = [
     "KFACStatistics",
     "KroneckerFactors",
     "LayerCapture",
+    "all_finite",
     "backpropagate",
     "check_factors_fit",
     "damped_inverses",
@@ -284,6 +285,15 @@ def per_sample_gradients(layer: Layer, inputs: list[Tensor], grads: list[Tensor]
     return torch.einsum("nro,nri->noi", g, a)
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronisation: a sum is
+    finite exactly when its terms are (short of an overflow, itself a sign of trouble)."""
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
+    return bool(torch.isfinite(sums).all())
+
+
 @dataclass
 class KFACStatistics:
     """What one K-FAC step reads of a batch: each layer's factors and, for EKFAC, each
@@ -300,7 +310,7 @@ class KFACStatistics:
         tensors = [t for f in self.factors for t in (f.A, f.G)]
         for cols in self.per_sample or []:
             tensors.extend(cols)
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all_finite(tensors)
 
 
 def statistics_from(
@@ -498,7 +508,7 @@ class KFACEngine:
                 st["S"] = eg[0][:, None] * ea[0][None, :]
                 continue
             A_inv, G_inv = damped_inverses(st["A"], st["G"], gam)
-            if bool(torch.isfinite(A_inv).all()) and bool(torch.isfinite(G_inv).all()):
+            if all_finite([A_inv, G_inv]):
                 st["A_inv"], st["G_inv"] = A_inv, G_inv
                 continue
             self._kept(ly)
