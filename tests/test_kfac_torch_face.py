@@ -42,7 +42,7 @@ def _flat(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-OPTS = {"lr": 0.5, "damping": 1e-2, "kind": "exact", "ema": 0.8, "inv_every": 2}
+OPTS = {"lr": 0.5, "damping": 1e-2, "kind": "exact", "ema": 0.8, "inv_every": 2, "kl_clip": None}
 
 
 def _run(model, X, y, how: str, steps: int = 5, **opts):
@@ -81,12 +81,15 @@ def test_the_three_ways_to_step_give_the_same_trajectory(make, kind):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_a_user_loop_follows_minimize_kfac_on_the_same_batches():
+@pytest.mark.parametrize(
+    "make", [lambda: mlp([4, 6, 3], "tanh", seed=2, dtype=D), _cnn], ids=["mlp", "cnn"]
+)
+def test_a_user_loop_follows_minimize_kfac_on_the_same_batches(make):
     """backward(); step() against minimize(..., "kfac") with the settings both share: exact
     factors, a fixed step, no rescaling, the objective's L2 as weight decay."""
-    X, y = _data(48)
+    X, y = _data(48, 36 if make is _cnn else 4)
     c, lr, steps = 0.05, 0.7, 6
-    model = mlp([4, 6, 3], "tanh", seed=2, dtype=D)
+    model = make()
     obj = ModelObjective(copy.deepcopy(model), "cross_entropy", (X, y), l2=c)
     res = minimize(
         obj,
@@ -103,7 +106,9 @@ def test_a_user_loop_follows_minimize_kfac_on_the_same_batches():
         gtol=None,
         trace_theta=True,
     )
-    opt = KFAC(model, lr=lr, damping=1e-2, kind="exact", ema=0.8, inv_every=2, weight_decay=c)
+    opt = KFAC(
+        model, lr=lr, damping=1e-2, kind="exact", ema=0.8, inv_every=2, weight_decay=c, kl_clip=None
+    )
     for k in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(X), y).backward()
@@ -176,6 +181,7 @@ def test_a_sum_loss_with_its_reduction_steps_as_the_mean():
             loss_reduction=reduction,
             inv_every=1,
             ekfac=ekfac,
+            kl_clip=None,
         )
         for _ in range(4):
             opt.zero_grad()

@@ -70,7 +70,7 @@ def test_exact_kfac_equals_minimize_kfac_step_for_step():
     )
     batches = objective()
     model = mlp([4, 5, 3], "tanh", seed=1, dtype=D)
-    opt = KFAC(model, "cross_entropy", kind="exact", weight_decay=c, **opts)
+    opt = KFAC(model, "cross_entropy", kind="exact", weight_decay=c, **opts, kl_clip=None)
     for k in range(steps):
         batches.begin_iteration(k)
         Xk, yk, _ = batches.samples("value")
@@ -117,7 +117,7 @@ def test_one_sample_step_solves_the_exact_gauss_newton_block_with_factored_dampi
     m2 = copy.deepcopy(model)
     LOSS_FN[loss](m2(X), y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in m2.parameters()])
-    opt = KFAC(model, loss, lr=lr, damping=gamma, kind="exact")
+    opt = KFAC(model, loss, lr=lr, damping=gamma, kind="exact", kl_clip=None)
     opt.step(_closure(opt, model, X, y, loss))
     step = _flat(model) - theta0
     layers = kfac_layers(model)[0]
@@ -168,12 +168,16 @@ def test_momentum_is_heavy_ball_on_the_preconditioned_step():
     mu, lr = 0.7, 0.4
     ref = mlp([4, 5, 3], "tanh", seed=2, dtype=D)
     model = copy.deepcopy(ref)
-    opt = KFAC(model, "cross_entropy", lr=lr, kind="exact", ema=0.0, inv_every=1, momentum=mu)
+    opt = KFAC(
+        model, "cross_entropy", lr=lr, kind="exact", ema=0.0, inv_every=1, momentum=mu, kl_clip=None
+    )
     buf = None
     for Xk, yk in batches:
         probe = copy.deepcopy(ref)  # one plain step from the reference point gives Δ
         before = _flat(probe)
-        KFAC(probe, "cross_entropy", lr=1.0, kind="exact").step(_closure(None, probe, Xk, yk))
+        KFAC(probe, "cross_entropy", lr=1.0, kind="exact", kl_clip=None).step(
+            _closure(None, probe, Xk, yk)
+        )
         delta = before - _flat(probe)
         buf = delta if buf is None else mu * buf + delta
         torch.nn.utils.vector_to_parameters(before - lr * buf, ref.parameters())
@@ -191,7 +195,16 @@ def test_trains_to_the_minimiser_of_a_convex_problem():
     obj = ModelObjective(copy.deepcopy(model), "cross_entropy", (X, y), l2=c)
     newton = minimize(obj, obj.initial_theta(), "newton")
     assert newton.success
-    opt = KFAC(model, "cross_entropy", lr=1.0, damping=1e-8, kind="exact", ema=0.0, inv_every=1)
+    opt = KFAC(
+        model,
+        "cross_entropy",
+        lr=1.0,
+        damping=1e-8,
+        kind="exact",
+        ema=0.0,
+        inv_every=1,
+        kl_clip=None,
+    )
     opt.param_groups[0]["weight_decay"] = c
     start = float(obj.value(_flat(model)))
     for _ in range(150):
