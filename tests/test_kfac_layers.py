@@ -20,7 +20,7 @@ from secondorder.curvature.kfac import (
     kfac_statistics,
 )
 from secondorder.objective import ModelObjective
-from secondorder.optim import KFAC
+from secondorder.optim import KFAC, KFACPreconditioner
 
 D = torch.float64
 
@@ -200,16 +200,31 @@ def test_bare_parameters_are_refused_by_module_name():
         KFAC(Scaled())
 
 
-def test_factor_memory_is_checked_before_allocating():
+def test_factor_memory_is_checked_before_allocating(tmp_path, capsys):
+    from secondorder.cli import main
+
     model = nn.Sequential(nn.Linear(40000, 2))
     X, y = torch.zeros(2, 40000), torch.tensor([0, 1])
     theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    obj = ModelObjective(model, "cross_entropy", (X, y))
     for build in (
         lambda: KFAC(model),
-        lambda: minimize(ModelObjective(model, "cross_entropy", (X, y)), theta, "kfac"),
+        lambda: KFACPreconditioner(model),
+        lambda: minimize(obj, theta, "kfac"),
+        lambda: minimize(obj, theta, "nlcg", preconditioner="kfac"),
     ):
         with pytest.raises(MemoryError, match=r"K-FAC's Kronecker factors.*0 \(Linear\)"):
             build()
+    assert obj.counts.f == 0
+    spec = tmp_path / "wide.toml"
+    spec.write_text(
+        'description = "wide"\n[data]\nkind = "random"\n[model]\nkind = "mlp"\n'
+        'hidden = [40000]\n[[solvers]]\nname = "K"\nmethod = "kfac"\n'
+    )
+    run = tmp_path / "run"
+    assert main(["run", str(spec), "--run-dir", str(run), "--no-progress"]) != 0
+    assert "K-FAC's Kronecker factors" in capsys.readouterr().err
+    assert not run.exists()
 
 
 def _lenet() -> nn.Module:
