@@ -276,6 +276,10 @@ def run_sections(
     out = [f"{h} {rep.get('title') or run.name}\n"]
     if run.spec.get("description"):
         out.append(f"{run.spec['description']}\n")
+    if level == 1:  # a part of a suite leaves its conclusions to the suite's opening
+        found = paper.conclusions_section(run, epsilon, fmt, h)
+        if found:
+            out.append(found)
     summary = paper.summary_section(run, eps, h)
     if summary:
         out.append(summary)
@@ -336,6 +340,9 @@ def render_report(
         body = [f"# {run.name}\n"]
         if run.spec.get("description"):
             body.append(f"{run.spec['description']}\n")
+        found = paper.conclusions_section(run, epsilon, fmt)
+        if found:  # the answers first, then where they come from
+            body.append(found)
         body.append(_environment_line(run.environment))
         body.append(paper.suite_summary(run, epsilon))
         eps = epsilon if epsilon is not None else 1e-6

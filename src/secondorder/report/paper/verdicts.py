@@ -50,7 +50,9 @@ from secondorder.report.text import value_label
 
 __all__ = [
     "CLAIMS",
+    "CONFIRMED",
     "NOT_COMPARABLE",
+    "NOT_CONFIRMED",
     "VERDICTS",
     "Claim",
     "Finding",
