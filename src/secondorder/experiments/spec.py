@@ -467,12 +467,13 @@ def _problem_key(spec: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
     return json.dumps(s, sort_keys=True, default=str), why
 
 
-def problem_of(spec: dict[str, Any]) -> dict[str, Any]:
+def problem_of(spec: dict[str, Any], *, normalised: bool = True) -> dict[str, Any]:
     """The problem a resolved (cell) spec defines: its :data:`PROBLEM_KEYS` as dotted keys
-    (``"sampler.batch_size"``), without those that cannot matter (:func:`_normalised`) and
-    those that only locate the data (:data:`NOT_PROBLEM_KEYS`). Two specs whose problems are
-    equal minimise the same function from the same start."""
-    s, _ = _normalised(spec)
+    (``"sampler.batch_size"``), without those that cannot matter (:func:`_normalised`; kept
+    as written with ``normalised=False``) and those that only locate the data
+    (:data:`NOT_PROBLEM_KEYS`). Two specs whose problems are equal minimise the same function
+    from the same start."""
+    s = _normalised(spec)[0] if normalised else spec
     out: dict[str, Any] = {}
     for key in PROBLEM_KEYS:
         value = s.get(key)

@@ -32,6 +32,8 @@ __all__ = [
 
 #: a label lists at most this many differing keys; past it a curve is named by its run
 MAX_KEYS = 4
+#: the note on different problems shows this many keys; the others are folded away
+_NOTE_ROWS = 10
 #: spec keys that change no curve: names, what is recorded, where the data are found
 _NOT_SETTINGS = (
     "name",
@@ -64,17 +66,27 @@ def problem_differences(runs: Sequence[RunData]) -> list[tuple[str, list[str]]]:
     """(problem key, its values per run) for every key of the problem that differs between
     the runs; a run's value lists each value its cells (sweep points, parts) take, "—" where
     it has no such key. [] when every run solves the same problems."""
-    per_run: list[list[dict[str, Any]]] = [[problem_of(c.spec) for c in _cells(r)] for r in runs]
-    keys = list(dict.fromkeys(k for probs in per_run for p in probs for k in p))
+    per_run = [[(problem_of(c.spec), c.spec) for c in _cells(r)] for r in runs]
+    keys = list(dict.fromkeys(k for probs in per_run for p, _ in probs for k in p))
     out = []
     for key in keys:
-        values = []
+        values, shown = [], []
         for probs in per_run:
-            seen = list(dict.fromkeys(_text(p[key]) if key in p else "—" for p in probs))
-            values.append(seen)
+            values.append({_text(p[key]) if key in p else "—" for p, _ in probs})
+            shown.append(list(dict.fromkeys(_value(key, p, spec) for p, spec in probs)))
         if len({tuple(sorted(v)) for v in values}) > 1:
-            out.append((key, [" | ".join(v) for v in values]))
+            out.append((key, [" | ".join(v) for v in shown]))
     return out
+
+
+def _value(key: str, problem: dict[str, Any], spec: dict[str, Any]) -> str:
+    """A problem key's value as compared, and as written where the two differ (fixed batches
+    covering the data are the full objective: "full (as written: fixed)")."""
+    written = problem_of(spec, normalised=False)
+    value = _text(problem[key]) if key in problem else "—"
+    if key in written and _text(written[key]) != value:
+        return f"{value} (as written: {_text(written[key])})"
+    return value
 
 
 def problem_note(names: Sequence[str], diffs: list[tuple[str, list[str]]]) -> str:
@@ -88,7 +100,15 @@ def problem_note(names: Sequence[str], diffs: list[tuple[str, list[str]]]) -> st
         "functions: compare them knowing that.\n"
     )
     rows = [[k, *(v.replace("|", "\\|") for v in vs)] for k, vs in diffs]
-    return head + "\n" + md_table(["problem key", *names], rows, align="l" * (len(names) + 1))
+    header, align = ["problem key", *names], "l" * (len(names) + 1)
+    text = head + "\n" + md_table(header, rows[:_NOTE_ROWS], align=align)
+    if len(rows) > _NOTE_ROWS:
+        more = len(rows) - _NOTE_ROWS
+        text += (
+            f"\n<details><summary>{more} more key{'s' if more > 1 else ''} that differ"
+            f"</summary>\n\n{md_table(header, rows[_NOTE_ROWS:], align=align)}\n</details>\n"
+        )
+    return text
 
 
 def problem_warning(names: Sequence[str], diffs: list[tuple[str, list[str]]]) -> str:
