@@ -150,7 +150,9 @@ def _at(runs: Sequence[SolverRun], cells: Sequence[CellRun]) -> str:
 
 
 def _budget_text(p: _Problem) -> str:
-    counts = sorted({b for c in p.cells for s in c.solvers if s.rows and (b := budget(c, s))})
+    counts = sorted(
+        {b for c in p.cells for s in c.solvers if s.rows and (b := budget(c, s)) is not None}
+    )
     if not counts:
         return "in its run"
     if len(counts) == 1:
