@@ -424,3 +424,26 @@ def test_summary_json_is_still_read(finished_run):
     from secondorder.experiments.rundir import read_summary
 
     assert read_summary(finished_run) == json.loads((finished_run / "summary.json").read_text())
+
+
+def test_compare_of_runs_on_different_problems_warns_and_says_so_at_the_top(tmp_path, capsys):
+    """Runs whose data, model, loss, L2 term or sampler differ minimise different functions:
+    `compare` warns in one line naming the keys and their values, and its report opens with a
+    note listing them per run; runs that differ only in their solvers and budget do not."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    start_run(load_spec(_spec_file(tmp_path, LOGISTIC)), a, QUIET)
+    start_run(load_spec(_spec_file(tmp_path, LOGISTIC), overrides=[("l2", 0.5)]), b, QUIET)
+    other_solver = LOGISTIC.replace('method = "lbfgs"', 'method = "bfgs"\nmax_iter = 2')
+    start_run(load_spec(_spec_file(tmp_path, other_solver)), c, QUIET)
+
+    code, err = _run_cli(capsys, "compare", str(a), str(b), "--out", str(tmp_path / "ab"))
+    lines = [ln for ln in err.splitlines() if ln.startswith("secondorder: warning:")]
+    assert code == 0 and len(lines) == 1, err
+    assert "different problems" in lines[0] and "l2 (0 in t (a); 0.5 in t (b))" in lines[0]
+    top = (tmp_path / "ab" / "report.md").read_text().split("| Run |", 1)[0]
+    assert "**These runs solve different problems.**" in top
+    assert "| l2 | 0 | 0.5 |" in top and "| problem key | t (a) | t (b) |" in top
+
+    code, err = _run_cli(capsys, "compare", str(a), str(c), "--out", str(tmp_path / "ac"))
+    assert code == 0 and "warning" not in err
+    assert "different problems" not in (tmp_path / "ac" / "report.md").read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from secondorder.errors import DifferentProblems
 from secondorder.experiments import io
 from secondorder.experiments.runner import RunOptions, start_run
 from secondorder.experiments.spec import load_spec, spec_from_dict, to_toml
@@ -99,9 +100,11 @@ def test_report_reads_only_the_directory(runs, tmp_path):
 
 def test_compare_overlays_runs(runs, tmp_path):
     ros, fixed = runs
-    path = write_comparison([ros, fixed], tmp_path / "cmp")
+    with pytest.warns(DifferentProblems, match="data.kind"):
+        path = write_comparison([ros, fixed], tmp_path / "cmp")
     text = path.read_text()
     assert "# Comparison" in text
+    assert "| data.kind | rosenbrock | two-class-2d |" in text
     assert "rosenbrock" in text and "logistic-fixed" in text
     _nontrivial_png(tmp_path / "cmp" / "figures" / "loss.png")
 
@@ -118,8 +121,9 @@ def test_compare_of_many_series_keeps_the_panels_legible(runs, tmp_path):
             dst = tmp_path / f"{run.name}-{i}"
             shutil.copytree(run, dst)
             copies.append(dst)
-    with warnings.catch_warnings():
+    with pytest.warns(DifferentProblems), warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.simplefilter("default", DifferentProblems)  # said, and checked elsewhere
         path = write_comparison(copies, tmp_path / "cmp")
     png = tmp_path / "cmp" / "figures" / "loss.png"
     _nontrivial_png(png)
@@ -292,3 +296,41 @@ def test_a_report_in_another_format_leaves_no_stale_figures(tmp_path):
     assert list(figures.rglob("*.png"))
     write_report(run, fmt="svg")
     assert list(figures.rglob("*.svg")) and not list(figures.rglob("*.png"))
+
+
+def test_compare_labels_curves_by_the_keys_that_differ(tmp_path):
+    """A sweep over whole sampler tables and a second run with another budget: the curves are
+    named by short key=value text of what differs (the sweep point as written, the budget),
+    never by a cell's raw label, and the run's own budget tells the two runs apart."""
+    from secondorder.report.comparison import Curve, curve_labels
+
+    raw = {
+        "name": "samplers",
+        "max_iter": 3,
+        "data": {"kind": "two-class-2d", "n_train": 40, "n_test": 20},
+        "model": {"kind": "logistic"},
+        "solvers": [{"name": "GD", "method": "gd"}, {"name": "L-BFGS", "method": "lbfgs"}],
+        "sweep": {
+            "sampler": [{"kind": "full"}, {"kind": "fixed", "batch_size": 10, "n_batches": 2}]
+        },
+    }
+    a = start_run(spec_from_dict(raw), tmp_path / "a", QUIET)
+    b = start_run(spec_from_dict({**raw, "max_iter": 2}), tmp_path / "b", QUIET)
+    text = write_comparison([a, b], tmp_path / "cmp").read_text()
+    assert "{'kind'" not in text and "different problems" not in text
+    assert "| samplers (a) | max_iter=3, sampler=fixed, sampler.batch_size=10" in text
+    runs = [load_run(a), load_run(b)]
+    curves = [
+        Curve(r.name + f" ({r.dir.name})", r.spec, c, s)
+        for r in runs
+        for c in r.cells
+        for s in c.solvers
+    ]
+    pairs, _, title = curve_labels(curves)
+    assert len(set(pairs)) == len(pairs) == 8
+    assert ("GD", "max_iter=2, sampler=full") in pairs
+    assert (
+        "L-BFGS",
+        "max_iter=3, sampler=fixed, sampler.batch_size=10, sampler.n_batches=2",
+    ) in pairs
+    assert title == "max_iter, sampler, sampler.batch_size, sampler.n_batches"

@@ -14,6 +14,7 @@ from secondorder.experiments.spec import load_spec
 from secondorder.report import figures, load_run, plane, write_report
 from secondorder.report.diagnostics_figures import slq_window
 from secondorder.report.rundata import SolverRun, final_theta
+from secondorder.report.styles import series_styles
 
 QUIET = RunOptions(progress=False, log=lambda msg: None)
 
@@ -280,3 +281,58 @@ def test_every_bundled_report_copes_with_runs_without_iterations_or_rows(tmp_pat
                 [report] = write_report(run)
             for link in re.findall(r"\]\((figures/[^)]+\.png)\)", report.read_text()):
                 assert (report.parent / link).stat().st_size > 1000, (name, link)
+
+
+def _overlaps(a, b) -> bool:
+    return not (a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0)
+
+
+def test_49_series_of_7_solvers_and_7_settings_get_14_legend_entries_under_the_panels(drawn):
+    """Colour stands for the solver, line style for the setting: every series has its own
+    combination, the legend names each colour and each line style once (two titled columns)
+    and sits outside every panel, in the loss and in the accuracy figure."""
+    solvers = [f"solver {i}" for i in range(7)]
+    batch = [f"sampler.batch_size={b}" for b in (10, 20, 50, 100, 200, 500, 1000)]
+    labels = [(s, b) for b in batch for s in solvers]
+    styles = series_styles(labels, ("solver", "sampler.batch_size"))
+    assert styles.grouped
+    combos = {(st["color"], str(st["ls"])) for st in styles.styles}
+    assert len(combos) == 49
+    assert len({st["color"] for st in styles.styles}) == 7
+    assert len({str(st["ls"]) for st in styles.styles}) == 7
+    series = [
+        (
+            f"{b}: {s}",
+            _run(s, [1.0, 0.5 + i / 100, 0.4], train_accuracy=[0.5, 0.7, 0.8 + i / 1000]),
+            None,
+        )
+        for i, (s, b) in enumerate(labels)
+    ]
+    figures.loss_figure(series, "x.png", styles=styles)
+    figures.accuracy_figure(series, "y.png", styles=styles)
+    for fig in drawn[-2:]:
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        (leg,) = fig.legends
+        texts = [t.get_text() for t in leg.get_texts()]
+        assert set(solvers) | set(batch) | {"solver", "sampler.batch_size"} <= set(texts)
+        assert len([t for t in texts if t]) == 7 + 7 + 2
+        box = leg.get_window_extent()
+        assert not any(_overlaps(box, ax.get_window_extent()) for ax in fig.axes)
+        plotted = [ln for ax in fig.axes[:1] for ln in ax.lines if len(ln.get_xdata())]
+        assert len(plotted) == 49
+
+
+def test_series_that_cannot_be_grouped_combine_colour_and_line_style(drawn):
+    """Twelve settings of one solver: colours alone would repeat after ten, so the colour and
+    line style together tell the series apart, and the legend still sits outside."""
+    labels = [("NLCG", f"l2={i}") for i in range(12)]
+    styles = series_styles(labels)
+    assert not styles.grouped
+    combos = [(st["color"], str(st["ls"])) for st in styles.styles]
+    assert len(set(combos)) == 12 and len({c for c, _ in combos}) == 10
+    series = [(f"{b}: {s}", _run(s, [1.0, 0.5 + i / 100]), None) for i, (s, b) in enumerate(labels)]
+    figures.loss_figure(series, "x.png", styles=styles)
+    fig = drawn[-1]
+    (leg,) = fig.legends
+    assert len(leg.get_texts()) == 12 and all(ax.get_legend() is None for ax in fig.axes)
+    assert not any(_overlaps(leg.get_window_extent(), ax.get_window_extent()) for ax in fig.axes)

@@ -14,9 +14,14 @@ from secondorder.experiments.rows import one_line
 from secondorder.experiments.runner import RunOptions, start_run
 from secondorder.experiments.spec import load_spec, spec_from_dict
 from secondorder.report import convergence_iteration, load_run, write_comparison, write_report
-from secondorder.report.paper import STUDY
-from secondorder.report.paper.verdicts import CLAIMS, convergence_order, verdicts
-from secondorder.report.rundata import CellRun, SolverRun
+from secondorder.report.paper import STUDY, summary_section
+from secondorder.report.paper.verdicts import (
+    CLAIMS,
+    NOT_COMPARABLE,
+    convergence_order,
+    verdicts,
+)
+from secondorder.report.rundata import CellRun, RunData, SolverRun
 from secondorder.report.text import show
 
 QUIET = RunOptions(progress=False, log=lambda msg: None)
@@ -249,3 +254,56 @@ def test_suite_report_opens_with_the_study_and_each_parts_verdicts(tmp_path):
             )
         )
         assert f"| [{name}](#{name}) | {n} |" in head
+
+
+def _table3_run(budget: int, *, accuracy: float = 0.835, gd: float = 0.72) -> RunData:
+    """A run of the three Table 3 solvers (1L) that stops at ``budget`` iterations with the
+    study's accuracies (a hand-made trace: the verdict follows the iteration counts alone)."""
+    spec = {
+        "max_iter": budget,
+        "model": {"kind": "mlp", "hidden": [300]},
+        "report": {"paper": ["table3"]},
+    }
+
+    def rows(acc: float) -> list[dict]:
+        return [
+            {"k": k, "f": 1.0 / (k + 1), "train_accuracy": acc, "dev_accuracy": acc}
+            for k in range(0, budget + 1, 5)
+        ]
+
+    solvers = [
+        _solver(name, rows(a), max_iter=budget, finished=True, status="max_iter")
+        for name, a in (("Gradient", gd), ("NLCG", accuracy), ("L-BFGS-B", accuracy))
+    ]
+    cell = CellRun("main", Path("."), {}, 0, spec, solvers)
+    return RunData(Path("."), "fm", "paper/fashion-mnist", spec, {}, {}, {}, [cell])
+
+
+def test_a_claim_made_at_more_iterations_than_the_run_is_not_comparable():
+    """Table 3's claims are after 100 iterations: a run of 25 cannot confirm or refute them;
+    the summary counts such checks as not comparable and says why."""
+    short = {c.id: f for c, _, f in verdicts(_table3_run(25), 1e-6)}
+    for cid in ("second-order-083", "gd-072", "beats-gd"):
+        assert short[cid].verdict == NOT_COMPARABLE, (cid, short[cid])
+        assert "after 100 iterations" in short[cid].reason and "25" in short[cid].reason
+        assert short[cid].ours  # our numbers are still shown
+    full = {c.id: f for c, _, f in verdicts(_table3_run(100), 1e-6)}
+    assert full["second-order-083"].verdict == "confirmed" and not full["beats-gd"].reason
+    assert full["beats-gd"].verdict == "confirmed"
+    # a longer budget is read at the claim's count: still like with like
+    assert verdicts(_table3_run(150), 1e-6)[0][2].verdict != NOT_COMPARABLE
+
+    text = summary_section(_table3_run(25), 1e-6, "#")
+    assert "3 not comparable" in text and "not confirmed" not in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| After 100 iterations NLCG"))
+    assert "**not comparable** (the study's claim is after 100 iterations" in row
+
+
+def test_a_short_run_of_the_study_is_not_comparable_in_its_report(tmp_path):
+    raw = _fm_shaped("fashion-mnist", {"kind": "full"}, max_iter=4)
+    raw["solvers"].append({"name": "L-BFGS-B", "method": "lbfgs", "paper_row": "L-BFGS-B"})
+    run = start_run(spec_from_dict(raw), tmp_path / "fm", QUIET)
+    (report,) = write_report([run])
+    summary = report.read_text().split("## The run", 1)[0]
+    assert "not comparable" in summary and "this run's budget is 4 iterations" in summary
+    assert "**not confirmed**" not in summary

@@ -13,6 +13,7 @@ enough memory).
 from __future__ import annotations
 
 __all__ = [
+    "DifferentProblems",
     "EnvironmentFault",
     "InvalidTypeError",
     "InvalidValueError",
@@ -46,3 +47,9 @@ class ModeNote(RuntimeWarning):
     """Not a fault: a method runs in a documented mode whose consequences the caller should
     know (L-BFGS keeping its memory across reshuffled batches); shown as a note, not an
     alarm, by the command line."""
+
+
+class DifferentProblems(UserWarning):
+    """Not a fault: runs set side by side (``secondorder compare``) minimise different
+    functions — their data, model, loss, L2 term or sampler differ — so their numbers are not
+    of one problem; the comparison still draws them, and says so at its top."""

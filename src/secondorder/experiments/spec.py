@@ -93,7 +93,9 @@ from secondorder.experiments.spec_tables import (  # noqa: F401 - the names stay
     MODEL,
     MODEL_COMMON,
     MODEL_KINDS,
+    NOT_PROBLEM_KEYS,
     PART,
+    PROBLEM_KEYS,
     REPORT,
     SAMPLER,
     SAMPLER_COMMON,
@@ -119,6 +121,7 @@ __all__ = [
     "check_run_dir",
     "load_spec",
     "parse_override",
+    "problem_of",
     "read_toml",
     "resolve_spec_path",
     "slugify",
@@ -426,9 +429,9 @@ def _train_size(spec: dict[str, Any]) -> int | None:
     return None
 
 
-def _problem_key(spec: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
-    """What determines a cell's results, with keys that cannot matter normalised away, and
-    why each was: fixed batches that cover every sample equally often are the full
+def _normalised(spec: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A copy of a resolved spec with the keys that cannot matter to its problem normalised
+    away, and why each was: fixed batches that cover every sample equally often are the full
     objective (eq. 28 weights all 1/m); without an L2 term its convention does not matter."""
     s = copy.deepcopy(spec)
     why = []
@@ -452,9 +455,33 @@ def _problem_key(spec: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
     elif s.get("l2_convention") == "plain":
         s.pop("l2_m", None)
         why.append(("l2", "l2_convention = 'plain' does not use l2_m"))
+    return s, why
+
+
+def _problem_key(spec: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """What determines a cell's results (the problem, the solvers and their budgets), with
+    keys that cannot matter normalised away, and why each was (:func:`_normalised`)."""
+    s, why = _normalised(spec)
     for key in ("metrics", "metrics_every", "checkpoint_every", "report", "threads", "name"):
         s.pop(key, None)
     return json.dumps(s, sort_keys=True, default=str), why
+
+
+def problem_of(spec: dict[str, Any], *, normalised: bool = True) -> dict[str, Any]:
+    """The problem a resolved (cell) spec defines: its :data:`PROBLEM_KEYS` as dotted keys
+    (``"sampler.batch_size"``), without those that cannot matter (:func:`_normalised`; kept
+    as written with ``normalised=False``) and those that only locate the data
+    (:data:`NOT_PROBLEM_KEYS`). Two specs whose problems are equal minimise the same function
+    from the same start."""
+    s = _normalised(spec)[0] if normalised else spec
+    out: dict[str, Any] = {}
+    for key in PROBLEM_KEYS:
+        value = s.get(key)
+        if isinstance(value, dict):
+            out.update((f"{key}.{k}", v) for k, v in value.items())
+        elif key in s:
+            out[key] = value
+    return {k: v for k, v in out.items() if k not in NOT_PROBLEM_KEYS}
 
 
 def same_problem_notes(cells: list[Cell]) -> list[str]:

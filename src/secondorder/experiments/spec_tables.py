@@ -33,7 +33,9 @@ __all__ = [
     "MODEL",
     "MODEL_COMMON",
     "MODEL_KINDS",
+    "NOT_PROBLEM_KEYS",
     "PART",
+    "PROBLEM_KEYS",
     "REPORT",
     "SAMPLER",
     "SAMPLER_COMMON",
@@ -69,6 +71,22 @@ LOSSES = tuple(_LOSS_CLASSES)
 ACTIVATIONS = tuple(_ACTIVATION_CLASSES)
 INITS = INITIALISATIONS
 L2_CONVENTIONS = ("plain", "per-sample")
+#: the keys of a spec that define the problem its solvers minimise — the objective (data, model,
+#: loss, L2 term, the sampler's batches) and its start (the model's initialisation and seed);
+#: the solvers, their budgets, the dtype and what is recorded do not. A table's keys count one
+#: by one ("sampler.batch_size").
+PROBLEM_KEYS = (
+    "data",
+    "model",
+    "loss",
+    "l2",
+    "l2_convention",
+    "l2_m",
+    "regularize_bias",
+    "sampler",
+)
+#: keys under those that say only where and how the data are found
+NOT_PROBLEM_KEYS = ("data.root", "data.download")
 
 
 TOP: dict[str, F] = {

@@ -5,7 +5,8 @@ directories — and writes one figure file (PNG or SVG, by the path's suffix):
 
 - :func:`loss_figure`: loss (or f − f*) against iteration and against solver time, and ‖∇f‖∞
   against iteration (log-y by default);
-- :func:`accuracy_figure`: train / dev / test accuracy (eq. 30) against iteration;
+- :func:`accuracy_figure`: train / dev / test accuracy (eq. 30) against iteration (one panel per
+  split when the caller sets the series' styles, :class:`~secondorder.report.styles.SeriesStyles`);
 - :func:`paths_figure`: iterates in the (x, y) plane over log-spaced contours of a 2-D function
   (Rosenbrock, eq. 6);
 - :func:`sweep_figure`: final train loss and test accuracy against a swept spec value, one curve
@@ -28,7 +29,14 @@ from matplotlib.ticker import MaxNLocator
 
 from secondorder.experiments.io import atomic_write
 from secondorder.report.rundata import SolverRun
-from secondorder.report.styles import _MARKERS, _PALETTE, Distinct, colour, series_style
+from secondorder.report.styles import (
+    _MARKERS,
+    _PALETTE,
+    Distinct,
+    SeriesStyles,
+    colour,
+    series_style,
+)
 from secondorder.report.text import value_label
 
 __all__ = [
@@ -179,6 +187,7 @@ def loss_figure(
     f_star: float | None = None,
     log_y: bool = True,
     show_objective: bool = False,
+    styles: SeriesStyles | None = None,
 ) -> Path:
     """Loss vs iteration, loss vs solver time, ‖∇f‖∞ vs iteration.
 
@@ -187,20 +196,30 @@ def loss_figure(
     legend say so when a value was). Every time axis starts at the first recorded iterate.
     ``show_objective`` adds the sampled objective f as a faint dotted line where it differs
     from the training loss. Series with identical data stay distinguishable (:class:`Distinct`).
+    ``styles`` sets each series' colour, line style and marker (the colours of ``series`` are
+    then ignored) and puts the legend under the panels, grouped when the styles are.
     """
-    rows = _legend_rows(len(series), 3)
-    width = 5.2 if not rows else max(5.2, _legend_width(series, 3) / 3)
+    if styles is not None:
+        rows, width = _outside_legend_size(series, styles, 3)
+    else:
+        rows = _legend_rows(len(series), 3)
+        width = 5.2 if not rows else max(5.2, _legend_width(series, 3) / 3)
     fig = _figure(3, width=width, height=4.0 + 0.2 * rows)
     ax_it, ax_t, ax_g = fig.subplots(1, 3)
     any_time = clipped = False
     apart = {ax: Distinct() for ax in (ax_it, ax_t, ax_g)}
+    drawn: list[int] = []
     for i, (label, s, c) in enumerate(series):
-        sty = series_style(i)
+        sty = styles.styles[i] if styles is not None else series_style(i)
+        if styles is not None:
+            c = sty["color"]
+            label = "_nolegend_" if styles.grouped else label
         base = {"color": c, "ls": sty["ls"], "label": label, "ms": 3, "lw": 1.5}
         key = _loss_key(s)
         ks, vs = s.column(key)
         if not ks:
             continue
+        drawn.append(i)
         vs, cl = _excess(vs, f_star, log_y)
         clipped |= cl
         mk = _marker(len(ks)) and sty["marker"]
@@ -239,10 +258,89 @@ def loss_figure(
     _gradient_axes(ax_g, xlabel)
     if show_objective:
         ax_it.plot([], [], color="grey", ls=":", lw=0.9, alpha=0.6, label="sampled objective f")
-    _legends(fig, (ax_it, ax_t, ax_g), rows, 3)
+    if styles is not None:
+        names = [label for label, _, _ in series]
+        extra = [
+            (h, lab)
+            for h, lab in zip(*ax_it.get_legend_handles_labels())
+            if lab not in names and lab != "_nolegend_"
+        ]
+        _outside_legend(fig, styles, drawn, names, 3, extra)
+    else:
+        _legends(fig, (ax_it, ax_t, ax_g), rows, 3)
     if title:
         fig.suptitle(title)
     return save(fig, path)
+
+
+def _outside_legend_size(
+    series: Sequence[Series], styles: SeriesStyles, ncol: int
+) -> tuple[int, float]:
+    """(rows, width of a panel in inches) of a figure whose legend sits under its panels:
+    grouped styles need a column per group, as tall as the longest group and its title;
+    otherwise the series' labels fill ``ncol`` columns."""
+    groups = styles.legend_groups(range(len(series)))
+    if groups:
+        rows = max(len(entries) for _, entries in groups) + 1
+        longest = max(len(label) for _, entries in groups for label, _ in entries)
+        need = len(groups) * (0.06 * longest + 0.9)
+    else:
+        rows = -(-len(series) // ncol)
+        need = _legend_width(series, ncol)
+    return rows, max(5.2, need / ncol)
+
+
+def _outside_legend(
+    fig: Figure,
+    styles: SeriesStyles,
+    drawn: Sequence[int],
+    labels: Sequence[str],
+    ncol: int,
+    extra: Sequence[tuple[Any, str]] = (),
+) -> None:
+    """The legend under the panels, where it covers no curve: with grouped styles one column
+    per group (its title in bold, then a line per colour or per line style), else one entry
+    per drawn series (``labels[i]``) in ``ncol`` columns; ``extra`` (handle, label) entries
+    (the sampled objective, a floor) follow."""
+    from matplotlib.lines import Line2D
+
+    groups = styles.legend_groups(drawn)
+    if not groups:
+        entries = [
+            (Line2D([], [], color=styles.styles[i]["color"], ls=styles.styles[i]["ls"]), labels[i])
+            for i in drawn
+        ] + list(extra)
+        if entries:
+            fig.legend(
+                [h for h, _ in entries],
+                [lab for _, lab in entries],
+                loc="outside lower center",
+                ncol=ncol,
+                fontsize=8,
+                handlelength=3.5,
+            )
+        return
+    columns = [
+        (title, [(Line2D([], [], **kw), lab) for lab, kw in entries]) for title, entries in groups
+    ]
+    if extra:
+        columns.append(("", list(extra)))
+    rows = max(len(entries) for _, entries in columns) + 1
+    hs: list[Any] = []
+    ls: list[str] = []
+    titles = []
+    for title, entries in columns:
+        col = [(Line2D([], [], ls="none"), title), *entries]
+        col += [(Line2D([], [], ls="none"), "")] * (rows - len(col))
+        titles.append(len(hs))
+        hs += [h for h, _ in col]
+        ls += [lab for _, lab in col]
+    leg = fig.legend(
+        hs, ls, loc="outside lower center", ncol=len(columns), fontsize=8, handlelength=3.5
+    )
+    texts = leg.get_texts()
+    for i in titles:
+        texts[i].set_fontweight("bold")
 
 
 def _legends(fig: Figure, axes, shared_rows: int, ncol: int) -> None:
@@ -265,10 +363,15 @@ def accuracy_figure(
     *,
     title: str = "",
     published: Sequence[Published] = (),
+    styles: SeriesStyles | None = None,
 ) -> Path:
     """Train (solid), dev (dashed) and test (dotted) accuracy against iteration; each entry of
     ``published`` is a mark at the iteration the study's value is after, in the solver's
-    colour: a star for train, a diamond for dev accuracy."""
+    colour: a star for train, a diamond for dev accuracy. With ``styles`` (many series: a
+    comparison of runs) each split has a panel of its own, the line style is free to tell
+    series apart, and the legend sits under the panels."""
+    if styles is not None:
+        return _accuracy_panels(series, path, title, styles)
     rows = _legend_rows(len(series), 2)
     width = 6.4 if not rows else max(6.4, _legend_width(series, 2))
     fig = _figure(1, width=width, height=4.4 + 0.2 * rows)
@@ -311,6 +414,53 @@ def accuracy_figure(
         _shared_legend(fig, ax, 2)
     else:
         ax.legend(fontsize=8, ncol=2)
+    return save(fig, path)
+
+
+#: the accuracy splits, as columns of a trace, in the order panels show them
+_SPLITS = ("train_accuracy", "dev_accuracy", "test_accuracy")
+
+
+def _accuracy_panels(
+    series: Sequence[Series], path: str | Path, title: str, styles: SeriesStyles
+) -> Path:
+    """One panel per split that some series recorded, every series in its own style."""
+    splits = [k for k in _SPLITS if any(s.column(k)[0] for _, s, _ in series)] or ["accuracy"]
+    rows, width = _outside_legend_size(series, styles, len(splits))
+    fig = _figure(len(splits), width=width, height=4.2 + 0.2 * rows)
+    axes = fig.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+    drawn: list[int] = []
+    for ax, key in zip(axes, splits):
+        apart = Distinct()
+        for i, (_label, s, _c) in enumerate(series):
+            ks, vs = s.column(key)
+            if not ks:
+                continue
+            if i not in drawn:
+                drawn.append(i)
+            sty = styles.styles[i]
+            extra = apart.style(ks, vs)
+            ax.plot(
+                ks,
+                vs,
+                **{
+                    "color": sty["color"],
+                    "ls": sty["ls"],
+                    "marker": _marker(len(ks)) and sty["marker"],
+                    "ms": 3,
+                    "lw": 1.5,
+                    **extra,
+                },
+            )
+        ax.set_title(key.replace("_", " "), fontsize=10)
+        ax.set_xlabel("iteration k")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy (eq. 30)")
+    names = [label for label, _, _ in series]
+    _outside_legend(fig, styles, sorted(drawn), names, len(splits))
+    if title:
+        fig.suptitle(title)
     return save(fig, path)
 
 

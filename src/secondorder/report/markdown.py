@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
+from secondorder.errors import DifferentProblems
 from secondorder.experiments.io import atomic_write_text
 from secondorder.report import figures as figs
 from secondorder.report import paper
 from secondorder.report.cell_figures import cell_figures, cell_title
+from secondorder.report.comparison import (
+    Curve,
+    curve_labels,
+    problem_differences,
+    problem_note,
+    problem_warning,
+)
 from secondorder.report.measures import (
     f_star,
     first_k,
@@ -32,6 +41,7 @@ from secondorder.report.rundata import (
     final_value,
 )
 from secondorder.report.studies import StudyContext, study_sections
+from secondorder.report.styles import series_styles
 from secondorder.report.text import (
     drop_empty_columns,
     format_number,
@@ -276,6 +286,10 @@ def run_sections(
     out = [f"{h} {rep.get('title') or run.name}\n"]
     if run.spec.get("description"):
         out.append(f"{run.spec['description']}\n")
+    if level == 1:  # a part of a suite leaves its conclusions to the suite's opening
+        found = paper.conclusions_section(run, epsilon, fmt, h)
+        if found:
+            out.append(found)
     summary = paper.summary_section(run, eps, h)
     if summary:
         out.append(summary)
@@ -336,6 +350,9 @@ def render_report(
         body = [f"# {run.name}\n"]
         if run.spec.get("description"):
             body.append(f"{run.spec['description']}\n")
+        found = paper.conclusions_section(run, epsilon, fmt)
+        if found:  # the answers first, then where they come from
+            body.append(found)
         body.append(_environment_line(run.environment))
         body.append(paper.suite_summary(run, epsilon))
         eps = epsilon if epsilon is not None else 1e-6
@@ -365,15 +382,28 @@ def render_report(
 def render_comparison(
     runs: list[RunData], target: Path, *, fmt: str = "png", epsilon: float | None = None
 ) -> Path:
-    """One table and overlaid curves for several runs (suites contribute their parts)."""
-    flat: list[tuple[str, RunData]] = []
-    for run in runs:
-        if run.is_suite:
-            flat += [(f"{run.name}/{n}", p) for n, p in run.parts]
-        else:
-            flat.append((run.name, run))
-    names = [n for n, _ in flat]
+    """One table and overlaid curves for several runs (suites contribute their parts).
+
+    Runs that solve different problems (:data:`~secondorder.experiments.spec_tables.PROBLEM_KEYS`
+    differ) are still compared: a note at the top names the keys and their values per run, and
+    a :class:`~secondorder.errors.DifferentProblems` warning says so. Curves are labelled by
+    the spec keys that differ between them; with many, colour stands for the solver and line
+    style for the setting (:func:`~secondorder.report.styles.series_styles`), and the legend
+    sits under the panels."""
+    names = [r.name for r in runs]
     if len(set(names)) != len(names):
+        names = [f"{r.name} ({r.dir.name})" for r in runs]
+    diffs = problem_differences(runs)
+    if diffs:
+        warnings.warn(problem_warning(names, diffs), DifferentProblems, stacklevel=2)
+    flat: list[tuple[str, RunData]] = []
+    for name, run in zip(names, runs):
+        if run.is_suite:
+            flat += [(f"{name}/{n}", p) for n, p in run.parts]
+        else:
+            flat.append((name, run))
+    flat_names = [n for n, _ in flat]
+    if len(set(flat_names)) != len(flat_names):
         flat = [(f"{n} ({r.dir.name})", r) for n, r in flat]
     target = Path(target)
     figdir = target / "figures"
@@ -381,9 +411,16 @@ def render_comparison(
     figdir.mkdir(parents=True, exist_ok=True)
     # each run's k_ε with its own report.epsilon unless the caller sets one for all
     eps_of = {id(r): _epsilon(r, epsilon) for _, r in flat}
+    curves = [
+        Curve(rname, run.spec, cell, s)
+        for rname, run in flat
+        for cell in run.cells
+        for s in cell.solvers
+    ]
+    pairs, settings, title = curve_labels(curves)
     header = [
         "Run",
-        "Cell",
+        "Setting",
         "Solver",
         "status",
         "it.",
@@ -397,40 +434,48 @@ def render_comparison(
         "s / it.",
     ]
     rows = []
-    series: list[figs.Series] = []
-    i = 0
-    for rname, run in flat:
-        for cell in run.cells:
-            for s in cell.solvers:
-                rows.append(
-                    [
-                        rname,
-                        cell.label,
-                        s.name,
-                        s.summary.get("status", "—"),
-                        show(s.summary.get("nit")),
-                        show(final_value(s.rows, "train_loss"), 6),
-                        show(final_value(s.rows, "train_accuracy")),
-                        show(final_value(s.rows, "dev_accuracy")),
-                        show(final_value(s.rows, "test_accuracy")),
-                        value_label(eps_of[id(run)]),
-                        show(convergence_iteration(s.rows, eps_of[id(run)])),
-                        show(solver_time(s), 3),
-                        show(s_per_iter(s), 3),
-                    ]
-                )
-                if s.rows:
-                    label = f"{rname}: {s.name}" + ("" if cell.id == "main" else f" [{cell.label}]")
-                    series.append((label, s, figs.colour(i)))
-                    i += 1
-    header, rows = drop_empty_columns(header, rows, keep=4)
-    out = ["# Comparison\n", "Runs: " + ", ".join(f"`{r.dir}`" for _, r in flat) + ".\n"]
+    drawn: list[int] = []
+    for i, (c, setting) in enumerate(zip(curves, settings)):
+        s, run = c.solver, next(r for n, r in flat if n == c.run)
+        rows.append(
+            [
+                c.run,
+                show(setting) if setting else "—",
+                s.name,
+                s.summary.get("status", "—"),
+                show(s.summary.get("nit")),
+                show(final_value(s.rows, "train_loss"), 6),
+                show(final_value(s.rows, "train_accuracy")),
+                show(final_value(s.rows, "dev_accuracy")),
+                show(final_value(s.rows, "test_accuracy")),
+                value_label(eps_of[id(run)]),
+                show(convergence_iteration(s.rows, eps_of[id(run)])),
+                show(solver_time(s), 3),
+                show(s_per_iter(s), 3),
+            ]
+        )
+        if s.rows:
+            drawn.append(i)
+    header, rows = drop_empty_columns(header, rows, keep=1)
+    out = ["# Comparison\n"]
+    note = problem_note(names, diffs)
+    if note:
+        out.append(note)
+    out.append("Runs: " + ", ".join(f"`{r.dir}`" for _, r in flat) + ".\n")
     out.append(md_table(header, rows))
-    if series:
-        p = figs.loss_figure(series, figdir / f"loss.{fmt}", title="comparison")
+    if drawn:
+        series: list[figs.Series] = []
+        for i in drawn:
+            solver, setting = pairs[i]
+            label = f"{setting}: {solver}" if setting else solver
+            series.append((label, curves[i].solver, None))
+        styles = series_styles([(pairs[i][0], pairs[i][1]) for i in drawn], ("solver", title))
+        p = figs.loss_figure(series, figdir / f"loss.{fmt}", title="comparison", styles=styles)
         out.append(f"![training loss of every run](figures/{p.name})\n")
         if any("train_accuracy" in r or "test_accuracy" in r for _, s, _ in series for r in s.rows):
-            p = figs.accuracy_figure(series, figdir / f"accuracy.{fmt}", title="comparison")
+            p = figs.accuracy_figure(
+                series, figdir / f"accuracy.{fmt}", title="comparison", styles=styles
+            )
             out.append(f"![accuracy of every run](figures/{p.name})\n")
     path = target / "report.md"
     atomic_write_text(path, "\n".join(out).rstrip() + "\n")

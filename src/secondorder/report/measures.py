@@ -7,11 +7,12 @@ import math
 from collections.abc import Callable
 
 from secondorder.experiments.functions import function_f_star
-from secondorder.report.rundata import CellRun, SolverRun, final_value
+from secondorder.report.rundata import CellRun, SolverRun, final_value, solver_entry
 from secondorder.report.text import value_label
 
 __all__ = [
     "DEPTH_KEYS",
+    "budget",
     "f_star",
     "first_k",
     "group_key",
@@ -26,6 +27,18 @@ __all__ = [
 def last_k(s: SolverRun) -> int:
     ks = [r.get("k") for r in s.rows if isinstance(r.get("k"), int)]
     return max(ks) if ks else 0
+
+
+def budget(cell: CellRun, s: SolverRun) -> int | None:
+    """The iterations ``s`` was allowed in ``cell``: its own ``max_iter``, else the spec's; a
+    solver that has not finished (an interrupted run) counts only those it recorded."""
+    cap = s.summary.get("max_iter")
+    if cap is None:
+        cap = solver_entry(cell.spec, s.name).get("max_iter", cell.spec.get("max_iter"))
+    if not isinstance(cap, int) or isinstance(cap, bool):
+        return None
+    finished = s.summary.get("finished", bool(s.summary.get("status")))
+    return cap if finished else min(cap, last_k(s))
 
 
 def solver_time(s: SolverRun) -> float | None:

@@ -1,5 +1,6 @@
-"""The study in the report: its published numbers (:mod:`.published`) and how they are set
-beside ours (:mod:`.beside`)."""
+"""The study in the report: its published numbers (:mod:`.published`), how they are set
+beside ours (:mod:`.beside`), the verdicts on its claims (:mod:`.verdicts`) and the
+conclusions a report opens with (:mod:`.conclusions`)."""
 
 from secondorder.report.paper.beside import (
     headline,
@@ -10,6 +11,7 @@ from secondorder.report.paper.beside import (
     suite_summary,
     summary_section,
 )
+from secondorder.report.paper.conclusions import conclusions, conclusions_section
 from secondorder.report.paper.published import (
     FIGURES,
     HEADLINES,
@@ -42,5 +44,7 @@ __all__ = [
     "seed_figures",
     "suite_summary",
     "summary_section",
+    "conclusions",
+    "conclusions_section",
     "table",
 ]

@@ -35,7 +35,7 @@ from secondorder.report.paper.published import (
     PaperTable,
     paper_row_key,
 )
-from secondorder.report.paper.verdicts import value_at, verdicts
+from secondorder.report.paper.verdicts import NOT_COMPARABLE, VERDICTS, value_at, verdicts
 from secondorder.report.rundata import (
     CellRun,
     RunData,
@@ -430,10 +430,6 @@ def paper_sections(run: RunData, eps: float, h: str) -> list[str]:
     return out
 
 
-#: the order verdicts are counted in the summary
-_VERDICTS = ("confirmed", "partly", "differs", "not confirmed")
-
-
 def summary_section(run: RunData, eps: float, h: str) -> str:
     """The opening of a report of a bundled ``paper/...`` spec: which study it reproduces, and
     a table of the study's claims this run tests with our numbers and a verdict computed by
@@ -449,11 +445,17 @@ def summary_section(run: RunData, eps: float, h: str) -> str:
     if not found:
         out.append("_None of the study's claims can be checked on this run's data._\n")
         return "\n".join(out)
-    counts = {v: sum(1 for _, _, f in found if f.verdict == v) for v in _VERDICTS}
+    counts = {v: sum(1 for _, _, f in found if f.verdict == v) for v in VERDICTS}
     said = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     out.append(
         f"Of the study's claims this run tests ({len(found)} checks): {said}. Each verdict "
-        "follows from the rule beside it, applied to this run's traces.\n"
+        "follows from the rule beside it, applied to this run's traces"
+        + (
+            "; a claim made after more iterations than this run's budget is not comparable: "
+            "our numbers are shown, not judged.\n"
+            if counts[NOT_COMPARABLE]
+            else ".\n"
+        )
     )
     grouped = any(g for _, g, _ in found)
     header = ["Claim of the study", "where"] + (["setting"] if grouped else [])
@@ -461,7 +463,8 @@ def summary_section(run: RunData, eps: float, h: str) -> str:
     rows = []
     for c, g, f in found:
         setting = [g or "—"] if grouped else []
-        rows.append([c.text, c.where, *setting, f.ours, f"**{f.verdict}**", f.rule])
+        verdict = f"**{f.verdict}**" + (f" ({f.reason})" if f.reason else "")
+        rows.append([c.text, c.where, *setting, f.ours, verdict, f.rule])
     out.append(md_table(header, rows, align="l" * len(header)))
     return "\n".join(out)
 
@@ -479,10 +482,10 @@ def suite_summary(suite: RunData, epsilon: float | None) -> str:
         claim = headline(part)
         found = verdicts(part, eps, claim.figures if claim else ())
         if found:
-            counts = [sum(1 for _, _, f in found if f.verdict == v) for v in _VERDICTS]
+            counts = [sum(1 for _, _, f in found if f.verdict == v) for v in VERDICTS]
             rows.append([f"[{name}](#{name})", len(found), *counts])
     if not rows:
         return ""
     head = f"This suite reproduces parts of the study: {STUDY}. The study's claims each part "
     head += "tests, with the verdicts of its summary below:\n\n"
-    return head + md_table(["part", "checks", *_VERDICTS], rows)
+    return head + md_table(["part", "checks", *VERDICTS], rows)

@@ -13,7 +13,11 @@ we found and a verdict — or None when the run lacks what the rule needs. The v
     the rule holds for some of the solvers it names and not for the others;
 ``differs``
     a tie where the study states an order, or the same behaviour at another level (higher
-    accuracies than the study's, a cost ratio past its "about twice").
+    accuracies than the study's, a cost ratio past its "about twice");
+``not comparable``
+    the claim is made after a number of iterations (``Claim.iterations``) that the run's
+    budget does not reach: our numbers are shown, with the two counts, but not judged. A run
+    allowed more iterations is read at the claim's count, so like is set beside like.
 
 Rules read traces only (:mod:`secondorder.report.rundata`), so every verdict is recomputed
 from the run directory.
@@ -23,9 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from secondorder.report.measures import first_k, group_key, group_label, last_k, s_per_iter
+from secondorder.report.measures import (
+    budget,
+    first_k,
+    group_key,
+    group_label,
+    last_k,
+    s_per_iter,
+)
 from secondorder.report.paper.published import TABLES
 from secondorder.report.rundata import (
     CellRun,
@@ -37,9 +48,24 @@ from secondorder.report.rundata import (
 from secondorder.report.text import format_number as num
 from secondorder.report.text import value_label
 
-__all__ = ["CLAIMS", "Claim", "Finding", "claims_for", "value_at", "verdicts"]
+__all__ = [
+    "CLAIMS",
+    "CONFIRMED",
+    "NOT_COMPARABLE",
+    "NOT_CONFIRMED",
+    "VERDICTS",
+    "Claim",
+    "Finding",
+    "claims_for",
+    "iteration_mismatch",
+    "value_at",
+    "verdicts",
+]
 
 CONFIRMED, NOT_CONFIRMED, PARTLY, DIFFERS = "confirmed", "not confirmed", "partly", "differs"
+NOT_COMPARABLE = "not comparable"
+#: every verdict, in the order the summaries count them
+VERDICTS = (CONFIRMED, PARTLY, DIFFERS, NOT_CONFIRMED, NOT_COMPARABLE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,8 @@ class Finding:
     ours: str
     verdict: str
     rule: str
+    #: why the verdict is "not comparable" ("" otherwise)
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,8 @@ class Claim:
     check: Callable[[list[CellRun], float], Finding | None]
     #: the published tables / figures whose reproduction tests it
     tested_by: tuple[str, ...]
+    #: the iteration count the claim is made at (None: a claim about no particular count)
+    iterations: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,16 +346,20 @@ def _accuracy_level(rows: tuple[str, ...]) -> Callable[[list[CellRun], float], F
     return check
 
 
+#: the iterations the study's Fashion-MNIST results (Table 3, Figures 6-7) are after
+_FM_ITERATIONS = TABLES["table3"].iterations
+
+
 def _beats_gd(cells: list[CellRun], eps: float) -> Finding | None:
     bits, flags = [], []
     for depth in sorted({c.n_hidden for c in cells if c.n_hidden}):
         gd = _solvers(cells, "Gradient", depth)
-        gd_v = value_at(gd[0], "dev_accuracy", 100)[0] if gd else None
+        gd_v = value_at(gd[0], "dev_accuracy", _FM_ITERATIONS)[0] if gd else None
         if gd_v is None:
             continue
         for row in ("NLCG", "L-BFGS-B"):
             for s in _solvers(cells, row, depth):
-                v = value_at(s, "dev_accuracy", 100)[0]
+                v = value_at(s, "dev_accuracy", _FM_ITERATIONS)[0]
                 if v is not None:
                     flags.append(v > gd_v)
                     bits.append(f"{depth}L {s.name} {num(v, 3)}")
@@ -419,6 +453,7 @@ CLAIMS: tuple[Claim, ...] = (
         "with one hidden layer.",
         _accuracy_level(("NLCG", "L-BFGS-B")),
         ("table3",),
+        iterations=_FM_ITERATIONS,
     ),
     Claim(
         "gd-072",
@@ -426,6 +461,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Gradient descent reaches about 0.72 with one hidden layer after 100 iterations.",
         _accuracy_level(("Gradient",)),
         ("table3",),
+        iterations=_FM_ITERATIONS,
     ),
     Claim(
         "beats-gd",
@@ -433,6 +469,7 @@ CLAIMS: tuple[Claim, ...] = (
         "NLCG and L-BFGS beat gradient descent.",
         _beats_gd,
         ("table3",),
+        iterations=_FM_ITERATIONS,
     ),
     Claim(
         "nlcg-twice",
@@ -452,11 +489,31 @@ def claims_for(run: RunData, figures: Sequence[int] = ()) -> list[Claim]:
     return [c for c in CLAIMS if tested & set(c.tested_by)]
 
 
+def iteration_mismatch(claim: Claim, cells: Sequence[CellRun]) -> str:
+    """Why ``cells`` cannot test ``claim``: the claim is made after ``claim.iterations`` and
+    a solver set beside the study (one with a ``paper_row``; every solver when none has) was
+    allowed fewer iterations, or stopped before its budget unfinished; "" when they can."""
+    if claim.iterations is None:
+        return ""
+    found = [(c, s) for c in cells for s in c.solvers if s.rows]
+    tested = [(c, s) for c, s in found if s.paper_row] or found
+    counts = sorted({b for c, s in tested if (b := budget(c, s)) is not None})
+    if not counts or min(counts) >= claim.iterations:
+        return ""
+    ours = ", ".join(map(str, counts))
+    return (
+        f"the study's claim is after {claim.iterations} iterations, this run's budget is "
+        f"{ours} iteration{'s' if counts != [1] else ''}"
+    )
+
+
 def verdicts(
     run: RunData, epsilon: float, figures: Sequence[int] = ()
 ) -> list[tuple[Claim, str, Finding]]:
     """(claim, group label, finding) for every claim the run tests, per group of swept
-    settings other than the depth (the label is "" for a run without such a sweep)."""
+    settings other than the depth (the label is "" for a run without such a sweep). A claim
+    made after more iterations than the run's budget is "not comparable", whatever its rule
+    found (:func:`iteration_mismatch`)."""
     groups: dict[tuple, list[CellRun]] = {}
     for cell in run.cells:
         groups.setdefault(group_key(cell), []).append(cell)
@@ -464,6 +521,10 @@ def verdicts(
     for claim in claims_for(run, figures):
         for cells in groups.values():
             found = claim.check(cells, epsilon)
-            if found is not None:
-                out.append((claim, group_label(cells[0]), found))
+            if found is None:
+                continue
+            why = iteration_mismatch(claim, cells)
+            if why:
+                found = replace(found, verdict=NOT_COMPARABLE, reason=why)
+            out.append((claim, group_label(cells[0]), found))
     return out
