@@ -83,3 +83,13 @@ def test_a_method_registered_from_outside_runs_through_minimize():
             minimize(rosenbrock(), torch.zeros(2, dtype=D), "halved-sd", unused=3)
     finally:
         unregister("halved-sd")
+
+
+def test_optimisers_that_evaluate_more_than_once_say_why_they_need_a_closure():
+    from secondorder.optim import LBFGS, NLCG, NewtonCG
+
+    model = nn.Linear(3, 2)
+    for cls in (LBFGS, NLCG, NewtonCG):
+        model(torch.randn(4, 3)).sum().backward()
+        with pytest.raises(ValueError, match="needs a closure.*more than once per step"):
+            cls(model.parameters()).step()

@@ -171,14 +171,19 @@ class LBFGS(torch.optim.Optimizer):
         state["stall_warned"] = True
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One optimisation step of up to ``max_iter`` iterations; returns the first loss.
+        It evaluates the loss several times (the line search), so it needs the closure.
 
         It mirrors ``torch.optim.LBFGS.step`` step by step (the same updates, tests and
         order of operations, so that the iterates agree bit for bit), which is why it stays
         one long function; the departures are the stall handling of the module doc."""
         if closure is None:
-            raise ValueError("LBFGS.step needs a closure that re-evaluates the loss")
+            raise ValueError(
+                "LBFGS.step needs a closure that re-evaluates the loss: its line search "
+                "evaluates it more than once per step, so the gradient of your own backward() "
+                "is not enough (KFAC is the optimiser that steps from it)"
+            )
         group = self.param_groups[0]
         lr = float(group["lr"])
         max_iter = group["max_iter"]
@@ -350,10 +355,16 @@ class _MinimizeOptimizer(torch.optim.Optimizer):
         self._flat = FlatParams(_single_group(self, self._label))
         self.last_result = None
 
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """Up to ``max_iter`` iterations of the method; returns the loss at the start."""
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """Up to ``max_iter`` iterations of the method; returns the loss at the start. The
+        method evaluates the loss (and its curvature) more than once per step, so it needs the
+        closure; ``step()`` after your own ``backward()`` is refused, saying so."""
         if closure is None:
-            raise ValueError(f"{self._label}.step needs a closure that re-evaluates the loss")
+            raise ValueError(
+                f"{self._label}.step needs a closure that re-evaluates the loss: the method "
+                "evaluates it more than once per step, so the gradient of your own backward() "
+                "is not enough (KFAC is the optimiser that steps from it)"
+            )
         group = self.param_groups[0]
         flat = self._flat
         obj = ClosureObjective(flat, closure, self._label)
