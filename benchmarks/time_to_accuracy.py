@@ -782,6 +782,12 @@ _KFAC_OURS = {
 }
 #: the damping of minimize's K-FAC rows: tried on every task (1e-4 was the MLPs' setting)
 _KFAC_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1)
+#: the damping of the K-FAC rows in training loops (ASDL's and ours), the same grids for each:
+#: the MLPs', and the CNN's (whose K-FAC steps diverge below 1e-2)
+_LOOP_DAMPING = (1e-3, 1e-2, 1e-1)
+_LOOP_DAMPING_CNN = (1e-2, 1e-1, 1.0)
+#: the learning rates of the K-FAC rows with SGD (momentum 0.9): ASDL's and our preconditioner
+_SGD_KFAC_LR, _SGD_KFAC_LR_CNN = (0.01, 0.03, 0.1), (0.003, 0.01, 0.03)
 ROWS: list[RowSpec] = [
     # -- other people's optimisers -----------------------------------------------------------
     RowSpec(
@@ -842,7 +848,7 @@ ROWS: list[RowSpec] = [
             "batch_size": BATCH,
         },
         every=50,
-        sweep=(1e-3, 3e-3, 1e-2),
+        sweep=(1e-3, 3e-3, 1e-2, 3e-2),
         needs=_needs_pytorch_optimizer,
         reference=True,
     ),
@@ -852,7 +858,7 @@ ROWS: list[RowSpec] = [
         run_torch_minibatch,
         {"optimizer": "pytorch_optimizer.Kron", "batch_size": BATCH},
         every=50,
-        sweep=(3e-4, 1e-3, 3e-3),
+        sweep=(1e-3, 3e-3, 1e-2, 3e-2),
         needs=_needs_pytorch_optimizer,
         reference=True,
     ),
@@ -862,8 +868,9 @@ ROWS: list[RowSpec] = [
         run_asdl,
         {"grad_maker": "KfacGradientMaker", "interval": 10, "batch_size": BATCH},
         every=50,
-        sweep=(0.003, 0.01, 0.03),
-        sweep_damping=(1e-3, 1e-2, 1e-1),
+        sweep=_SGD_KFAC_LR,
+        sweep_damping=_LOOP_DAMPING,
+        task_sweeps={"cnn": (_SGD_KFAC_LR_CNN, _LOOP_DAMPING_CNN)},
         needs=_needs_asdl,
         reference=True,
     ),
@@ -999,8 +1006,9 @@ ROWS: list[RowSpec] = [
         run_torch_minibatch,
         {"optimizer": "secondorder.KFAC", "l2": "weight_decay", "batch_size": BATCH},
         every=50,
-        sweep=(0.01, 0.03, 0.1),
-        sweep_damping=(1e-2, 1e-1),
+        sweep=(0.03, 0.1, 0.3),
+        sweep_damping=_LOOP_DAMPING,
+        task_sweeps={"cnn": ((0.01, 0.03, 0.1), _LOOP_DAMPING_CNN)},
     ),
     RowSpec(
         "kfac-precond",
@@ -1008,8 +1016,9 @@ ROWS: list[RowSpec] = [
         run_torch_minibatch,
         {"optimizer": "secondorder.KFACPreconditioner", "batch_size": BATCH},
         every=50,
-        sweep=(0.003, 0.01, 0.03),
-        sweep_damping=(1e-2, 1e-1),
+        sweep=_SGD_KFAC_LR,
+        sweep_damping=_LOOP_DAMPING,
+        task_sweeps={"cnn": (_SGD_KFAC_LR_CNN, _LOOP_DAMPING_CNN)},
     ),
     RowSpec(
         "hessian-free",
@@ -1186,14 +1195,18 @@ def measure(job: Job, problem: Problem | None = None, isolated: bool = False) ->
 
 
 def _nonfinite(rec: Recorder) -> bool:
-    """Whether the row's last parameters hold a NaN or an infinity."""
-    theta_fn = rec.last.get("theta_fn")
-    if theta_fn is None:
+    """Whether the row's last parameters, or the training objective there, are not finite
+    (a last checkpoint is taken there; its loss tells)."""
+    if not rec.last:
         return False
     try:
-        return not bool(torch.isfinite(theta_fn()).all())
+        theta = rec.last["theta_fn"]()
+        if not bool(torch.isfinite(theta).all()):
+            return True
+        rec.checkpoint(theta, rec.last["epochs"], rec.last["evals"])
     except Exception:
         return False
+    return rec.status == "diverged"
 
 
 def measure_in_subprocess(job: Job) -> dict:
