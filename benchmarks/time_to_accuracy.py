@@ -322,7 +322,8 @@ class Recorder:
     """Checkpoints of one row: every ``every`` steps, at the budget, and at the end.
 
     ``step`` returns True when the row must stop: the budget is spent, the last target is
-    reached, or the training objective is no longer finite.
+    reached, ``max_epochs`` epochs are done (when given: tests), or the training objective is
+    no longer finite.
     """
 
     def __init__(
@@ -332,9 +333,11 @@ class Recorder:
         every: int,
         targets=TARGETS,
         stop_at_target: bool = True,
+        max_epochs: float | None = None,
     ) -> None:
         self.problem, self.budget, self.every = problem, budget, max(1, int(every))
         self.targets, self.stop_at_target = tuple(targets), stop_at_target
+        self.max_epochs = max_epochs
         self.clock = Clock(problem.device)
         self.curve: list[dict] = []
         self.steps = 0
@@ -367,12 +370,16 @@ class Recorder:
                 self.status = "target"
             elif t >= self.budget:
                 self.status = "budget"
+            elif self.max_epochs is not None and epochs >= self.max_epochs:
+                self.status = "epochs"
 
     def step(self, theta_fn: Callable[[], torch.Tensor], epochs: float, evals: dict) -> bool:
         """After a step: a checkpoint when due; True when the row must stop."""
         self.steps += 1
         self.last = {"theta_fn": theta_fn, "epochs": epochs, "evals": evals}
         over = self.clock.now(sync=False) >= self.budget
+        if self.max_epochs is not None and epochs >= self.max_epochs:
+            over = True
         if over or self.steps % self.every == 0:
             self.checkpoint(theta_fn(), epochs, evals)
         return self.status != "running"
@@ -1084,6 +1091,7 @@ class Job:
     every: int | None = None  # None: the row's own interval (on this task)
     stop_at_target: bool = True
     damping: float | None = None  # None: the row's own damping, if it has one
+    max_epochs: float | None = None  # stop after this many epochs too (tests)
 
     @property
     def interval(self) -> int:
@@ -1098,6 +1106,7 @@ class Job:
             "budget": self.budget,
             "every": self.interval,
             "stop_at_target": self.stop_at_target,
+            **({} if self.max_epochs is None else {"max_epochs": self.max_epochs}),
         }
 
 
@@ -1168,7 +1177,7 @@ def measure(job: Job, problem: Problem | None = None, isolated: bool = False) ->
     row = row_by_name(job.row)
     opts = resolved_opts(row, s, job.lr, job.damping)
     mem0 = _peak_memory_start(problem.device) if isolated else None
-    rec = Recorder(problem, job.budget, job.interval, s.targets, job.stop_at_target)
+    rec = Recorder(problem, job.budget, job.interval, s.targets, job.stop_at_target, job.max_epochs)
     t = time.perf_counter()
     try:
         message = row.run(problem, rec, **copy.deepcopy(opts))
