@@ -51,7 +51,7 @@ users do); pytorch-minimize's L-BFGS. A peer whose package is missing is skipped
 Ours: through ``secondorder.solvers.minimize``, L-BFGS, NLCG and Newton-CG with Gauss–Newton
 products on a 10% curvature subsample (MLPs only), Adam and SGD on mini-batches (the learning
 rate the torch.optim sweep chose), K-FAC (Monte-Carlo factors, batches of 1,000; on the CNN
-also with ``approximation="reduce"`` and as EKFAC), Hessian-free and SQN (MLPs) where
+also with ``approximation="reduce"``; EKFAC), Hessian-free, and SQN (MLPs only), where
 ``minimize`` has those methods; and ``secondorder.optim.KFAC`` in a plain loop
 (``opt.zero_grad(); F.cross_entropy(model(X), y).backward(); opt.step()``, the L2 term as its
 ``weight_decay``) and ``secondorder.optim.KFACPreconditioner`` with torch.optim.SGD
