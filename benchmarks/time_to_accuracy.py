@@ -1568,8 +1568,12 @@ def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = [(r, results["rows"][r.name]) for r in ROWS if r.name in results["rows"]]
-    # ten distinct colours, then darker ones; a marker each, so no two rows look alike
-    colours = [*plt.get_cmap("tab10").colors, "black", "magenta", "navy", "darkred"]
+    # ten distinct colours, then darker ones, and a marker cycle of another length: no two
+    # of the first 100 rows share both colour and marker
+    colours = [
+        *plt.get_cmap("tab10").colors,
+        *("black", "magenta", "navy", "darkred", "teal", "goldenrod", "indigo", "lime"),
+    ]
     markers = "osv^DPX*h<>pd8"
     best = max((rec["summary"]["best_accuracy"] or 0.0 for _, rec in rows), default=1.0)
     paths = []
@@ -1611,8 +1615,9 @@ def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         ax.set_title(
-            f"Fashion-MNIST {task}: {describe(task, results['settings']['hidden'])}, "
-            f"budget {results['settings']['budget']:g} s a row"
+            f"Fashion-MNIST {task}: {describe(task, results['settings']['hidden'])}\n"
+            f"budget {results['settings']['budget']:g} s a row",
+            fontsize=10,
         )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=9, frameon=False)
