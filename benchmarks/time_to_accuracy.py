@@ -1443,11 +1443,6 @@ def choose_tuning(
     return best["lr"], best.get("damping")
 
 
-def choose_lr(row: RowSpec, s: Settings, results: Results, run: Callable[[Job], dict]) -> float:
-    """The learning rate of a fixed-step row (its sweep's choice; see ``choose_tuning``)."""
-    return choose_tuning(row, s, results, run)[0]
-
-
 def _brief(summary: dict, targets) -> str:
     t = summary.get(f"time_to_{targets[0]:g}")
     best = summary.get("best_accuracy")
