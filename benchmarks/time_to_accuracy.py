@@ -1,38 +1,61 @@
 """Time to test accuracy on Fashion-MNIST: our methods against the optimisers users reach for.
 
-The problem is the seed study's: a 784-300-10 sigmoid MLP (``--task 1L``) or its 784-300-100-10
-twin (``2L``) on the 60,000 Fashion-MNIST training images, softmax cross-entropy plus
-λ/(2m)·‖W‖² (λ = 0.01, m = 60,000, biases not penalised), float32, every row from the same
-initial weights. Each row runs until its wall-clock budget (``--budget`` seconds) is spent or
-the last target accuracy is reached; every N steps (N per row) it pauses the clock and
-measures the test accuracy on the 10,000 test images and the training objective (that
-evaluation is not timed).
+The problems: the seed study's 784-300-10 sigmoid MLP (``--task 1L``) or its 784-300-100-10
+twin (``2L``), and a small convolutional network (``cnn``: Conv2d 1→16 3×3 padding 1, ReLU,
+MaxPool 2, Conv2d 16→32 3×3 padding 1, ReLU, MaxPool 2, Flatten, Linear 1568→10; 20,490
+parameters; the 784 pixels reshaped to 1×28×28 inside the network by ``nn.Unflatten``, so
+every row sees the same data tensors), on the 60,000 Fashion-MNIST training images, softmax
+cross-entropy plus λ/(2m)·‖W‖² (λ = 0.01, m = 60,000, on weights and kernels, biases not
+penalised), float32, every row from the same initial weights (the MLPs' from
+``secondorder.models.mlp``, the CNN's PyTorch's default initialisation under the seed).
+Targets: 85% and 88% test accuracy for the MLPs, 90% and 91% for the CNN. Each row runs until
+its wall-clock budget (``--budget`` seconds; default 60 for the MLPs, 300 for the CNN) is
+spent or the last target is reached; every N steps (N per row, twice that on the CNN) it
+pauses the clock and measures the test accuracy on the 10,000 test images and the training
+objective (on all training images for the MLPs, on the first 10,000 for the CNN, whose
+forward pass costs more; that evaluation is not timed).
 
-    python benchmarks/time_to_accuracy.py                       # both tasks, 60 s a row
+    python benchmarks/time_to_accuracy.py                       # 1L and 2L, 60 s a row
+    python benchmarks/time_to_accuracy.py --task cnn            # the CNN, 300 s a row
+    python benchmarks/time_to_accuracy.py --task all            # 1L, 2L and the CNN
     python benchmarks/time_to_accuracy.py --quick               # a smoke test (about a minute)
     python benchmarks/time_to_accuracy.py --task 1L --rows lbfgs,torch-adam --budget 120
     python benchmarks/time_to_accuracy.py --resume              # skip rows already measured
     python benchmarks/time_to_accuracy.py --widths 300,1000,3000   # seconds per epoch by width
 
-Columns: wall time and epochs to 85% and 88% test accuracy (— when not reached), the best test
-accuracy within the budget, evaluations (f and ∇f evaluations, plus curvature products, for
-full-batch rows; epochs for mini-batch rows), the extra peak memory of the row (each row runs
-in a fresh subprocess: the rise of its maximum RSS over its state after loading the data and
-building the problem, or ``torch.cuda.max_memory_allocated`` above the start on CUDA), and
-seconds per epoch. An epoch is a pass over the training images through value/gradient
-evaluations (a full-batch evaluation is one, a mini-batch step b/m); curvature products
-(Newton-CG's Gauss–Newton products on its subsample, K-FAC's factors) are not counted in it
-but are in the time.
+Columns: wall time and epochs to the two targets (— when not reached), the best test accuracy
+within the budget, evaluations (f and ∇f evaluations, plus curvature products, for full-batch
+rows; epochs for mini-batch rows), the extra peak memory of the row (each row runs in a fresh
+subprocess: the rise of its maximum RSS over its state after loading the data and building
+the problem, or ``torch.cuda.max_memory_allocated`` above the start on CUDA), and seconds per
+epoch. An epoch is a pass over the training images through value/gradient evaluations (a
+full-batch evaluation is one, a mini-batch step b/m); curvature products (Newton-CG's
+Gauss–Newton products on its subsample, K-FAC's factors) are not counted in it but are in the
+time.
 
-Rows (the table ``ROWS``; one entry each, options editable there): torch.optim.Adam and
-torch.optim.SGD (Nesterov, momentum 0.9) loops on shuffled mini-batches, each with its learning
-rate chosen by a recorded sweep; torch.optim.LBFGS driven by one ``step(closure)`` per iteration
-and with ``max_iter=20`` per call; scipy's L-BFGS-B (through ``secondorder.scipy_bridge``, on a
-float64 copy as its users do); pytorch-minimize's L-BFGS (skipped when ``torchmin`` is not
-installed); and ours through ``secondorder.solvers.minimize``: L-BFGS, NLCG, Newton-CG with
-Gauss–Newton products on a 10% curvature subsample, Adam and SGD on mini-batches (the learning
-rate the torch.optim sweep chose), K-FAC (Monte-Carlo factors, batches of 1,000), and
-Hessian-free and SQN where ``minimize`` has those methods.
+Rows (the table ``ROWS``; one entry each, options and sweep grids editable there; ``tasks``
+says where a row runs unless ``--rows`` names it). Other people's optimisers, each in a plain
+loop on shuffled mini-batches of ``--batch-size`` with its learning rate (and, for K-FAC, its
+damping) chosen by a recorded sweep, every other option its library's default unless stated:
+torch.optim.Adam, AdamW (decoupled weight decay 0.01, its default) and SGD (Nesterov, momentum
+0.9); torch.optim.Muon on the weight matrices and the convolution kernels (each kernel seen as
+its out_channels × (in_channels·kh·kw) matrix, as Muon's authors flatten them; torch's Muon
+takes 2-D tensors only, so it updates 2-D views sharing the kernels' storage) with
+torch.optim.AdamW (lr 1e-3) on the biases; pytorch-optimizer's SOAP, Shampoo (preconditioners
+recomputed every 10 steps: every step costs a matrix root per dimension) and Kron (PSGD); and
+ASDL's K-FAC (``asdl.KfacGradientMaker``, Monte-Carlo Fisher, curvature and inverses every 10
+steps, with torch.optim.SGD momentum 0.9, as ASDL's examples train). Full-batch peers (MLPs
+only): torch.optim.LBFGS driven by one ``step(closure)`` per iteration and with ``max_iter=20``
+per call; scipy's L-BFGS-B (through ``secondorder.scipy_bridge``, on a float64 copy as its
+users do); pytorch-minimize's L-BFGS. A peer whose package is missing is skipped with a note.
+Ours: through ``secondorder.solvers.minimize``, L-BFGS, NLCG and Newton-CG with Gauss–Newton
+products on a 10% curvature subsample (MLPs only), Adam and SGD on mini-batches (the learning
+rate the torch.optim sweep chose), K-FAC (Monte-Carlo factors, batches of 1,000; on the CNN
+also with ``approximation="reduce"``; EKFAC), Hessian-free, and SQN (MLPs only), where
+``minimize`` has those methods; and ``secondorder.optim.KFAC`` in a plain loop
+(``opt.zero_grad(); F.cross_entropy(model(X), y).backward(); opt.step()``, the L2 term as its
+``weight_decay``) and ``secondorder.optim.KFACPreconditioner`` with torch.optim.SGD
+(``loss.backward(); precond.step(); sgd.step()``).
 
 Output (``--out``, default benchmarks/results/time_to_accuracy): ``<task>.json`` with every
 row's checkpoint curve and the sweeps, written after each row (``--resume`` reuses rows and
@@ -45,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -54,6 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,8 +88,21 @@ import torch
 from torch import nn
 
 L2, L2_M = 0.01, 60_000
-TASKS: dict[str, tuple[int, ...]] = {"1L": (300,), "2L": (300, 100)}
+#: the hidden widths of each task (the CNN has none: its layers are fixed, see ``cnn``)
+TASKS: dict[str, tuple[int, ...]] = {"1L": (300,), "2L": (300, 100), "cnn": ()}
+MLP_TASKS = ("1L", "2L")
 TARGETS = (0.85, 0.88)
+TASK_TARGETS: dict[str, tuple[float, ...]] = {"1L": TARGETS, "2L": TARGETS, "cnn": (0.90, 0.91)}
+#: default seconds a row and a sweep candidate, by task
+TASK_BUDGETS: dict[str, tuple[float, float]] = {
+    "1L": (60.0, 15.0),
+    "2L": (60.0, 15.0),
+    "cnn": (300.0, 60.0),
+}
+#: checkpoints on the CNN come every this many times a row's interval (its evaluation is dear)
+TASK_EVERY: dict[str, int] = {"cnn": 2}
+#: the CNN's training objective at checkpoints: on this many training images (all for the MLPs)
+CNN_LOSS_SAMPLES = 10_000
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "time_to_accuracy"
 #: a row option with this value takes ``--batch-size``
 BATCH = "--batch-size"
@@ -87,9 +125,14 @@ class Settings:
     threads: int = 0
     batch_size: int = 128
     seed: int = 0
-    targets: tuple[float, ...] = TARGETS
+    targets: tuple[float, ...] | None = None  # None: the task's (TASK_TARGETS)
     data: str = "fashion-mnist"  # or "synthetic" (tests: blobs, no files needed)
     hidden: tuple[int, ...] | None = None  # None: the task's widths
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            self.targets = TASK_TARGETS[self.task]
+        self.targets = tuple(self.targets)
 
     def key(self) -> dict:
         d = asdict(self)
@@ -100,6 +143,13 @@ class Settings:
     @property
     def widths(self) -> tuple[int, ...]:
         return self.hidden if self.hidden is not None else TASKS[self.task]
+
+
+def describe(task: str, widths) -> str:
+    """The network in words, for headings and figure titles."""
+    if task == "cnn":
+        return "CNN conv 16, conv 32, linear 1568-10 (ReLU, max-pool)"
+    return "-".join(map(str, [784, *widths, 10])) + " sigmoid"
 
 
 # -- the problem -----------------------------------------------------------------------------------
@@ -129,6 +179,25 @@ def torch_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return nn.functional.cross_entropy(model(X), y) + L2 / (2 * L2_M) * _l2_penalty(model)
 
 
+def cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """The CNN task's network on flat 784-pixel rows, PyTorch's default initialisation drawn
+    under ``seed`` (the global generator's state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 10),
+        )
+    return net.to(dtype)
+
+
 class Problem:
     """The data on the device, the initial weights, and the (untimed) checkpoint evaluation."""
 
@@ -145,6 +214,10 @@ class Problem:
         self.X_test, self.y_test = (t[:nt].to(self.device) for t in (data.test.X, data.test.y))
         self.m = len(self.X)
         self.sizes = [self.X.shape[1], *s.widths, 10]
+        self.conv = s.task == "cnn"
+        # the CNN: checkpoints evaluate in chunks, the objective on the first 10,000 images
+        self.chunk = 1000 if self.conv else None
+        self.n_loss = min(self.m, CNN_LOSS_SAMPLES) if self.conv else self.m
         self._eval_model = self.model()
         self.theta0 = nn.utils.parameters_to_vector(self._eval_model.parameters()).detach().clone()
         # one-time costs (first autograd pass, kernel set-up) before any clock starts
@@ -156,6 +229,8 @@ class Problem:
         """The network with the common initial weights."""
         from secondorder.models import mlp
 
+        if self.conv:
+            return cnn(self.settings.seed, dtype).to(self.device)
         return mlp(self.sizes, "sigmoid", seed=self.settings.seed, dtype=dtype).to(self.device)
 
     def objective(
@@ -188,6 +263,11 @@ class Problem:
             curvature_sampler=curvature,
         )
 
+    def _outputs(self, model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+        if self.chunk is None:
+            return model(X)
+        return torch.cat([model(part) for part in X.split(self.chunk)])
+
     def evaluate(self, theta: torch.Tensor) -> tuple[float, float]:
         """(test accuracy, training objective) at θ."""
         model = self._eval_model
@@ -195,8 +275,14 @@ class Problem:
             nn.utils.vector_to_parameters(
                 theta.detach().to(self.device, torch.float32), model.parameters()
             )
-            acc = float((model(self.X_test).argmax(1) == self.y_test).double().mean())
-            loss = float(torch_loss(model, self.X, self.y))
+            out = self._outputs(model, self.X_test)
+            acc = float((out.argmax(1) == self.y_test).double().mean())
+            if self.chunk is None:
+                loss = float(torch_loss(model, self.X, self.y))
+            else:
+                X, y = self.X[: self.n_loss], self.y[: self.n_loss]
+                ce = nn.functional.cross_entropy(self._outputs(model, X), y)
+                loss = float(ce + L2 / (2 * L2_M) * _l2_penalty(model))
         return acc, loss
 
 
@@ -236,7 +322,8 @@ class Recorder:
     """Checkpoints of one row: every ``every`` steps, at the budget, and at the end.
 
     ``step`` returns True when the row must stop: the budget is spent, the last target is
-    reached, or the training objective is no longer finite.
+    reached, ``max_epochs`` epochs are done (when given: tests), or the training objective is
+    no longer finite.
     """
 
     def __init__(
@@ -246,9 +333,11 @@ class Recorder:
         every: int,
         targets=TARGETS,
         stop_at_target: bool = True,
+        max_epochs: float | None = None,
     ) -> None:
         self.problem, self.budget, self.every = problem, budget, max(1, int(every))
         self.targets, self.stop_at_target = tuple(targets), stop_at_target
+        self.max_epochs = max_epochs
         self.clock = Clock(problem.device)
         self.curve: list[dict] = []
         self.steps = 0
@@ -281,12 +370,16 @@ class Recorder:
                 self.status = "target"
             elif t >= self.budget:
                 self.status = "budget"
+            elif self.max_epochs is not None and epochs >= self.max_epochs:
+                self.status = "epochs"
 
     def step(self, theta_fn: Callable[[], torch.Tensor], epochs: float, evals: dict) -> bool:
         """After a step: a checkpoint when due; True when the row must stop."""
         self.steps += 1
         self.last = {"theta_fn": theta_fn, "epochs": epochs, "evals": evals}
         over = self.clock.now(sync=False) >= self.budget
+        if self.max_epochs is not None and epochs >= self.max_epochs:
+            over = True
         if over or self.steps % self.every == 0:
             self.checkpoint(theta_fn(), epochs, evals)
         return self.status != "running"
@@ -302,28 +395,180 @@ class Recorder:
 # -- the rows' runners -----------------------------------------------------------------------------
 
 
-def run_torch_minibatch(
-    problem: Problem, rec: Recorder, optimizer: str, lr: float, batch_size: int, **kwargs
-) -> str:
-    """A plain training loop: shuffled mini-batches, ``zero_grad``, loss, backward, step."""
-    model = problem.model()
-    nn.utils.vector_to_parameters(problem.theta0.clone(), model.parameters())
-    opt = getattr(torch.optim, optimizer)(model.parameters(), lr=lr, **kwargs)
+class MuonWithAdamW:
+    """torch.optim.Muon on every weight matrix and convolution kernel, torch.optim.AdamW on the
+    rest (the biases), as one optimiser with ``zero_grad`` and ``step``.
+
+    torch's Muon takes 2-D tensors only: a kernel (out, in, kh, kw) is handed to it as a 2-D view
+    (out, in·kh·kw) of the same storage, its gradient viewed the same way before each step, so
+    Muon orthogonalises the flattened kernel and updates the kernel in place.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, adamw_lr: float = 1e-3, **muon_options) -> None:
+        self.model = model
+        weights = [p for p in model.parameters() if p.ndim >= 2]
+        self.views = [(p, p if p.ndim == 2 else p.detach().view(p.shape[0], -1)) for p in weights]
+        self.muon = torch.optim.Muon([v for _, v in self.views], lr=lr, **muon_options)
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        self.adamw = torch.optim.AdamW(rest, lr=adamw_lr) if rest else None
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        for p, v in self.views:
+            if v is not p:
+                v.grad = None
+
+    def step(self) -> None:
+        for p, v in self.views:
+            if v is not p and p.grad is not None:
+                v.grad = p.grad.view(v.shape)
+        self.muon.step()
+        if self.adamw is not None:
+            self.adamw.step()
+
+
+class PreconditionedSGD:
+    """``secondorder.optim.KFACPreconditioner`` with torch.optim.SGD: ``loss.backward();
+    precond.step(); sgd.step()``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.9,
+        **precond_options,
+    ) -> None:
+        from secondorder.optim import KFACPreconditioner
+
+        self.precond = KFACPreconditioner(model, **precond_options)
+        self.sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def zero_grad(self) -> None:
+        self.sgd.zero_grad()
+
+    def step(self) -> None:
+        self.precond.step()
+        self.sgd.step()
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, **kwargs):
+    """The optimiser a row names: ``torch.optim.<Name>``, ``"Muon"`` (``MuonWithAdamW``),
+    ``"pytorch_optimizer.<Name>"``, ``"secondorder.KFAC"`` or ``"secondorder.KFACPreconditioner"``
+    (with SGD, ``PreconditionedSGD``)."""
+    if name == "Muon":
+        return MuonWithAdamW(model, lr, **kwargs)
+    if name == "secondorder.KFAC":
+        from secondorder.optim import KFAC
+
+        return KFAC(model, lr=lr, **kwargs)
+    if name == "secondorder.KFACPreconditioner":
+        return PreconditionedSGD(model, lr, **kwargs)
+    if name.startswith("pytorch_optimizer."):
+        import pytorch_optimizer
+
+        return getattr(pytorch_optimizer, name.split(".", 1)[1])(
+            model.parameters(), lr=lr, **kwargs
+        )
+    return getattr(torch.optim, name)(model.parameters(), lr=lr, **kwargs)
+
+
+def _batches(problem: Problem, batch_size: int) -> Iterator[torch.Tensor]:
+    """Indices of shuffled mini-batches, epoch after epoch (the same for every row)."""
     gen = torch.Generator().manual_seed(problem.settings.seed)
-    m, b, seen = problem.m, min(batch_size, problem.m), 0
-    theta = lambda: nn.utils.parameters_to_vector(model.parameters())  # noqa: E731
-    rec.start(theta())
+    m, b = problem.m, min(batch_size, problem.m)
     while True:
         perm = torch.randperm(m, generator=gen).to(problem.device)
-        for i in range(0, m, b):
-            idx = perm[i : i + b]
-            opt.zero_grad()
-            loss = torch_loss(model, problem.X[idx], problem.y[idx])
-            loss.backward()
+        yield from perm.split(b)
+
+
+def run_torch_minibatch(
+    problem: Problem,
+    rec: Recorder,
+    optimizer: str,
+    lr: float,
+    batch_size: int,
+    l2: str = "loss",
+    **kwargs,
+) -> str:
+    """A plain training loop: shuffled mini-batches, ``zero_grad``, loss, backward, step.
+
+    ``l2="loss"``: the loss is the objective (cross-entropy + λ/(2m)·‖W‖²); ``"weight_decay"``:
+    the loss is the plain cross-entropy and the optimiser's ``weight_decay`` is λ/m (the same
+    objective, its L2 term applied by the optimiser, as ``secondorder.optim.KFAC``'s users do).
+    """
+    model = problem.model()
+    nn.utils.vector_to_parameters(problem.theta0.clone(), model.parameters())
+    if l2 == "weight_decay":
+        kwargs["weight_decay"] = L2 / L2_M
+    opt = make_optimizer(optimizer, model, lr, **kwargs)
+    m, seen = problem.m, 0
+    theta = lambda: nn.utils.parameters_to_vector(model.parameters())  # noqa: E731
+    rec.start(theta())
+    for idx in _batches(problem, batch_size):
+        X, y = problem.X[idx], problem.y[idx]
+        opt.zero_grad()
+        if l2 == "weight_decay":
+            loss = nn.functional.cross_entropy(model(X), y)
+        else:
+            loss = torch_loss(model, X, y)
+        loss.backward()
+        opt.step()
+        seen += len(idx)
+        if rec.step(theta, seen / m, {"steps": rec.steps + 1}):
+            return ""
+    return ""
+
+
+def run_asdl(
+    problem: Problem,
+    rec: Recorder,
+    lr: float,
+    batch_size: int,
+    damping: float = 1e-3,
+    momentum: float = 0.9,
+    interval: int = 10,
+    grad_maker: str = "KfacGradientMaker",
+    **config,
+) -> str:
+    """ASDL's way: a ``GradientMaker`` computes the preconditioned gradient and any torch.optim
+    optimiser (here SGD with momentum) steps; the curvature and its inverse are refreshed every
+    ``interval`` steps. ASDL evaluates the loss with ``reduction="sum"`` on curvature steps and
+    divides by the batch size, so the loss function takes ``reduction``."""
+    import asdl
+
+    model = problem.model()
+    nn.utils.vector_to_parameters(problem.theta0.clone(), model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    cfg = asdl.PreconditioningConfig(
+        data_size=batch_size,
+        damping=damping,
+        preconditioner_upd_interval=interval,
+        curvature_upd_interval=interval,
+        **config,
+    )
+    maker = getattr(asdl, grad_maker)(model, cfg)
+    coef = L2 / (2 * L2_M)
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        ce = nn.functional.cross_entropy(out, y, reduction=reduction)
+        return ce + (len(y) if reduction == "sum" else 1.0) * coef * _l2_penalty(model)
+
+    m, seen = problem.m, 0
+    theta = lambda: nn.utils.parameters_to_vector(model.parameters())  # noqa: E731
+    rec.start(theta())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its module hooks' deprecation notices
+        for idx in _batches(problem, batch_size):
+            cfg.data_size = len(idx)
+            opt.zero_grad(set_to_none=True)
+            out = maker.setup_model_call(model, problem.X[idx])
+            maker.setup_loss_call(loss_fn, out, problem.y[idx])
+            maker.forward_and_backward()
             opt.step()
             seen += len(idx)
             if rec.step(theta, seen / m, {"steps": rec.steps + 1}):
                 return ""
+    return ""
 
 
 def run_torch_lbfgs(problem: Problem, rec: Recorder, max_iter: int = 1, **kwargs) -> str:
@@ -453,12 +698,26 @@ def run_ours(
 # -- the rows --------------------------------------------------------------------------------------
 
 
-def _needs_torchmin() -> str | None:
-    try:
-        import torchmin  # noqa: F401
-    except ImportError:
-        return "pytorch-minimize is not installed (pip install --no-deps pytorch-minimize)"
-    return None
+def _needs_module(module: str, install: str) -> Callable[[], str | None]:
+    """A note when ``module`` cannot be imported (the row is then skipped)."""
+
+    def check() -> str | None:
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed ({install})"
+        return None
+
+    return check
+
+
+_needs_torchmin = _needs_module("torchmin", "pip install --no-deps pytorch-minimize")
+_needs_pytorch_optimizer = _needs_module("pytorch_optimizer", "pip install pytorch-optimizer")
+_needs_asdl = _needs_module("asdl", "pip install asdfghjkl")
+
+
+def _needs_muon() -> str | None:
+    return None if hasattr(torch.optim, "Muon") else "this torch has no torch.optim.Muon"
 
 
 def _needs_method(name: str) -> Callable[[], str | None]:
@@ -468,6 +727,11 @@ def _needs_method(name: str) -> Callable[[], str | None]:
         return None if name in REGISTRY else f"minimize has no method {name!r} yet"
 
     return check
+
+
+ALL_TASKS = tuple(TASKS)
+#: a sweep's candidate: (learning rate, damping), None where the row's own option stays
+Candidate = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -480,22 +744,73 @@ class RowSpec:
     opts: dict = field(default_factory=dict)
     every: int = 5  # checkpoint every this many steps (iterations, mini-batches, step() calls)
     sweep: tuple[float, ...] = ()  # learning rates tried, the best by time to the first target
+    sweep_damping: tuple[float, ...] = ()  # damping values tried, every pair with the lrs
+    #: per task, (learning rates, damping values) in place of the two above
+    task_sweeps: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(
+        default_factory=dict
+    )
     lr_from: str | None = None  # take the lr another row's sweep chose, when it has one
     needs: Callable[[], str | None] | None = None  # a note why the row cannot run, or None
     reference: bool = False  # someone else's optimiser (dashed in the figures)
+    tasks: tuple[str, ...] = ALL_TASKS  # where it runs unless --rows names it
 
     @property
     def minibatch(self) -> bool:
         return self.opts.get("batch_size") is not None
 
+    def grid(self, task: str) -> list[Candidate]:
+        """The sweep's candidates on ``task``: every (lr, damping) pair, lr first."""
+        lrs, dampings = self.task_sweeps.get(task, (self.sweep, self.sweep_damping))
+        if not lrs and not dampings:
+            return []
+        return list(itertools.product(lrs or (None,), dampings or (None,)))
+
+    def every_on(self, task: str) -> int:
+        return self.every * TASK_EVERY.get(task, 1)
+
 
 _FULL = {"gtol": None}
+_MLP = MLP_TASKS
+_LBFGS_TORCH = {
+    "history_size": 10,
+    "line_search_fn": "strong_wolfe",
+    "tolerance_grad": 0.0,
+    "tolerance_change": 0.0,
+}
+_KFAC_OURS = {
+    "method": "kfac",
+    "kind": "mc",
+    "batch_size": 1000,
+    "factor_samples": 250,
+    "damping": 1e-4,
+    "inv_every": 10,
+    "line_search": None,
+    "lr": 1.0,
+}
+#: the damping of minimize's K-FAC rows: tried on every task (1e-4 was the MLPs' setting)
+_KFAC_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1)
+#: the damping of the K-FAC rows in training loops (ASDL's and ours), the same grids for each:
+#: the MLPs', and the CNN's (whose K-FAC steps diverge below 1e-2)
+_LOOP_DAMPING = (1e-3, 1e-2, 1e-1)
+_LOOP_DAMPING_CNN = (1e-2, 1e-1, 1.0)
+#: the learning rates of the K-FAC rows with SGD (momentum 0.9): ASDL's and our preconditioner
+_SGD_KFAC_LR, _SGD_KFAC_LR_CNN = (0.01, 0.03, 0.1), (0.003, 0.01, 0.03)
 ROWS: list[RowSpec] = [
+    # -- other people's optimisers -----------------------------------------------------------
     RowSpec(
         "torch-adam",
         "torch.optim.Adam",
         run_torch_minibatch,
         {"optimizer": "Adam", "batch_size": BATCH},
+        every=50,
+        sweep=(1e-3, 3e-3, 1e-2),
+        reference=True,
+    ),
+    RowSpec(
+        "torch-adamw",
+        "torch.optim.AdamW (weight decay 0.01)",
+        run_torch_minibatch,
+        {"optimizer": "AdamW", "batch_size": BATCH},
         every=50,
         sweep=(1e-3, 3e-3, 1e-2),
         reference=True,
@@ -507,35 +822,82 @@ ROWS: list[RowSpec] = [
         {"optimizer": "SGD", "momentum": 0.9, "nesterov": True, "batch_size": BATCH},
         every=50,
         sweep=(0.03, 0.1, 0.3),
+        task_sweeps={"cnn": ((0.01, 0.03, 0.1), ())},
+        reference=True,
+    ),
+    RowSpec(
+        "torch-muon",
+        "torch.optim.Muon (weights, kernels flattened) + AdamW",
+        run_torch_minibatch,
+        {"optimizer": "Muon", "batch_size": BATCH},
+        every=50,
+        sweep=(0.005, 0.02, 0.05),
+        needs=_needs_muon,
+        reference=True,
+    ),
+    RowSpec(
+        "soap",
+        "pytorch-optimizer SOAP",
+        run_torch_minibatch,
+        {"optimizer": "pytorch_optimizer.SOAP", "batch_size": BATCH},
+        every=50,
+        sweep=(1e-3, 3e-3, 1e-2),
+        needs=_needs_pytorch_optimizer,
+        reference=True,
+    ),
+    RowSpec(
+        "shampoo",
+        "pytorch-optimizer Shampoo (roots every 10 steps)",
+        run_torch_minibatch,
+        {
+            "optimizer": "pytorch_optimizer.Shampoo",
+            "preconditioning_compute_steps": 10,
+            "batch_size": BATCH,
+        },
+        every=50,
+        sweep=(1e-3, 3e-3, 1e-2, 3e-2),
+        needs=_needs_pytorch_optimizer,
+        reference=True,
+    ),
+    RowSpec(
+        "kron",
+        "pytorch-optimizer Kron (PSGD)",
+        run_torch_minibatch,
+        {"optimizer": "pytorch_optimizer.Kron", "batch_size": BATCH},
+        every=50,
+        sweep=(1e-3, 3e-3, 1e-2, 3e-2),
+        needs=_needs_pytorch_optimizer,
+        reference=True,
+    ),
+    RowSpec(
+        "asdl-kfac",
+        "ASDL K-FAC + SGD (momentum 0.9)",
+        run_asdl,
+        {"grad_maker": "KfacGradientMaker", "interval": 10, "batch_size": BATCH},
+        every=50,
+        sweep=_SGD_KFAC_LR,
+        sweep_damping=_LOOP_DAMPING,
+        task_sweeps={"cnn": (_SGD_KFAC_LR_CNN, _LOOP_DAMPING_CNN)},
+        needs=_needs_asdl,
         reference=True,
     ),
     RowSpec(
         "torch-lbfgs",
         "torch.optim.LBFGS, step() per iteration",
         run_torch_lbfgs,
-        {
-            "max_iter": 1,
-            "history_size": 10,
-            "line_search_fn": "strong_wolfe",
-            "tolerance_grad": 0.0,
-            "tolerance_change": 0.0,
-        },
+        {"max_iter": 1, **_LBFGS_TORCH},
         every=5,
         reference=True,
+        tasks=_MLP,
     ),
     RowSpec(
         "torch-lbfgs-20",
         "torch.optim.LBFGS, max_iter=20 per step()",
         run_torch_lbfgs,
-        {
-            "max_iter": 20,
-            "history_size": 10,
-            "line_search_fn": "strong_wolfe",
-            "tolerance_grad": 0.0,
-            "tolerance_change": 0.0,
-        },
+        {"max_iter": 20, **_LBFGS_TORCH},
         every=1,
         reference=True,
+        tasks=_MLP,
     ),
     RowSpec(
         "scipy-lbfgsb",
@@ -552,6 +914,7 @@ ROWS: list[RowSpec] = [
         },
         every=5,
         reference=True,
+        tasks=_MLP,
     ),
     RowSpec(
         "torchmin-lbfgs",
@@ -567,13 +930,16 @@ ROWS: list[RowSpec] = [
         every=5,
         needs=_needs_torchmin,
         reference=True,
+        tasks=_MLP,
     ),
+    # -- ours ----------------------------------------------------------------------------------
     RowSpec(
         "lbfgs",
         "secondorder L-BFGS (m = 10)",
         run_ours,
         {"method": "lbfgs", "memory": 10, **_FULL},
         every=5,
+        tasks=_MLP,
     ),
     RowSpec(
         "nlcg",
@@ -581,6 +947,7 @@ ROWS: list[RowSpec] = [
         run_ours,
         {"method": "nlcg", "variant": "pr+", **_FULL},
         every=5,
+        tasks=_MLP,
     ),
     RowSpec(
         "newton-cg",
@@ -594,6 +961,7 @@ ROWS: list[RowSpec] = [
             **_FULL,
         },
         every=1,
+        tasks=_MLP,
     ),
     RowSpec(
         "adam",
@@ -611,23 +979,53 @@ ROWS: list[RowSpec] = [
         {"method": "sgd", "momentum": 0.9, "nesterov": True, "batch_size": BATCH},
         every=50,
         sweep=(0.03, 0.1, 0.3),
+        task_sweeps={"cnn": ((0.01, 0.03, 0.1), ())},
         lr_from="torch-sgd",
     ),
     RowSpec(
         "kfac",
         "secondorder K-FAC (MC, b = 1000)",
         run_ours,
-        {
-            "method": "kfac",
-            "kind": "mc",
-            "batch_size": 1000,
-            "factor_samples": 250,
-            "damping": 1e-4,
-            "inv_every": 10,
-            "line_search": None,
-            "lr": 1.0,
-        },
+        _KFAC_OURS,
         every=5,
+        sweep_damping=_KFAC_DAMPING,
+    ),
+    RowSpec(
+        "kfac-reduce",
+        "secondorder K-FAC (MC, b = 1000, conv reduce)",
+        run_ours,
+        {**_KFAC_OURS, "approximation": "reduce"},
+        every=5,
+        sweep_damping=_KFAC_DAMPING,
+        tasks=("cnn",),
+    ),
+    RowSpec(
+        "ekfac",
+        "secondorder EKFAC (MC, b = 1000)",
+        run_ours,
+        {**_KFAC_OURS, "ekfac": True},
+        every=5,
+        sweep_damping=_KFAC_DAMPING,
+    ),
+    RowSpec(
+        "kfac-optim",
+        "secondorder.optim.KFAC (plain loop)",
+        run_torch_minibatch,
+        {"optimizer": "secondorder.KFAC", "l2": "weight_decay", "batch_size": BATCH},
+        every=50,
+        sweep=(0.03, 0.1, 0.3),
+        sweep_damping=_LOOP_DAMPING,
+        task_sweeps={"cnn": ((0.01, 0.03, 0.1), _LOOP_DAMPING_CNN)},
+    ),
+    RowSpec(
+        "kfac-precond",
+        "secondorder KFACPreconditioner + SGD (momentum 0.9)",
+        run_torch_minibatch,
+        {"optimizer": "secondorder.KFACPreconditioner", "batch_size": BATCH},
+        every=50,
+        sweep=_SGD_KFAC_LR,
+        sweep_damping=_LOOP_DAMPING,
+        task_sweeps={"cnn": (_SGD_KFAC_LR_CNN, _LOOP_DAMPING_CNN)},
     ),
     RowSpec(
         "hessian-free",
@@ -650,6 +1048,7 @@ ROWS: list[RowSpec] = [
         {"method": "sqn", "batch_size": 1000, "curvature_fraction": 1 / 60, "lr": 0.5},
         every=20,
         needs=_needs_method("sqn"),
+        tasks=_MLP,
     ),
 ]
 
@@ -661,11 +1060,20 @@ def row_by_name(name: str) -> RowSpec:
     raise ValueError(f"unknown row {name!r}; rows: {', '.join(r.name for r in ROWS)}")
 
 
-def resolved_opts(row: RowSpec, s: Settings, lr: float | None) -> dict:
-    """The row's options with ``--batch-size`` and the learning rate filled in."""
+def rows_of(task: str) -> list[str]:
+    """The rows that run on ``task`` when ``--rows`` is not given."""
+    return [r.name for r in ROWS if task in r.tasks]
+
+
+def resolved_opts(
+    row: RowSpec, s: Settings, lr: float | None, damping: float | None = None
+) -> dict:
+    """The row's options with ``--batch-size``, the learning rate and the damping filled in."""
     opts = {k: (s.batch_size if v == BATCH else v) for k, v in row.opts.items()}
     if lr is not None:
         opts["lr"] = lr
+    if damping is not None:
+        opts["damping"] = damping
     return opts
 
 
@@ -680,18 +1088,25 @@ class Job:
     row: str
     lr: float | None
     budget: float
-    every: int | None = None  # None: the row's own interval
+    every: int | None = None  # None: the row's own interval (on this task)
     stop_at_target: bool = True
+    damping: float | None = None  # None: the row's own damping, if it has one
+    max_epochs: float | None = None  # stop after this many epochs too (tests)
+
+    @property
+    def interval(self) -> int:
+        return self.every or row_by_name(self.row).every_on(self.settings.task)
 
     def key(self) -> dict:
         row = row_by_name(self.row)
-        opts = resolved_opts(row, self.settings, self.lr)
+        opts = resolved_opts(row, self.settings, self.lr, self.damping)
         return {
             "settings": self.settings.key(),
             "opts": _jsonable(opts),
             "budget": self.budget,
-            "every": self.every or row.every,
+            "every": self.interval,
             "stop_at_target": self.stop_at_target,
+            **({} if self.max_epochs is None else {"max_epochs": self.max_epochs}),
         }
 
 
@@ -760,20 +1175,23 @@ def measure(job: Job, problem: Problem | None = None, isolated: bool = False) ->
         torch.set_num_threads(s.threads)
     problem = problem or _problem(s)
     row = row_by_name(job.row)
-    opts = resolved_opts(row, s, job.lr)
+    opts = resolved_opts(row, s, job.lr, job.damping)
     mem0 = _peak_memory_start(problem.device) if isolated else None
-    rec = Recorder(problem, job.budget, job.every or row.every, s.targets, job.stop_at_target)
+    rec = Recorder(problem, job.budget, job.interval, s.targets, job.stop_at_target, job.max_epochs)
     t = time.perf_counter()
     try:
         message = row.run(problem, rec, **copy.deepcopy(opts))
         rec.finish()
     except Exception as e:  # a failing row is reported, the benchmark goes on
-        rec.status, message = "error", f"{type(e).__name__}: {e}"
+        # an optimiser that failed on its own non-finite weights diverged
+        rec.status = "diverged" if _nonfinite(rec) else "error"
+        message = f"{type(e).__name__}: {e}"
     memory = _peak_memory_rise(problem.device, mem0) if isolated else None
     return {
         "row": row.name,
         "label": row.label,
         "lr": job.lr,
+        "damping": job.damping,
         "opts": _jsonable(opts),
         "key": job.key(),
         "status": rec.status,
@@ -783,6 +1201,21 @@ def measure(job: Job, problem: Problem | None = None, isolated: bool = False) ->
         "wall_s": time.perf_counter() - t,
         "summary": summarise(rec.curve, s.targets),
     }
+
+
+def _nonfinite(rec: Recorder) -> bool:
+    """Whether the row's last parameters, or the training objective there, are not finite
+    (a last checkpoint is taken there; its loss tells)."""
+    if not rec.last:
+        return False
+    try:
+        theta = rec.last["theta_fn"]()
+        if not bool(torch.isfinite(theta).all()):
+            return True
+        rec.checkpoint(theta, rec.last["epochs"], rec.last["evals"])
+    except Exception:
+        return False
+    return rec.status == "diverged"
 
 
 def measure_in_subprocess(job: Job) -> dict:
@@ -802,6 +1235,7 @@ def measure_in_subprocess(job: Job) -> dict:
                 "row": job.row,
                 "label": row_by_name(job.row).label,
                 "lr": job.lr,
+                "damping": job.damping,
                 "key": job.key(),
                 "status": "error",
                 "message": tail,
@@ -963,34 +1397,50 @@ def _sweep_rank(record: dict, targets) -> tuple:
     return (math.inf if t is None else t, -best)
 
 
-def choose_lr(row: RowSpec, s: Settings, results: Results, run: Callable[[Job], dict]) -> float:
-    """The learning rate of a fixed-step row: another row's choice, or its own sweep."""
+def _candidate_text(lr: float | None, damping: float | None) -> str:
+    parts = ([] if lr is None else [f"lr={lr:g}"]) + (
+        [] if damping is None else [f"damping={damping:g}"]
+    )
+    return " ".join(parts)
+
+
+def choose_tuning(
+    row: RowSpec, s: Settings, results: Results, run: Callable[[Job], dict]
+) -> Candidate:
+    """The (learning rate, damping) of a tuned row: another row's learning rate, or the best
+    candidate of its own sweep (every candidate recorded)."""
     if row.lr_from and row.lr_from in results.data["sweeps"]:
-        return results.data["sweeps"][row.lr_from]["chosen"]
-    candidates = row.sweep[: s.sweep_candidates] if s.sweep_candidates else row.sweep
+        return results.data["sweeps"][row.lr_from]["chosen"], None
+    grid = row.grid(s.task)
+    candidates = grid[: s.sweep_candidates] if s.sweep_candidates else grid
     key = {
-        "candidates": list(candidates),
+        "candidates": [lr for lr, _ in candidates],
         "budget": s.sweep_budget,
         "settings": s.key(),
         "opts": _jsonable(resolved_opts(row, s, None)),
     }
+    if any(d is not None for _, d in candidates):
+        key["dampings"] = [d for _, d in candidates]
     done = results.stored("sweeps", row.name, key)
     if done is not None:
-        return done["chosen"]
+        return done["chosen"], done.get("chosen_damping")
     records = []
-    for lr in candidates:
-        rec = run(Job(s, row.name, lr, s.sweep_budget))
+    for lr, damping in candidates:
+        rec = run(Job(s, row.name, lr, s.sweep_budget, damping=damping))
         records.append(rec)
         print(
-            f"    sweep {row.name} lr={lr:g}: {_brief(rec['summary'], s.targets)} "
-            f"({rec['status']})",
+            f"    sweep {row.name} {_candidate_text(lr, damping)}: "
+            f"{_brief(rec['summary'], s.targets)} ({rec['status']})",
             flush=True,
         )
     best = min(records, key=lambda r: _sweep_rank(r, s.targets))
     sweep = {"key": key, "chosen": best["lr"], "candidates": records}
+    if "dampings" in key:
+        sweep["chosen_damping"] = best["damping"]
     results.put("sweeps", row.name, sweep)
-    print(f"    sweep {row.name}: lr = {best['lr']:g} chosen", flush=True)
-    return best["lr"]
+    chosen = _candidate_text(best["lr"], best.get("damping"))
+    print(f"    sweep {row.name}: {chosen} chosen", flush=True)
+    return best["lr"], best.get("damping")
 
 
 def _brief(summary: dict, targets) -> str:
@@ -1017,8 +1467,10 @@ def run_rows(
             results.data["rows"].pop(name, None)
             results.put("skipped", name, note)
             continue
-        lr = choose_lr(row, s, results, sweep_run or run) if (row.sweep or row.lr_from) else None
-        job = Job(s, name, lr, s.budget)
+        lr = damping = None
+        if row.grid(s.task) or row.lr_from:
+            lr, damping = choose_tuning(row, s, results, sweep_run or run)
+        job = Job(s, name, lr, s.budget, damping=damping)
         if results.stored("rows", name, job.key()) is not None:
             print(f"  {name}: stored (--resume)", flush=True)
             continue
@@ -1052,14 +1504,19 @@ def _memory(rec: dict) -> str:
     return "—" if b is None else f"{b / 2**20:.0f} MiB"
 
 
+def _damping(rec: dict):
+    d = rec.get("damping")
+    return d if d is not None else (rec.get("opts") or {}).get("damping")
+
+
 def markdown_table(results: dict, targets=TARGETS) -> str:
     """One line per stored row (in the order of ``ROWS``) and a line per skipped row."""
     t1, t2 = targets[0], targets[-1]
     head = (
-        f"| method | lr | s to {t1:.0%} | epochs to {t1:.0%} | s to {t2:.0%} | "
+        f"| method | lr | damping | s to {t1:.0%} | epochs to {t1:.0%} | s to {t2:.0%} | "
         f"epochs to {t2:.0%} | best acc | evaluations | peak memory | s / epoch |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in ROWS:
         rec = results["rows"].get(row.name)
         if rec is None:
@@ -1069,28 +1526,31 @@ def markdown_table(results: dict, targets=TARGETS) -> str:
         if rec["status"] in ("error", "diverged"):
             best += f" ({rec['status']})"
         lines.append(
-            f"| {rec['label']} | {_fmt(rec.get('lr'), 'g')} | {_fmt(s[f'time_to_{t1:g}'])} | "
+            f"| {rec['label']} | {_fmt(rec.get('lr'), 'g')} | {_fmt(_damping(rec), 'g')} | "
+            f"{_fmt(s[f'time_to_{t1:g}'])} | "
             f"{_fmt(s[f'epochs_to_{t1:g}'], '.2f')} | {_fmt(s[f'time_to_{t2:g}'])} | "
             f"{_fmt(s[f'epochs_to_{t2:g}'], '.2f')} | {best} | {_evals(rec)} | "
             f"{_memory(rec)} | {_fmt(s['seconds_per_epoch'], '.3f')} |"
         )
     for name, note in results.get("skipped", {}).items():
-        lines.append(f"| {row_by_name(name).label} | skipped: {note} |" + " |" * 8)
+        lines.append(f"| {row_by_name(name).label} | skipped: {note} |" + " |" * 9)
     return "\n".join(lines)
 
 
 def sweep_table(results: dict, targets=TARGETS) -> str:
     lines = [
-        f"| sweep | lr | s to {targets[0]:.0%} | best acc | status |",
-        "|---|---:|---:|---:|---|",
+        f"| sweep | lr | damping | s to {targets[0]:.0%} | best acc | status |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, sw in results.get("sweeps", {}).items():
+        chosen = (sw["chosen"], sw.get("chosen_damping"))
         for rec in sw["candidates"]:
             s = rec["summary"]
-            mark = " (chosen)" if rec["lr"] == sw["chosen"] else ""
+            mark = " (chosen)" if (rec["lr"], rec.get("damping")) == chosen else ""
             lines.append(
-                f"| {name} | {rec['lr']:g}{mark} | {_fmt(s[f'time_to_{targets[0]:g}'])} "
-                f"| {_fmt(s['best_accuracy'], '.4f')} | {rec['status']} |"
+                f"| {name} | {_fmt(rec['lr'], 'g')} | {_fmt(rec.get('damping'), 'g')} | "
+                f"{_fmt(s[f'time_to_{targets[0]:g}'])} "
+                f"| {_fmt(s['best_accuracy'], '.4f')} | {rec['status']}{mark} |"
             )
     return "\n".join(lines)
 
@@ -1103,8 +1563,12 @@ def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = [(r, results["rows"][r.name]) for r in ROWS if r.name in results["rows"]]
-    # ten distinct colours, then darker ones; a marker each, so no two rows look alike
-    colours = [*plt.get_cmap("tab10").colors, "black", "magenta", "navy", "darkred"]
+    # ten distinct colours, then darker ones, and a marker cycle of another length: no two
+    # of the first 100 rows share both colour and marker
+    colours = [
+        *plt.get_cmap("tab10").colors,
+        *("black", "magenta", "navy", "darkred", "teal", "goldenrod", "indigo", "lime"),
+    ]
     markers = "osv^DPX*h<>pd8"
     best = max((rec["summary"]["best_accuracy"] or 0.0 for _, rec in rows), default=1.0)
     paths = []
@@ -1146,9 +1610,9 @@ def figures(results: dict, task: str, out: Path, targets=TARGETS) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         ax.set_title(
-            f"Fashion-MNIST {task}: "
-            f"{'-'.join(map(str, [784, *results['settings']['hidden'], 10]))}"
-            f" sigmoid, budget {results['settings']['budget']:g} s a row"
+            f"Fashion-MNIST {task}: {describe(task, results['settings']['hidden'])}\n"
+            f"budget {results['settings']['budget']:g} s a row",
+            fontsize=10,
         )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.03, 0.5), fontsize=9, frameon=False)
@@ -1182,11 +1646,12 @@ def width_rows(
         if note:
             print(f"  {name}: skipped — {note}")
             continue
-        lr = row.sweep[len(row.sweep) // 2] if row.sweep else None
+        grid = row.grid(s.task)
+        lr, damping = grid[len(grid) // 2] if grid else (None, None)
         for w in widths:
             hidden = (w,) if s.task == "1L" else (w, max(1, w // 3))
             ws = Settings(**{**asdict(s), "hidden": hidden})
-            job = Job(ws, name, lr, budget, every=10**9, stop_at_target=False)
+            job = Job(ws, name, lr, budget, every=10**9, stop_at_target=False, damping=damping)
             cell = f"{name}@{w}"
             if resume and cells.get(cell, {}).get("key") == job.key():
                 continue
@@ -1271,24 +1736,38 @@ def _check_out(out: Path, tasks: list[str], widths: bool) -> str:
     return ""
 
 
+def task_list(task: str) -> list[str]:
+    """The tasks a ``--task`` value names."""
+    return {"both": list(MLP_TASKS), "all": list(ALL_TASKS)}.get(task, [task])
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, every one checked before anything is measured (an argparse error naming
     the flag otherwise), the output directory included."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--task",
-        choices=("1L", "2L", "both"),
+        choices=("1L", "2L", "cnn", "both", "all"),
         default=None,
-        help="network (default: both; 1L with --quick)",
+        help="network: 1L, 2L, cnn, both (1L and 2L) or all (default: both; 1L with --quick)",
     )
-    ap.add_argument("--budget", type=_seconds, default=None, help="seconds a row (default 60)")
+    ap.add_argument(
+        "--budget",
+        type=_seconds,
+        default=None,
+        help="seconds a row (default 60 for 1L and 2L, 300 for cnn)",
+    )
     ap.add_argument(
         "--sweep-budget",
         type=_seconds,
         default=None,
-        help="seconds a learning-rate candidate (default 15)",
+        help="seconds a sweep candidate (default 15 for 1L and 2L, 60 for cnn)",
     )
-    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated row names (default: every row of the task)",
+    )
     ap.add_argument("--threads", type=_count(1), default=None, help="torch threads (default: all)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-size", type=_count(1), default=128, help="mini-batch size (128)")
@@ -1326,8 +1805,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         return default if value is None else value
 
     args.task = given(args.task, "1L" if q else "both")
-    args.budget = given(args.budget, 2.0 if q else 60.0)
-    args.sweep_budget = given(args.sweep_budget, 1.0 if q else 15.0)
+    # None: the task's default (TASK_BUDGETS)
+    args.budget = given(args.budget, 2.0 if q else None)
+    args.sweep_budget = given(args.sweep_budget, 1.0 if q else None)
     args.width_budget = given(args.width_budget, 2.0 if q else 10.0)
     args.n_train = given(args.n_train, 5000 if q else None)
     args.n_test = given(args.n_test, 2000 if q else None)
@@ -1358,7 +1838,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--widths must be comma-separated integers, got {args.widths!r}")
         if min(args.width_list) < 1:
             ap.error("--widths must be positive")
-    tasks = ["1L", "2L"] if args.task == "both" else [args.task]
+    tasks = task_list(args.task)
+    if args.width_list and "cnn" in tasks:
+        ap.error("--widths: the cnn task has no hidden widths (use --task 1L or 2L)")
     problem = _check_out(args.out, tasks, widths=bool(args.width_list))
     if problem:
         ap.error(problem)
@@ -1375,17 +1857,19 @@ def main(argv: list[str] | None = None) -> None:
     run = measure if args.in_process else measure_in_subprocess
     # --quick: the sweeps (which have no memory column) here, to keep the smoke test short
     sweep_run = measure if args.quick else run
-    tasks = ["1L", "2L"] if args.task == "both" else [args.task]
+    tasks = task_list(args.task)
     print(
         f"torch {torch.__version__}, {threads} threads, {args.device}; rows: "
-        f"{', '.join(args.row_names)}",
+        f"{'every row of each task' if args.rows is None else ', '.join(args.row_names)}",
         flush=True,
     )
     for task in tasks:
+        budget, sweep_budget = TASK_BUDGETS[task]
+        names = rows_of(task) if args.rows is None else args.row_names
         s = Settings(
             task=task,
-            budget=args.budget,
-            sweep_budget=args.sweep_budget,
+            budget=budget if args.budget is None else args.budget,
+            sweep_budget=sweep_budget if args.sweep_budget is None else args.sweep_budget,
             sweep_candidates=2 if args.quick else None,
             n_train=args.n_train,
             n_test=args.n_test,
@@ -1395,13 +1879,13 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             data=args.data,
         )
-        sizes = "-".join(map(str, (784, *s.widths, 10)))
+        sizes = describe(task, s.widths)
         if args.width_list:
             print(f"\n## {task} ({sizes}): seconds per epoch by hidden width", flush=True)
             print(
                 width_rows(
                     s,
-                    args.row_names,
+                    names,
                     args.width_list,
                     args.width_budget,
                     args.out,
@@ -1410,9 +1894,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
             continue
-        print(f"\n## {task}: {sizes} sigmoid, budget {s.budget:g} s a row", flush=True)
+        print(f"\n## {task}: {sizes}, budget {s.budget:g} s a row", flush=True)
         results = Results(args.out / f"{task}.json", s, args.resume)
-        run_rows(s, args.row_names, results, run, sweep_run)
+        run_rows(s, names, results, run, sweep_run)
         print()
         print(markdown_table(results.data, s.targets))
         if results.data["sweeps"]:

@@ -187,6 +187,8 @@ def _tiny(out, *extra: str) -> list[str]:
         (["--batch-size", "0"], "--batch-size"),
         (["--device", "tpu"], "--device"),
         (["--device", "cpu:x"], "--device"),
+        (["--task", "cnn", "--widths", "8,16"], "--widths"),
+        (["--task", "mlp"], "--task"),
     ],
 )
 def test_time_to_accuracy_refuses_bad_arguments_naming_the_flag(tmp_path, capsys, argv, flag):
@@ -243,3 +245,174 @@ def test_time_to_accuracy_checks_its_output_before_measuring_and_keeps_other_set
     bench.main(_tiny(out, "--resume"))
     assert len(measured) == n and "stored (--resume)" in capsys.readouterr().out
     assert json.loads((out / "1L.json").read_text()) == second  # nothing new to write
+
+
+# -- the CNN task and the rows added beside the first ones -------------------------------------
+
+#: the rows that run on the CNN and are not full-batch (every new row among them)
+_CNN_ROWS = (
+    "torch-adamw", "torch-sgd", "torch-muon", "soap", "shampoo", "kron", "asdl-kfac",
+    "adam", "kfac", "kfac-reduce", "ekfac", "kfac-optim", "kfac-precond", "hessian-free",
+)  # fmt: skip
+
+
+def _cnn_reference(bench, n_train: int, n_test: int):
+    """Test accuracy and training objective at θ₀ of the documented CNN (written out here
+    again, PyTorch's default initialisation under seed 0), in float64."""
+    import torch
+    from torch import nn
+
+    data = bench.synthetic_splits(n_train, n_test, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(1568, 10),
+    ).double()  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) == 20_490
+    with torch.no_grad():
+        acc = float((model(data.test.X.double()).argmax(1) == data.test.y).double().mean())
+        w2 = sum((p**2).sum() for n, p in model.named_parameters() if n.endswith("weight"))
+        ce = nn.functional.cross_entropy(model(data.train.X.double()), data.train.y)
+        loss = float(ce + 0.01 / (2 * 60000) * w2)
+    return acc, loss
+
+
+def test_time_to_accuracy_cnn_task_defaults_and_rows():
+    bench = _load("time_to_accuracy")
+    s = bench.Settings(task="cnn")
+    assert s.targets == (0.90, 0.91) and s.widths == ()
+    assert bench.Settings(task="1L").targets == (0.85, 0.88)
+    assert bench.TASK_BUDGETS["cnn"] == (300.0, 60.0)
+    cnn = bench.rows_of("cnn")
+    assert set(_CNN_ROWS) <= set(cnn)
+    # full-batch rows run on the MLPs only (unless --rows names them)
+    assert not {"lbfgs", "scipy-lbfgsb", "torch-lbfgs", "newton-cg"} & set(cnn)
+    assert "kfac-reduce" not in bench.rows_of("1L")
+    new = ("torch-adamw", "torch-muon", "soap", "shampoo", "kron", "asdl-kfac", "ekfac",
+           "kfac-optim", "kfac-precond")  # fmt: skip
+    for task in ("1L", "2L", "cnn"):
+        assert set(new) <= set(bench.rows_of(task)), task
+        # every peer and every one of our fixed-step rows is tuned by a recorded sweep
+        for name in new:
+            assert bench.row_by_name(name).grid(task), (name, task)
+    # K-FAC rows in loops: a grid of (lr, damping) pairs, their own per task
+    grid = bench.row_by_name("kfac-precond").grid("cnn")
+    assert len(grid) == 9 and all(lr is not None and d is not None for lr, d in grid)
+    assert grid != bench.row_by_name("kfac-precond").grid("1L")
+    assert bench.row_by_name("asdl-kfac").grid("cnn") == grid  # ASDL's and ours alike
+    assert all(lr is None for lr, _ in bench.row_by_name("kfac").grid("cnn"))  # damping only
+    assert bench.task_list("all") == ["1L", "2L", "cnn"]
+    assert bench.task_list("both") == ["1L", "2L"]
+
+
+@pytest.mark.parametrize("name", _CNN_ROWS)
+def test_time_to_accuracy_cnn_rows_train_from_the_same_weights(name):
+    """Two epochs of each row on 256 synthetic images (mini-batches of 32): it starts at the
+    common θ₀ and lowers the training objective."""
+    bench = _load("time_to_accuracy")
+    row = bench.row_by_name(name)
+    note = row.needs() if row.needs else None
+    if note:
+        pytest.skip(note)
+    s = bench.Settings(
+        task="cnn", n_train=256, n_test=128, threads=1, data="synthetic", batch_size=32
+    )
+    # the middle learning rate of the row's sweep and its largest damping (K-FAC's first
+    # steps on these blobs overshoot with less)
+    lrs = sorted({lr for lr, _ in row.grid("cnn")} - {None})
+    lr = lrs[len(lrs) // 2] if lrs else None
+    damping = max((d for _, d in row.grid("cnn") if d is not None), default=None)
+    if row.lr_from:
+        lr = bench.row_by_name(row.lr_from).grid("cnn")[0][0]
+    job = bench.Job(s, name, lr, 60.0, damping=damping, max_epochs=2.0)
+    rec = bench.measure(job)
+    assert rec["status"] in ("epochs", "target"), (rec["status"], rec["message"])
+    curve = rec["curve"]
+    acc0, loss0 = _cnn_reference(bench, 256, 128)
+    assert curve[0]["step"] == 0
+    assert curve[0]["accuracy"] == pytest.approx(acc0, abs=1e-9)
+    assert curve[0]["loss"] == pytest.approx(loss0, rel=1e-5)
+    assert curve[-1]["epochs"] >= 2.0 or rec["status"] == "target"
+    assert curve[-1]["loss"] < loss0, (name, curve[-1]["loss"], loss0)
+    assert rec["lr"] == lr and rec["damping"] == damping
+    if damping is not None:
+        assert rec["opts"]["damping"] == damping
+
+
+def test_time_to_accuracy_cnn_sweeps_lr_and_damping_records_and_resumes(tmp_path, capsys):
+    import json
+
+    bench = _load("time_to_accuracy")
+    argv = [
+        "--data", "synthetic", "--in-process", "--task", "cnn", "--threads", "1",
+        "--rows", "kfac-precond,torch-adam", "--budget", "0.5", "--sweep-budget", "0.1",
+        "--n-train", "200", "--n-test", "100", "--out", str(tmp_path),
+    ]  # fmt: skip
+    bench.main(argv)
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "cnn.json").read_text())
+    assert data["settings"]["task"] == "cnn" and data["settings"]["targets"] == [0.9, 0.91]
+    sweep = data["sweeps"]["kfac-precond"]
+    pairs = [(c["lr"], c["damping"]) for c in sweep["candidates"]]
+    assert pairs == bench.row_by_name("kfac-precond").grid("cnn")
+
+    def rank(c):
+        t = c["summary"]["time_to_0.9"]
+        return (math.inf if t is None else t, -c["summary"]["best_accuracy"])
+
+    best = min(sweep["candidates"], key=rank)
+    assert (sweep["chosen"], sweep["chosen_damping"]) == (best["lr"], best["damping"])
+    row = data["rows"]["kfac-precond"]
+    assert (row["lr"], row["damping"]) == (best["lr"], best["damping"])
+    assert row["opts"]["damping"] == best["damping"]
+    # an lr-only sweep keeps its old record: lrs, no damping
+    assert "chosen_damping" not in data["sweeps"]["torch-adam"]
+    assert "| method | lr | damping |" in out and "sweep kfac-precond lr=" in out
+    assert "(chosen)" in out
+    for fig in ("accuracy_time_cnn.png", "accuracy_epochs_cnn.png"):
+        assert (tmp_path / fig).stat().st_size > 10_000
+    bench.main([*argv, "--resume"])
+    again = capsys.readouterr().out
+    assert again.count("stored (--resume)") == 2 and "sweep kfac-precond lr=" not in again
+    assert json.loads((tmp_path / "cnn.json").read_text())["rows"] == data["rows"]
+
+
+def test_time_to_accuracy_missing_peer_packages_give_skipped_rows_with_a_note(
+    tmp_path, capsys, monkeypatch
+):
+    import json
+
+    import torch
+
+    bench = _load("time_to_accuracy")
+    # an import of a missing package fails: None in sys.modules makes it raise ImportError
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)
+    monkeypatch.setitem(sys.modules, "asdl", None)
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    rows = "soap,shampoo,kron,asdl-kfac,torch-muon,torch-adam"
+    bench.main([
+        "--data", "synthetic", "--in-process", "--task", "cnn", "--threads", "1",
+        "--rows", rows, "--budget", "0.3", "--sweep-budget", "0.1",
+        "--n-train", "200", "--n-test", "100", "--out", str(tmp_path),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "cnn.json").read_text())
+    skipped = data["skipped"]
+    assert sorted(skipped) == ["asdl-kfac", "kron", "shampoo", "soap", "torch-muon"]
+    for name in ("soap", "shampoo", "kron"):
+        assert "pip install pytorch-optimizer" in skipped[name]
+    assert "pip install asdfghjkl" in skipped["asdl-kfac"]
+    assert "Muon" in skipped["torch-muon"]
+    assert list(data["rows"]) == ["torch-adam"] and not set(skipped) & set(data["sweeps"])
+    for name, note in skipped.items():
+        assert f"{name}: skipped — {note}" in out
+        assert f"| {bench.row_by_name(name).label} | skipped: {note} |" in out
+
+
+def test_time_to_accuracy_a_row_that_blows_up_is_diverged_not_an_error():
+    bench = _load("time_to_accuracy")
+    s = bench.Settings(task="cnn", n_train=256, n_test=128, threads=1, data="synthetic")
+    rec = bench.measure(bench.Job(s, "kfac-optim", 1e6, 30.0, damping=1e-6, max_epochs=3.0))
+    assert rec["status"] == "diverged", (rec["status"], rec["message"])
