@@ -383,3 +383,23 @@ def test_state_of_another_model_and_new_parameter_groups_are_refused():
         other.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="no further parameter groups"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+def test_nan_outputs_in_a_user_loop_skip_the_step_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = KFAC(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    opt.zero_grad()
+    F.cross_entropy(model(bad), y).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+    opt.zero_grad()
+    F.cross_entropy(model(X), y).backward()
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

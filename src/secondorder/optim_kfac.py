@@ -106,6 +106,7 @@ class _Recorder:
         self.output_grad: Tensor | None = None
         self.backward_seen = False
         self.forward_seen = False  # a forward pass with gradients since the last step
+        self.nonfinite_output = False  # a forward pass since the last step gave inf or NaN
         self.handles = []
         self._reset_capture()
         for j, ly in enumerate(owner.layers):
@@ -137,7 +138,9 @@ class _Recorder:
             self._reset_capture()
             return
         self.forward_seen = True
-        if self.owner.kind != "empirical" and self.capture.complete():
+        if not all_finite([z.detach()]):  # no targets to draw from NaN outputs: skip the step
+            self.nonfinite_output = True
+        elif self.owner.kind != "empirical" and self.capture.complete():
             # before the hook below: this backward pass is ours, not the user's
             self.pending.append(self.owner._curvature_statistics(self.capture, z))
         if self.owner.kind != "empirical":
@@ -170,6 +173,9 @@ class _Recorder:
             self._reset_capture()
         out, self.pending = self.pending, []
         self.forward_seen = False
+        if self.nonfinite_output:
+            self.nonfinite_output = False
+            return [None]  # marks the step's statistics as non-finite
         return out
 
     def remove(self) -> None:
@@ -363,7 +369,7 @@ class KFACPreconditioner:
                 "KFAC: no forward pass was recorded since the last step: compute the loss from "
                 "model(X) with gradients enabled (and call loss.backward()) before step()"
             )
-        if not all(s.finite() for s in stats):
+        if not all(s is not None and s.finite() for s in stats):
             warnings.warn(
                 "KFAC: the batch gave a non-finite factor; the step was skipped (the running "
                 "factors and the parameters unchanged)",
