@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+PEERS_STAMP := $(VENV)/.peers
 
 .PHONY: run test test-all lint format data bench bench-solvers bench-accuracy clean
 
@@ -16,6 +17,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
+
+# the peers the tests compare against (never runtime dependencies): pinned, installed beside
+# torch without touching it; BackPACK and curvlinops without their deps (they would pull
+# torchvision and with it another torch)
+$(PEERS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "pytorch-optimizer==4.1.0" "asdfghjkl==0.1a5" \
+	  "einops==0.8.2" "unfoldNd==0.2.3" "einconv==0.1.0" "linear_operator==0.6.1" \
+	  "opt-einsum==3.4.0" tqdm
+	$(BIN)/python -m pip install -q --no-deps "backpack-for-pytorch==1.7.1" \
+	  "curvlinops-for-pytorch==3.0.1"
+	@touch $(PEERS_STAMP)
 
 data: $(STAMP)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "$$SECONDORDER_DATA" ] \
@@ -28,7 +40,7 @@ data: $(STAMP)
 run: data
 	$(BIN)/secondorder run paper/headline
 
-test: $(STAMP)
+test: $(PEERS_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
 	$(BIN)/python -m pytest -q
 
