@@ -68,6 +68,7 @@ def main(argv: list[str]) -> int:
     net = DistributedDataParallel(model())
     trajectory, refreshes = train(net, kind, ekfac, rank, world)
     torch.save({"trajectory": trajectory, "refreshes": refreshes}, out / f"rank{rank}.pt")
+    dist.barrier()  # no process leaves while another still talks to it
     dist.destroy_process_group()
     return 0
 

@@ -414,5 +414,5 @@ def test_time_to_accuracy_missing_peer_packages_give_skipped_rows_with_a_note(
 def test_time_to_accuracy_a_row_that_blows_up_is_diverged_not_an_error():
     bench = _load("time_to_accuracy")
     s = bench.Settings(task="cnn", n_train=256, n_test=128, threads=1, data="synthetic")
-    rec = bench.measure(bench.Job(s, "kfac-optim", 1e6, 30.0, damping=1e-6, max_epochs=3.0))
+    rec = bench.measure(bench.Job(s, "kfac-precond", 1e6, 30.0, damping=1e-6, max_epochs=3.0))
     assert rec["status"] == "diverged", (rec["status"], rec["message"])
