@@ -69,8 +69,11 @@ def main(argv: list[str]) -> int:
     trajectory, refreshes = train(net, kind, ekfac, rank, world)
     torch.save({"trajectory": trajectory, "refreshes": refreshes}, out / f"rank{rank}.pt")
     dist.barrier()  # no process leaves while another still talks to it
-    dist.destroy_process_group()
-    return 0
+    # leave without tearing down DDP's reducer and gloo's threads in the interpreter's
+    # shutdown, where their destructors can abort the process after the work is done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
