@@ -1013,9 +1013,10 @@ ROWS: list[RowSpec] = [
         run_torch_minibatch,
         {"optimizer": "secondorder.KFAC", "l2": "weight_decay", "batch_size": BATCH},
         every=50,
-        sweep=(0.03, 0.1, 0.3),
+        # around the optimiser's defaults (lr 1, damping 1e-3, its KL clip on)
+        sweep=(0.3, 1.0, 3.0),
         sweep_damping=_LOOP_DAMPING,
-        task_sweeps={"cnn": ((0.01, 0.03, 0.1), _LOOP_DAMPING_CNN)},
+        task_sweeps={"cnn": ((0.3, 1.0, 3.0), _LOOP_DAMPING)},  # the KL clip bounds its steps
     ),
     RowSpec(
         "kfac-precond",
