@@ -42,7 +42,7 @@ run: data
 
 test: $(PEERS_STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks examples)
-	$(BIN)/python -m pytest -q
+	SECONDORDER_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import require_peers
 from secondorder import minimize
 from secondorder.curvature import layer_ggns
 from secondorder.curvature.kfac import (
@@ -63,7 +64,10 @@ def test_conv_factors_equal_curvlinops(approximation, kind, fisher):
     """curvlinops' KFACLinearOperator with separate_weight_and_bias=False (the bias as a last
     input column, as here) and a mean loss has A and G normalised exactly as documented in
     secondorder.curvature.kfac."""
-    curvlinops = pytest.importorskip("curvlinops")
+    try:
+        import curvlinops
+    except ImportError:
+        require_peers("curvlinops is not installed (make test installs it)")
     model = _cnn()
     X, y = _data(7)
     op = curvlinops.KFACLinearOperator(

@@ -78,11 +78,7 @@ class Chain:
     def has_residuals(self) -> bool:
         """Whether some module has a second-derivative term of its own (then the Hessian's
         columns grow on the way down)."""
-        for ly in self.layers:
-            act = getattr(ly, "activation", None)
-            if act is not None and not (act.is_identity or act.is_piecewise_linear):
-                return True
-        return False
+        return any(ly.has_residual for ly in self.layers)
 
 
 def analyse_chain(model: nn.Module) -> tuple[Chain | None, str]:

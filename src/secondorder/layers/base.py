@@ -96,6 +96,11 @@ class Layer:
         return None if d1 is None else D * d1 * d1
 
     # -- second order --------------------------------------------------------------------------
+    @property
+    def has_residual(self) -> bool:
+        """Whether :meth:`residual` can be non-zero (the Hessian's columns then grow below)."""
+        return False
+
     def residual(self, x: Tensor, out: Tensor, g: Tensor) -> Tensor | None:
         """The diagonal second-derivative term Σ_o g_o ∂²out_o/∂x² (n, *in_shape) for the
         output gradient g, or None when it vanishes (linear or piecewise-linear maps)."""

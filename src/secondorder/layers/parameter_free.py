@@ -49,11 +49,13 @@ class Elementwise(Layer):
     def input_vjp(self, x: Tensor, out: Tensor, V: Tensor) -> Tensor:
         return V * self.activation.derivative(x)[:, None]
 
-    def residual(self, x: Tensor, out: Tensor, g: Tensor) -> Tensor | None:
+    @property
+    def has_residual(self) -> bool:
         act = self.activation
-        if act.is_identity or act.is_piecewise_linear:
-            return None
-        return act.second_derivative(x) * g
+        return not (act.is_identity or act.is_piecewise_linear)
+
+    def residual(self, x: Tensor, out: Tensor, g: Tensor) -> Tensor | None:
+        return self.activation.second_derivative(x) * g if self.has_residual else None
 
 
 class Reshape(Layer):
