@@ -254,7 +254,8 @@ def test_time_to_accuracy_checks_its_output_before_measuring_and_keeps_other_set
 #: the rows that run on the CNN and are not full-batch (every new row among them)
 _CNN_ROWS = (
     "torch-adamw", "torch-sgd", "torch-muon", "soap", "shampoo", "kron", "asdl-kfac",
-    "adam", "kfac", "kfac-reduce", "ekfac", "kfac-optim", "kfac-precond", "hessian-free",
+    "adam", "kfac", "kfac-reduce", "ekfac", "kfac-optim", "kfac-optim-cnn", "kfac-precond",
+    "hessian-free",
 )  # fmt: skip
 
 
@@ -298,7 +299,13 @@ def test_time_to_accuracy_cnn_task_defaults_and_rows():
         assert set(new) <= set(bench.rows_of(task)), task
         # every peer and every one of our fixed-step rows is tuned by a recorded sweep
         for name in new:
+            if name == "kfac-optim":  # the optimiser's defaults, untuned on purpose
+                assert not bench.row_by_name(name).grid(task)
+                continue
             assert bench.row_by_name(name).grid(task), (name, task)
+    # the CNN recipe of optim.KFAC: its damping swept, on the CNN only
+    recipe = bench.row_by_name("kfac-optim-cnn")
+    assert recipe.tasks == ("cnn",) and all(d is not None for _, d in recipe.grid("cnn"))
     # K-FAC rows in loops: a grid of (lr, damping) pairs, their own per task
     grid = bench.row_by_name("kfac-precond").grid("cnn")
     assert len(grid) == 9 and all(lr is not None and d is not None for lr, d in grid)

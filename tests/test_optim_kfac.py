@@ -41,7 +41,10 @@ def _closure(opt, model, X, y, loss="cross_entropy"):
     return lambda: LOSS_FN[loss](model(X), y)
 
 
-def test_exact_kfac_equals_minimize_kfac_step_for_step():
+@pytest.mark.parametrize("rescale", [False, True])
+def test_exact_kfac_equals_minimize_kfac_step_for_step(rescale):
+    """The same steps as minimize's K-FAC; with ``rescale`` its quadratic model's scale,
+    there from a double-backward Gauss–Newton product, here from forward-mode J·Δ."""
     X, y = _data(60)
     c, steps = 0.05, 6
     opts = {"lr": 0.7, "damping": 1e-2, "ema": 0.8, "inv_every": 2}
@@ -62,7 +65,7 @@ def test_exact_kfac_equals_minimize_kfac_step_for_step():
         "kfac",
         kind="exact",
         line_search=None,
-        rescale=False,
+        rescale=rescale,
         max_iter=steps,
         gtol=None,
         trace_theta=True,
@@ -70,7 +73,9 @@ def test_exact_kfac_equals_minimize_kfac_step_for_step():
     )
     batches = objective()
     model = mlp([4, 5, 3], "tanh", seed=1, dtype=D)
-    opt = KFAC(model, "cross_entropy", kind="exact", weight_decay=c, **opts, kl_clip=None)
+    opt = KFAC(
+        model, "cross_entropy", kind="exact", weight_decay=c, **opts, kl_clip=None, rescale=rescale
+    )
     for k in range(steps):
         batches.begin_iteration(k)
         Xk, yk, _ = batches.samples("value")
@@ -117,7 +122,7 @@ def test_one_sample_step_solves_the_exact_gauss_newton_block_with_factored_dampi
     m2 = copy.deepcopy(model)
     LOSS_FN[loss](m2(X), y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in m2.parameters()])
-    opt = KFAC(model, loss, lr=lr, damping=gamma, kind="exact", kl_clip=None)
+    opt = KFAC(model, loss, lr=lr, damping=gamma, kind="exact", kl_clip=None, rescale=False)
     opt.step(_closure(opt, model, X, y, loss))
     step = _flat(model) - theta0
     layers = kfac_layers(model)[0]
@@ -169,13 +174,21 @@ def test_momentum_is_heavy_ball_on_the_preconditioned_step():
     ref = mlp([4, 5, 3], "tanh", seed=2, dtype=D)
     model = copy.deepcopy(ref)
     opt = KFAC(
-        model, "cross_entropy", lr=lr, kind="exact", ema=0.0, inv_every=1, momentum=mu, kl_clip=None
+        model,
+        "cross_entropy",
+        lr=lr,
+        kind="exact",
+        ema=0.0,
+        inv_every=1,
+        momentum=mu,
+        kl_clip=None,
+        rescale=False,
     )
     buf = None
     for Xk, yk in batches:
         probe = copy.deepcopy(ref)  # one plain step from the reference point gives Δ
         before = _flat(probe)
-        KFAC(probe, "cross_entropy", lr=1.0, kind="exact", kl_clip=None).step(
+        KFAC(probe, "cross_entropy", lr=1.0, kind="exact", kl_clip=None, rescale=False).step(
             _closure(None, probe, Xk, yk)
         )
         delta = before - _flat(probe)
@@ -204,6 +217,7 @@ def test_trains_to_the_minimiser_of_a_convex_problem():
         ema=0.0,
         inv_every=1,
         kl_clip=None,
+        rescale=False,
     )
     opt.param_groups[0]["weight_decay"] = c
     start = float(obj.value(_flat(model)))

@@ -159,6 +159,8 @@ class KFACPreconditioner:
         factor_every: update the factors from the forward passes of every this many steps
             (the other steps skip the hooks' work and precondition with the factors as they
             are).
+        factor_samples: form the factors from the first this many samples of each batch
+            (None: all of them); the curvature vectors are drawn for the whole batch.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class KFACPreconditioner:
         unsupported: str = "error",
         seed: int = 0,
         factor_every: int = 1,
+        factor_samples: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -185,6 +188,9 @@ class KFACPreconditioner:
         self.ema = unit_interval("ema", ema)
         self.inv_every = check_positive_int("inv_every", inv_every)
         self.factor_every = check_positive_int("factor_every", factor_every)
+        self.factor_samples = (
+            None if factor_samples is None else check_positive_int("factor_samples", factor_samples)
+        )
         self.approximation = check_choice("approximation", approximation, KFAC_APPROXIMATIONS)
         if not isinstance(ekfac, bool):
             raise TypeError(f"ekfac must be True or False, got {ekfac!r}")
@@ -245,27 +251,45 @@ class KFACPreconditioner:
             self.generator_state = gen.get_state()
         with torch.enable_grad():  # the user's backward pass still needs the graph
             per_column = backpropagate(z, capture, [v.to(z.dtype) for v in vectors], retain=True)
+        capture, per_column, m = self._first_samples(capture, per_column, len(z))
         return statistics_from(
             self.layers,
             capture,
             per_column,
-            self._weights(len(z), z),
+            self._weights(m, z),
             self.approximation,
             per_sample=self.ekfac,
         )
+
+    def _first_samples(
+        self, capture: LayerCapture, grads: list[list[list[Tensor]]], n: int
+    ) -> tuple[LayerCapture, list[list[list[Tensor]]], int]:
+        """The capture and output gradients cut to the first ``factor_samples`` of n samples
+        (rows along the first dimension, the samples of every layer call)."""
+        m = n if self.factor_samples is None else min(n, self.factor_samples)
+        if m == n:
+            return capture, grads, n
+        cut = LayerCapture(
+            capture.layers,
+            inputs=[[x[:m] for x in calls] for calls in capture.inputs],
+            outputs=capture.outputs,
+        )
+        grads = [[[g[:m] for g in calls] for calls in cols] for cols in grads]
+        return cut, grads, m
 
     def _empirical_statistics(self, capture: LayerCapture, z: Tensor | None) -> KFACStatistics:
         """ "empirical": the user's output gradients, per sample (×n for a mean loss)."""
         n = capture.inputs[0][0].shape[0]
         scale = float(n) if self.loss_reduction == "mean" else 1.0
         grads = [[[g * scale for g in calls]] for calls in capture.grads]
+        capture, grads, m = self._first_samples(capture, grads, n)
         like = capture.inputs[0][0]
         with torch.autocast(like.device.type, enabled=False):
             stats = statistics_from(
                 self.layers,
                 capture,
                 grads,
-                self._weights(n, like),
+                self._weights(m, like),
                 self.approximation,
                 per_sample=self.ekfac,
             )
