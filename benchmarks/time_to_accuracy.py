@@ -180,22 +180,11 @@ def torch_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 
 def cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """The CNN task's network on flat 784-pixel rows, PyTorch's default initialisation drawn
-    under ``seed`` (the global generator's state is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = nn.Sequential(
-            nn.Unflatten(1, (1, 28, 28)),
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 10),
-        )
-    return net.to(dtype)
+    """The CNN task's network on flat 784-pixel rows (``secondorder.models.cnn``'s defaults),
+    PyTorch's default initialisation drawn under ``seed``."""
+    from secondorder.models import cnn as small_cnn
+
+    return small_cnn(seed=seed, dtype=dtype)
 
 
 class Problem:

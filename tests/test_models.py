@@ -8,6 +8,7 @@ from secondorder.models import (
     ACTIVATIONS,
     activation,
     activation_derivatives,
+    cnn,
     logistic_regression,
     mlp,
 )
@@ -110,3 +111,25 @@ def test_mlp_bad_input(kwargs, match):
 def test_activation_bad_name():
     with pytest.raises(ValueError, match="did you mean 'tanh'"):
         activation("tahn")
+
+
+def test_cnn_is_the_benchmark_network_and_checks_its_arguments():
+    net = cnn()
+    assert sum(p.numel() for p in net.parameters()) == 20_490
+    assert net(torch.zeros(3, 784)).shape == (3, 10)
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.padding) for c in convs] == [
+        (1, 16, (1, 1)),
+        (16, 32, (1, 1)),
+    ]
+    same = cnn(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), same.parameters()))
+    assert not torch.equal(cnn(seed=1)[1].weight, net[1].weight)
+    small = cnn([4], 3, image=(2, 6, 6), seed=None, dtype=torch.float64)
+    assert small(torch.zeros(2, 72, dtype=torch.float64)).shape == (2, 3)
+    with pytest.raises(ValueError, match="channels"):
+        cnn([])
+    with pytest.raises(ValueError, match="too small"):
+        cnn([4, 4, 4], image=(1, 4, 4))
+    with pytest.raises(ValueError, match="image"):
+        cnn(image=(28, 28))

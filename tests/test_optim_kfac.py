@@ -272,3 +272,73 @@ def test_refusals():
         opt.step()
     with pytest.raises(TypeError, match="one-element tensor"):
         opt.step(lambda: F.cross_entropy(model(X), y, reduction="none"))
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_factor_samples_form_the_factors_of_the_first_samples(kind, monkeypatch):
+    """factor_samples = m: the factors of the whole batch's step are kfac_factors of its first
+    m samples (the gradient still the whole batch's)."""
+    X, y = _data(40)
+    m = 15
+    model = mlp([4, 6, 3], "tanh", seed=3, dtype=D)
+    obj = ModelObjective(copy.deepcopy(model), "cross_entropy", (X[:m], y[:m]))
+    if kind == "empirical":  # the empirical Fisher: the "sampled" targets are the labels
+        loss = get_loss("cross_entropy")
+        monkeypatch.setattr(type(loss), "sample_targets", lambda self, z, gen=None: y[:m])
+    ref = kfac_factors(obj, obj.initial_theta(), kind="exact" if kind == "exact" else "mc")
+    opt = KFAC(model, kind=kind, ema=0.0, factor_samples=m, rescale=False)
+    opt.step(_closure(opt, model, X, y))
+    for j, f in enumerate(ref):
+        torch.testing.assert_close(opt.layer_state(j)["A"], f.A, rtol=0, atol=1e-12)
+        torch.testing.assert_close(opt.layer_state(j)["G"], f.G, rtol=0, atol=1e-12)
+
+
+def test_rescale_uses_the_gauss_newton_form_of_the_first_samples():
+    """α = gᵀΔ / (Δᵀ B Δ + γ‖Δ‖² + λ‖Δ_W‖²) with B the dense Gauss–Newton matrix of the
+    first factor_samples samples (from the curvature engine): the step is −lr α Δ."""
+    X, y = _data(30)
+    m, lr, gamma = 12, 0.5, 1e-2
+    steps = {}
+    for rescale in (False, True):
+        model = mlp([4, 5, 3], "tanh", seed=2, dtype=D)
+        before = _flat(model)
+        opt = KFAC(
+            model, lr=lr, damping=gamma, kind="exact", kl_clip=None, rescale=rescale,
+            factor_samples=m,
+        )  # fmt: skip
+        opt.step(_closure(opt, model, X, y))
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        steps[rescale] = _flat(model) - before
+    delta = -steps[False] / lr  # the plain K-FAC step
+    B = ggn(mlp([4, 5, 3], "tanh", seed=2, dtype=D), X[:m], y[:m])
+    alpha = float(grad @ delta) / float(delta @ B @ delta + gamma * delta @ delta)
+    assert alpha != pytest.approx(1.0, abs=1e-3)
+    torch.testing.assert_close(steps[True], alpha * steps[False], rtol=1e-9, atol=1e-13)
+
+
+def test_rescale_warns_and_goes_unscaled_for_a_model_it_cannot_replay():
+    class NoForwardAD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5, dtype=D), nn.Linear(5, 3, dtype=D)
+
+        def forward(self, x):
+            return self.b(NoForwardAD.apply(torch.tanh(self.a(x))))
+
+    X, y = _data(20)
+    model = Net()
+    opt = KFAC(model, lr=0.5, damping=1e-2, kind="exact")
+    with pytest.warns(RuntimeWarning, match="rescale=True could not replay"):
+        opt.step(_closure(opt, model, X, y))
+    assert opt.rescale is False
+    opt.step(_closure(opt, model, X, y))  # no second warning, and it trains on
+    assert all(torch.isfinite(p).all() for p in model.parameters())

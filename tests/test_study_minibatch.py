@@ -126,3 +126,17 @@ def test_hypothesis_rule_reads_only_moving_batches():
     h = mb.hypothesis_rule(rs)
     assert h["n_second"] == 0 and h["verdict"] == "refuted"
     assert mb.hypothesis_rule(rs, frozenset({"full"}))["verdict"] == "supported"
+
+
+def test_cnn_part_quick_run_end_to_end(fashion_mnist, tmp_path):
+    """studies/minibatch-cnn: the benchmark CNN (``model.kind = "cnn"``) under the moving
+    batches, K-FAC and EKFAC beside SGD and Adam, the minibatch report's rule on it."""
+    spec = load_spec("studies/minibatch-cnn", quick=True, overrides=[("max_iter", 6)])
+    run = start_run(spec, tmp_path / "run", QUIET)
+    (report,) = write_report([run])
+    text = report.read_text()
+    rows = _conclusions(text)
+    assert rows[0][0].startswith("Do second-order methods with mini-batches beat")
+    table = text.split("### Table: time and epochs to the target", 1)[1]
+    for kind in ("reshuffled", "epoch"):
+        assert len(re.findall(rf"^\| {kind} \| ", table, flags=re.M)) == 6

@@ -10,6 +10,7 @@ pieces the command line's ``gradtest`` and ``curvature`` share with it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from secondorder.experiments.functions import FUNCTIONS
 from secondorder.experiments.metrics import EXTRA_METRICS
 from secondorder.experiments.noisy import NoisyFunctionObjective
 from secondorder.experiments.schema import SpecError
-from secondorder.models import logistic_regression, mlp
+from secondorder.models import cnn, logistic_regression, mlp
 from secondorder.objective import FunctionObjective, ModelObjective
 from secondorder.sampling import FullBatch, make_sampler
 
@@ -147,6 +148,14 @@ def make_model(
         return logistic_regression(
             n_features, bias=model.get("bias", True), seed=model.get("seed"), dtype=dtype
         )
+    if model["kind"] == "cnn":
+        return cnn(
+            model["channels"],
+            widths[-1],
+            image=tuple(model["image"]),
+            seed=model["seed"],
+            dtype=dtype,
+        )
     return mlp(
         widths,
         model["activation"],
@@ -165,7 +174,14 @@ def model_objective(model: nn.Module, loss: str, train: Any, **options: Any) -> 
 def _spec_model(spec: dict[str, Any], n_features: int, n_classes: int) -> nn.Module:
     m = spec["model"]
     widths = None
-    if m["kind"] != "logistic":
+    if m["kind"] == "cnn":
+        pixels = math.prod(m["image"])
+        if pixels != n_features:
+            raise SpecError(
+                f"model.image: {m['image']} holds {pixels} pixels, the data rows {n_features}"
+            )
+        widths = [n_features, 1 if spec["loss"] == "logistic" else n_classes]
+    elif m["kind"] != "logistic":
         out = 1 if spec["loss"] == "logistic" else n_classes
         widths = m.get("widths") or [n_features, *m["hidden"], out]
         if widths[0] != n_features or widths[-1] != out:

@@ -65,7 +65,7 @@ DTYPES = ("float32", "float64")
 #: test functions (no data): secondorder.experiments.functions
 FUNCTION_KINDS = tuple(FUNCTIONS)
 DATA_KINDS = (*FUNCTION_KINDS, "two-class-2d", "fashion-mnist", "random")
-MODEL_KINDS = ("logistic", "mlp")
+MODEL_KINDS = ("logistic", "mlp", "cnn")
 SAMPLER_KINDS = tuple(SAMPLERS)
 LOSSES = tuple(_LOSS_CLASSES)
 ACTIVATIONS = tuple(_ACTIVATION_CLASSES)
@@ -151,6 +151,11 @@ MODEL: dict[str, dict[str, F]] = {
         "hidden": F("list[int]", minimum=1, doc="hidden widths (input/output from the data)"),
         "activation": F("str", "sigmoid", choices=ACTIVATIONS),
         "init": F("str", "torch", choices=INITS),
+        "seed": F("int", 0, minimum=0),
+    },
+    "cnn": {
+        "channels": F("list[int]", [16, 32], minimum=1, doc="3×3 conv (ReLU, 2×2 max-pool) widths"),
+        "image": F("list[int]", [1, 28, 28], minimum=1, doc="(channels, height, width) of a row"),
         "seed": F("int", 0, minimum=0),
     },
 }
