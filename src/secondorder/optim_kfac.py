@@ -398,7 +398,10 @@ class KFAC(torch.optim.Optimizer):
             self._pre.enabled = True
         if not isinstance(z, Tensor) or z.ndim != 2:
             return None
-        hz = self._pre.loss.hessian_output_matvec(z.detach(), None, jz)
+        # in float32 at least: the loss's closed-form H_z of a half-precision output is coarse
+        wide = torch.promote_types(z.dtype, torch.float32)
+        jz = jz.to(wide)
+        hz = self._pre.loss.hessian_output_matvec(z.detach().to(wide), None, jz)
         form = (jz.double() * hz.double()).sum() / m
         if self._pre.loss_reduction == "sum":
             form = form * n
