@@ -52,10 +52,16 @@ Ours: through ``secondorder.solvers.minimize``, L-BFGS, NLCG and Newton-CG with 
 products on a 10% curvature subsample (MLPs only), Adam and SGD on mini-batches (the learning
 rate the torch.optim sweep chose), K-FAC (Monte-Carlo factors, batches of 1,000; on the CNN
 also with ``approximation="reduce"``; EKFAC), Hessian-free, and SQN (MLPs only), where
-``minimize`` has those methods; and ``secondorder.optim.KFAC`` in a plain loop
+``minimize`` has those methods; ``secondorder.optim.KFAC`` in a plain loop
 (``opt.zero_grad(); F.cross_entropy(model(X), y).backward(); opt.step()``, the L2 term as its
-``weight_decay``) and ``secondorder.optim.KFACPreconditioner`` with torch.optim.SGD
-(``loss.backward(); precond.step(); sgd.step()``).
+``weight_decay``) with its defaults on batches of 1,000, and on the CNN also with the recipe
+for ReLU CNNs (batches of ``--batch-size``, ``kl_clip=1e-2``, ``factor_every=10``,
+``rescale=False``, damping swept); and ``secondorder.optim.KFACPreconditioner`` with
+torch.optim.SGD (``loss.backward(); precond.step(); sgd.step()``).
+
+``--seeds N`` reruns the headline rows — the best peer and our best, by time to the last
+target — with N − 1 further seeds and prints the median time to each target with its spread
+and a verdict only where the spreads do not overlap.
 
 Output (``--out``, default benchmarks/results/time_to_accuracy): ``<task>.json`` with every
 row's checkpoint curve and the sweeps, written after each row (``--resume`` reuses rows and
