@@ -782,6 +782,8 @@ _KFAC_OURS = {
     "line_search": None,
     "lr": 1.0,
 }
+#: secondorder.optim.KFAC in the plain loop: its L2 term as weight decay, its default step length
+_KFAC_LOOP = {"optimizer": "secondorder.KFAC", "l2": "weight_decay", "lr": 1.0}
 #: the damping of minimize's K-FAC rows: tried on every task (1e-4 was the MLPs' setting)
 _KFAC_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1)
 #: the damping of the K-FAC rows in training loops (ASDL's and ours), the same grids for each:
@@ -1006,22 +1008,14 @@ ROWS: list[RowSpec] = [
         "kfac-optim",
         "secondorder.optim.KFAC, defaults (plain loop, b = 1000)",
         run_torch_minibatch,
-        {"optimizer": "secondorder.KFAC", "l2": "weight_decay", "batch_size": 1000, "lr": 1.0},
+        {**_KFAC_LOOP, "batch_size": 1000},
         every=5,
     ),
     RowSpec(
         "kfac-optim-cnn",
         "secondorder.optim.KFAC, CNN recipe (b = 128, kl_clip 1e-2, factor_every 10)",
         run_torch_minibatch,
-        {
-            "optimizer": "secondorder.KFAC",
-            "l2": "weight_decay",
-            "batch_size": BATCH,
-            "lr": 1.0,
-            "kl_clip": 1e-2,
-            "factor_every": 10,
-            "rescale": False,
-        },
+        {**_KFAC_LOOP, "batch_size": BATCH, "kl_clip": 1e-2, "factor_every": 10, "rescale": False},
         every=50,
         sweep_damping=(3e-3, 1e-2, 3e-2),
         tasks=("cnn",),

@@ -251,48 +251,45 @@ class KFACPreconditioner:
             self.generator_state = gen.get_state()
         with torch.enable_grad():  # the user's backward pass still needs the graph
             per_column = backpropagate(z, capture, [v.to(z.dtype) for v in vectors], retain=True)
-        capture, per_column, m = self._first_samples(capture, per_column, len(z))
+        return self._statistics(capture, per_column, len(z), z)
+
+    def _statistics(
+        self,
+        capture: LayerCapture,
+        grads: list[list[list[Tensor]]],
+        n: int,
+        like: Tensor,
+        scale: float = 1.0,
+    ) -> KFACStatistics:
+        """The factors (and EKFAC's per-sample gradients) of the first ``factor_samples`` of
+        the n samples (rows along the first dimension of every layer call), weights 1/m, the
+        output gradients multiplied by ``scale``."""
+        m = n if self.factor_samples is None else min(n, self.factor_samples)
+        if m < n:
+            capture = LayerCapture(
+                capture.layers,
+                inputs=[[x[:m] for x in calls] for calls in capture.inputs],
+                outputs=capture.outputs,
+            )
+        if m < n or scale != 1.0:
+            grads = [[[g[:m] * scale for g in calls] for calls in cols] for cols in grads]
         return statistics_from(
             self.layers,
             capture,
-            per_column,
-            self._weights(m, z),
+            grads,
+            self._weights(m, like),
             self.approximation,
             per_sample=self.ekfac,
         )
 
-    def _first_samples(
-        self, capture: LayerCapture, grads: list[list[list[Tensor]]], n: int
-    ) -> tuple[LayerCapture, list[list[list[Tensor]]], int]:
-        """The capture and output gradients cut to the first ``factor_samples`` of n samples
-        (rows along the first dimension, the samples of every layer call)."""
-        m = n if self.factor_samples is None else min(n, self.factor_samples)
-        if m == n:
-            return capture, grads, n
-        cut = LayerCapture(
-            capture.layers,
-            inputs=[[x[:m] for x in calls] for calls in capture.inputs],
-            outputs=capture.outputs,
-        )
-        grads = [[[g[:m] for g in calls] for calls in cols] for cols in grads]
-        return cut, grads, m
-
     def _empirical_statistics(self, capture: LayerCapture, z: Tensor | None) -> KFACStatistics:
         """ "empirical": the user's output gradients, per sample (×n for a mean loss)."""
-        n = capture.inputs[0][0].shape[0]
-        scale = float(n) if self.loss_reduction == "mean" else 1.0
-        grads = [[[g * scale for g in calls]] for calls in capture.grads]
-        capture, grads, m = self._first_samples(capture, grads, n)
         like = capture.inputs[0][0]
+        n = like.shape[0]
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        grads = [[list(calls)] for calls in capture.grads]
         with torch.autocast(like.device.type, enabled=False):
-            stats = statistics_from(
-                self.layers,
-                capture,
-                grads,
-                self._weights(m, like),
-                self.approximation,
-                per_sample=self.ekfac,
-            )
+            stats = self._statistics(capture, grads, n, like, scale)
         return self._scaled(stats, n)
 
     def _check_reduction(self) -> None:

@@ -292,8 +292,12 @@ class KFAC(torch.optim.Optimizer):
         direction = {}
         for ly, ts in zip(self._layers, steps):
             direction.update((id(p), t) for p, t in zip(ly.parameters(), ts))
-        scale = self._model_scale(direction, grads, decay) if self.rescale else 1.0
-        scale *= self._kl_scale(direction, grads, scale)
+        scale = 1.0
+        if self.rescale or self.kl_clip is not None:
+            dots = self._direction_dots(direction, grads)
+            if self.rescale:
+                scale = self._model_scale(direction, dots, decay)
+            scale *= self._kl_scale(dots, scale)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -312,9 +316,20 @@ class KFAC(torch.optim.Optimizer):
                 p.add_(d, alpha=-g["lr"])
         return loss
 
-    def _kl_scale(
-        self, direction: dict[int, Tensor], grads: list[list[Tensor]], alpha: float = 1.0
-    ) -> float:
+    def _direction_dots(
+        self, direction: dict[int, Tensor], grads: list[list[Tensor]]
+    ) -> list[tuple[Tensor, float, float]]:
+        """(parameter, Δ_pᵀg_p, Δ_pᵀΔ_p) in float64 for every K-FAC layer parameter, read back
+        to the host at once (the step's scales need these numbers, not tensors)."""
+        params = [p for ly in self._layers for p in ly.parameters()]
+        flat_grads = [g for gs in grads for g in gs]
+        ds = [direction[id(p)].double() for p in params]
+        sums = torch.stack(
+            [torch.stack(((d * g.double()).sum(), (d * d).sum())) for d, g in zip(ds, flat_grads)]
+        ).tolist()
+        return [(p, dg, dd) for p, (dg, dd) in zip(params, sums)]
+
+    def _kl_scale(self, dots: list[tuple[Tensor, float, float]], alpha: float = 1.0) -> float:
         """ν = min(1, √(κ / Σ lr² α² Δᵀg)) over the K-FAC layers (κ = ``kl_clip``, α the
         quadratic model's scale or 1): the step's predicted change of the model's output
         distribution, ½ lr² α² Δᵀ F Δ ≈ ½ lr² α² Δᵀ g, kept below κ/2 (Ba et al. 2017).
@@ -323,10 +338,9 @@ class KFAC(torch.optim.Optimizer):
             return 1.0
         groups = self._group_of()
         total = 0.0
-        for ly, gs in zip(self._layers, grads):
-            for p, g in zip(ly.parameters(), gs):
-                lr = groups[id(p)]["lr"] * alpha
-                total += lr * lr * abs(float((direction[id(p)].double() * g.double()).sum()))
+        for p, dg, _ in dots:
+            lr = groups[id(p)]["lr"] * alpha
+            total += lr * lr * abs(dg)
         return min(1.0, math.sqrt(self.kl_clip / total)) if total > 0 else 1.0
 
     # -- the quadratic model's step --------------------------------------------------------------
@@ -335,7 +349,7 @@ class KFAC(torch.optim.Optimizer):
             self._inputs = (args, kwargs)
 
     def _model_scale(
-        self, direction: dict[int, Tensor], grads: list[list[Tensor]], decay: list[float]
+        self, direction: dict[int, Tensor], dots: list[tuple[Tensor, float, float]], decay
     ) -> float:
         """α = Δᵀg / Δᵀ(B + γ)Δ: the minimiser of the quadratic model
         M(−αΔ) = −α gᵀΔ + ½ α² Δᵀ(B + γ)Δ along the K-FAC step, B the exact Gauss–Newton
@@ -343,13 +357,16 @@ class KFAC(torch.optim.Optimizer):
         damping (plus the L2 term's curvature on the weights), as ``minimize``'s K-FAC with
         ``rescale=True``. 1 when the model gives no positive curvature."""
         groups = self._group_of()
+        gamma_of = {
+            id(p): gamma
+            for ly, gamma in zip(self._layers, self._pre.gammas(decay))
+            for p in ly.parameters()
+        }
         g_d, damped = 0.0, 0.0
-        for ly, gs, gamma in zip(self._layers, grads, self._pre.gammas(decay)):
-            for p, g in zip(ly.parameters(), gs):
-                d = direction[id(p)].double()
-                g_d += float((d * g.double()).sum())
-                wd = groups[id(p)]["weight_decay"] if p.ndim >= 2 else 0.0
-                damped += (gamma + wd) * float((d * d).sum())
+        for p, dg, dd in dots:
+            g_d += dg
+            wd = groups[id(p)]["weight_decay"] if p.ndim >= 2 else 0.0
+            damped += (gamma_of[id(p)] + wd) * dd
         curvature = self._gauss_newton_form(direction)
         if curvature is None:
             return 1.0
