@@ -1765,7 +1765,7 @@ def width_rows(
                 "peak_memory_bytes": rec["peak_memory_bytes"],
             }
             print(
-                f"  {name} width {w}: {_fmt(rec['summary']['seconds_per_epoch'], '.3f')} "
+                f"  {name} width {w}: {_fmt(rec['summary']['seconds_per_epoch'], '.3g')} "
                 f"s/epoch ({rec['status']})",
                 flush=True,
             )
@@ -1778,7 +1778,7 @@ def width_rows(
         ]
         if any(v is not None for v in vals):
             lines.append(
-                f"| {row_by_name(name).label} | " + " | ".join(_fmt(v, ".3f") for v in vals) + " |"
+                f"| {row_by_name(name).label} | " + " | ".join(_fmt(v, ".3g") for v in vals) + " |"
             )
     return "\n".join(lines)
 
