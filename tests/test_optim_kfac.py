@@ -316,6 +316,55 @@ def test_rescale_uses_the_gauss_newton_form_of_the_first_samples():
     torch.testing.assert_close(steps[True], alpha * steps[False], rtol=1e-9, atol=1e-13)
 
 
+def test_rescale_replays_the_training_pass_dropout_masks_and_leaves_the_random_state():
+    """With dropout, the replay starts from the training pass's random state: it draws the
+    same masks, so α is the quadratic model of the network the gradient came from (checked
+    against a forward-mode product of that network with the masks fixed and the softmax
+    Hessian diag(p) − ppᵀ written out), and the caller's random stream is left as the
+    training pass left it."""
+    X, y = _data(16)
+    lr, gamma = 0.5, 1e-2
+
+    def run(rescale: bool):
+        torch.manual_seed(4)
+        model = nn.Sequential(
+            nn.Linear(4, 6, dtype=D), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3, dtype=D)
+        )
+        masks = []
+        model[2].register_forward_hook(lambda mod, i, o: masks.append((o != 0).clone()))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = KFAC(
+            model, lr=lr, damping=gamma, kind="exact", kl_clip=None, rescale=rescale,
+            factor_samples=None,
+        )  # fmt: skip
+        opt.step(_closure(opt, model, X, y))
+        step = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        grads = [p.grad.clone() for p in model.parameters()]
+        return before, step, grads, masks, torch.get_rng_state()
+
+    theta, plain, grads, masks_plain, rng_plain = run(False)
+    _, scaled, _, masks, rng = run(True)
+    assert len(masks_plain) == 1 and len(masks) == 2  # the training pass and the replay
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks_plain[0])
+    assert torch.equal(rng, rng_plain)
+
+    keep = masks[0].to(D) * 2.0  # inverted dropout: kept units scaled by 1/(1 - 0.5)
+    delta = [-t / lr for t in plain]
+
+    def net(W1, b1, W2, b2):
+        return (keep * torch.tanh(X @ W1.T + b1)) @ W2.T + b2
+
+    z, jz = torch.func.jvp(net, tuple(theta), tuple(delta))
+    p = torch.softmax(z, 1)
+    form = float(((jz * (p * jz)).sum(1) - (p * jz).sum(1) ** 2).mean())
+    g_d = sum(float((g * d).sum()) for g, d in zip(grads, delta))
+    d_d = sum(float((d * d).sum()) for d in delta)
+    alpha = g_d / (form + gamma * d_d)
+    assert alpha != pytest.approx(1.0, abs=1e-3)
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a, alpha * b, rtol=1e-9, atol=1e-13)
+
+
 def test_rescale_warns_and_goes_unscaled_for_a_model_it_cannot_replay():
     class NoForwardAD(torch.autograd.Function):
         @staticmethod

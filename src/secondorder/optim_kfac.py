@@ -107,7 +107,8 @@ class KFAC(torch.optim.Optimizer):
         rescale: scale the step by α = gᵀΔ / Δᵀ(B + γ)Δ, the minimiser of the quadratic
             model with the exact Gauss–Newton matrix B of the last batch's first
             ``factor_samples`` samples (J·Δ by forward-mode differentiation of the model;
-            one replay of its forward pass on those samples), as ``minimize``'s K-FAC does.
+            one replay of its forward pass on those samples, from the training pass's random
+            state, so dropout masks repeat), as ``minimize``'s K-FAC does.
         factor_samples: the samples of each batch the factors and the quadratic model use
             (the first this many; None: all).
 
@@ -185,6 +186,7 @@ class KFAC(torch.optim.Optimizer):
         )
         self._model = network
         self._inputs: tuple | None = None  # the last forward pass's (args, kwargs)
+        self._rng: tuple[Tensor, dict[int, Tensor]] | None = None  # and its random state
         self._input_hook = (
             network.register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
             if rescale
@@ -347,6 +349,8 @@ class KFAC(torch.optim.Optimizer):
     def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and self._pre.enabled:
             self._inputs = (args, kwargs)
+            # the random state the pass starts from: the replay draws the same dropout masks
+            self._rng = _random_states(args, kwargs)
 
     def _model_scale(
         self, direction: dict[int, Tensor], dots: list[tuple[Tensor, float, float]], decay
@@ -400,8 +404,14 @@ class KFAC(torch.optim.Optimizer):
             return torch.func.functional_call(net, {**fixed, **dict(zip(names, ps))}, args, kwargs)
 
         self._pre.enabled = False  # the replay is not a training pass: no hooks
+        cpu_state, cuda_states = self._rng
         try:
-            z, jz = torch.func.jvp(outputs, primals, tangents)
+            # from the training pass's random state, and the caller's left as it was
+            with torch.random.fork_rng(devices=list(cuda_states)):
+                torch.set_rng_state(cpu_state)
+                for device, state in cuda_states.items():
+                    torch.cuda.set_rng_state(state, device)
+                z, jz = torch.func.jvp(outputs, primals, tangents)
         except Exception as err:  # a model forward-mode AD cannot replay
             self.rescale = False
             warnings.warn(
@@ -447,6 +457,16 @@ class KFAC(torch.optim.Optimizer):
             except ValueError as err:
                 raise ValueError(f"{err}: the state belongs to another model") from None
         super().load_state_dict(state_dict)
+
+
+def _random_states(args: tuple, kwargs: dict) -> tuple[Tensor, dict[int, Tensor]]:
+    """The CPU generator's state and that of each CUDA device the inputs lie on."""
+    devices = {
+        t.device.index if t.device.index is not None else torch.cuda.current_device()
+        for t in torch.utils._pytree.tree_leaves((args, kwargs))
+        if isinstance(t, Tensor) and t.device.type == "cuda"
+    }
+    return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in sorted(devices)}
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
