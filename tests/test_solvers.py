@@ -45,8 +45,9 @@ def start() -> torch.Tensor:
 # (checked against torch.optim step for step in tests/test_firstorder.py); K-FAC needs a
 # network (checked against the exact curvature engine in tests/test_kfac.py); so does sqn's
 # default Gauss-Newton curvature, and it takes a fixed step too
-# (tests/test_stochastic_second_order.py)
-FULL_BATCH_METHODS = [m for m in METHODS if m not in ("sgd", "adam", "kfac", "sqn")]
+# (tests/test_stochastic_second_order.py); Muon orthogonalises a network's weight matrices
+# (checked against torch.optim.Muon in tests/test_muon.py)
+FULL_BATCH_METHODS = [m for m in METHODS if m not in ("sgd", "adam", "kfac", "sqn", "muon")]
 #: options a method needs on a plain function (no network, so no Gauss-Newton matrix)
 ON_FUNCTIONS = {"hessian-free": {"curvature": "hessian"}}
 

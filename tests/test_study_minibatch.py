@@ -130,7 +130,8 @@ def test_hypothesis_rule_reads_only_moving_batches():
 
 def test_cnn_part_quick_run_end_to_end(fashion_mnist, tmp_path):
     """studies/minibatch-cnn: the benchmark CNN (``model.kind = "cnn"``) under the moving
-    batches, K-FAC and EKFAC beside SGD and Adam, the minibatch report's rule on it."""
+    batches, K-FAC and EKFAC beside SGD, Adam and Muon (first-order: the gradient alone),
+    the minibatch report's rule on it."""
     spec = load_spec("studies/minibatch-cnn", quick=True, overrides=[("max_iter", 6)])
     run = start_run(spec, tmp_path / "run", QUIET)
     (report,) = write_report([run])
@@ -139,4 +140,7 @@ def test_cnn_part_quick_run_end_to_end(fashion_mnist, tmp_path):
     assert rows[0][0].startswith("Do second-order methods with mini-batches beat")
     table = text.split("### Table: time and epochs to the target", 1)[1]
     for kind in ("reshuffled", "epoch"):
-        assert len(re.findall(rf"^\| {kind} \| ", table, flags=re.M)) == 6
+        assert len(re.findall(rf"^\| {kind} \| ", table, flags=re.M)) == 8
+        assert (
+            len(re.findall(rf"^\| {kind} \| Muon [^|]*\| first-order \|", table, flags=re.M)) == 2
+        )

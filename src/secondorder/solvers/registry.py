@@ -38,6 +38,7 @@ from secondorder.solvers.directions import (
 from secondorder.solvers.firstorder import Adam, MomentumSGD
 from secondorder.solvers.hessianfree import HessianFree
 from secondorder.solvers.kfac import KFAC
+from secondorder.solvers.muon import Muon
 from secondorder.solvers.quasinewton import BFGS, LBFGS
 from secondorder.solvers.sqn import SQN
 from secondorder.solvers.torchstep import (
@@ -440,6 +441,42 @@ register(
             Option("weight_decay", 0.0, _nonnegative),
             Option("decoupled_weight_decay", False, check_bool),
             Option("amsgrad", False, check_bool),
+        ),
+        line_search="fixed",
+        lr=1e-3,
+        preconditioned=False,
+    )
+)
+
+
+def _needs_network(objective: Any, momentum: float) -> None:
+    """Muon needs the network's weight matrices: a ModelObjective."""
+    if isinstance(objective, Objective) and getattr(objective, "model", None) is None:
+        raise ValueError(
+            f"method='muon' needs a ModelObjective (a network and its data), got "
+            f"{type(objective).__name__}"
+        )
+
+
+register(
+    MethodEntry(
+        "muon",
+        "Muon (+ AdamW)",
+        lambda o: Muon(
+            o["momentum"],
+            o["nesterov"],
+            o["weight_decay"],
+            o["ns_steps"],
+            o["adamw_lr"],
+            o["adamw_weight_decay"],
+        ),
+        (
+            Option("momentum", 0.95, below(1.0), requires=_needs_network),
+            Option("nesterov", True, check_bool),
+            Option("weight_decay", 0.1, _nonnegative),
+            Option("ns_steps", 5, check_positive_int),
+            Option("adamw_lr", 1e-3, check_positive),
+            Option("adamw_weight_decay", 0.01, _nonnegative),
         ),
         line_search="fixed",
         lr=1e-3,

@@ -3,11 +3,12 @@ beats mini-batch gradient descent (``secondorder run studies/minibatch``).
 
 Each cell of the run is one batch construction (eq. 28: the full objective, fixed batches,
 a fresh mini-batch per iteration); each solver is a first-order method (gradient descent,
-SGD with momentum, Adam: :data:`FIRST_ORDER`) or one that uses curvature (L-BFGS, SQN,
-Hessian-free, K-FAC, ...). The measure is the solver time (``solver_time``: the solver's
-clock without the metrics) and the epochs (``epochs``: samples the accepted steps drew, over
-m) at the first record with test accuracy ≥ the target; the verdict compares the best of each
-class under moving mini-batches (:func:`hypothesis_rule`).
+SGD with momentum, Adam, Muon, whose orthogonalised momentum uses the gradient alone:
+:data:`FIRST_ORDER`) or one that uses curvature (L-BFGS, SQN, Hessian-free, K-FAC, ...).
+The measure is the solver time (``solver_time``: the solver's clock without the metrics)
+and the epochs (``epochs``: samples the accepted steps drew, over m) at the first record with
+test accuracy ≥ the target; the verdict compares the best of each class under moving
+mini-batches (:func:`hypothesis_rule`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 #: methods that use the gradient only
-FIRST_ORDER = frozenset({"gd", "sgd", "adam", "torch:SGD", "torch:Adam"})
+FIRST_ORDER = frozenset({"gd", "sgd", "adam", "muon", "torch:SGD", "torch:Adam"})
 #: samplers whose function changes between iterations (mini-batch training)
 MOVING = frozenset({"epoch", "reshuffled"})
 #: the test accuracy the times are measured to
