@@ -128,6 +128,15 @@ def test_hypothesis_rule_reads_only_moving_batches():
     assert mb.hypothesis_rule(rs, frozenset({"full"}))["verdict"] == "supported"
 
 
+def test_reach_table_names_the_seed_only_when_there_are_several():
+    one = [_reach("adam", 1.0, 2.0), _reach("kfac", 2.0, 1.0)]
+    assert "| seed |" not in mb._reach_table(one)
+    two = [*one, mb.Reach("adam", "adam", "epoch", 1.5, 2.5, 0.8, 0.8, 5.0, 10.0, seed=1)]
+    table = mb._reach_table(two)
+    assert table.splitlines()[0].startswith("| batches | seed | solver | class |")
+    assert [line.split("|")[2].strip() for line in table.splitlines()[2:]] == ["0", "0", "1"]
+
+
 def test_cnn_part_quick_run_end_to_end(fashion_mnist, tmp_path):
     """studies/minibatch-cnn: the benchmark CNN (``model.kind = "cnn"``) under the moving
     batches, K-FAC and EKFAC beside SGD, Adam and Muon (first-order: the gradient alone),

@@ -67,6 +67,7 @@ class Reach:
     total_epochs: float | None
     total_time: float | None
     run: SolverRun | None = None
+    seed: int = 0
 
     @property
     def first_order(self) -> bool:
@@ -77,7 +78,7 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def reach(s: SolverRun, sampler: str, target: float) -> Reach:
+def reach(s: SolverRun, sampler: str, target: float, seed: int = 0) -> Reach:
     """Solver time and epochs at the first row with test accuracy ≥ ``target``."""
     hit_t = hit_e = None
     best = None
@@ -99,6 +100,7 @@ def reach(s: SolverRun, sampler: str, target: float) -> Reach:
         final_value(s.rows, "epochs"),
         final_value(s.rows, "solver_time"),
         s,
+        seed,
     )
 
 
@@ -114,7 +116,7 @@ def _reaches(run: RunData, target: float) -> list[Reach]:
     out = []
     for cell in run.cells:
         kind = (cell.spec.get("sampler") or {}).get("kind", "full")
-        out += [reach(s, kind, target) for s in cell.solvers]
+        out += [reach(s, kind, target, cell.seed) for s in cell.solvers]
     return out
 
 
@@ -184,11 +186,13 @@ def _reach_table(rs: Sequence[Reach]) -> str:
             b = _best([r for r in rs if r.sampler == kind and r.first_order == fo], "time")
             if b is not None:
                 marks.add(id(b))
-    header = ["batches", "solver", "class", "best test acc", "final test acc"]
-    header += ["s to target", "epochs to target", "epochs run", "solver s"]
+    seeds = len({r.seed for r in rs}) > 1  # a column for the seed only when there are several
+    header = ["batches", *(["seed"] if seeds else []), "solver", "class", "best test acc"]
+    header += ["final test acc", "s to target", "epochs to target", "epochs run", "solver s"]
     rows = [
         [
             r.sampler,
+            *([str(r.seed)] if seeds else []),
             r.solver + (" ★" if id(r) in marks else ""),
             "first-order" if r.first_order else "curvature",
             _n(r.best),
@@ -200,7 +204,7 @@ def _reach_table(rs: Sequence[Reach]) -> str:
         ]
         for r in rs
     ]
-    return md_table(header, rows, "lll" + "r" * 6)
+    return md_table(header, rows, ("llll" if seeds else "lll") + "r" * 6)
 
 
 def _curves_figure(rs: Sequence[Reach], key: str, ctx: StudyContext, target: float) -> str:
