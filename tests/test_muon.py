@@ -90,6 +90,25 @@ def test_matches_torch_muon_with_adamw_step_for_step(options, sampler):
     torch.testing.assert_close(res.theta, ref, rtol=0, atol=1e-6)
 
 
+def test_the_layout_is_the_one_theta_was_built_with():
+    """Muon reads where the matrices lie in θ from the objective, not from the network's
+    current requires_grad flags: freezing a layer after the objective is built changes
+    nothing (θ still holds it), and a layer frozen before is no part of θ."""
+    plain = minimize(_objective(False), _objective(False).initial_theta(), "muon", lr=0.02,
+                     max_iter=4, gtol=None)  # fmt: skip
+    obj = _objective(False)
+    obj.model[0].weight.requires_grad_(False)  # after θ's layout was fixed
+    later = minimize(obj, obj.initial_theta(), "muon", lr=0.02, max_iter=4, gtol=None)
+    assert torch.equal(later.theta, plain.theta)
+    X, y = _data()
+    net = _net()
+    net[3].weight.requires_grad_(False)  # before: θ has no place for it
+    obj = ModelObjective(net, "cross_entropy", (X, y))
+    res = minimize(obj, obj.initial_theta(), "muon", lr=0.02, max_iter=4, gtol=None)
+    assert res.theta.numel() == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert torch.isfinite(res.theta).all() and res.trace["f"][-1] < res.trace["f"][0]
+
+
 def test_newton_schulz_maps_singular_values_by_the_quintic():
     """NS(U) = P φ(Σ/‖U‖_F) Qᵀ for U = P Σ Qᵀ, φ five steps of x ↦ ax + bx³ + cx⁵: the matrix
     iteration acts on each singular value alone (bfloat16 against a float64 SVD)."""

@@ -108,7 +108,8 @@ class KFAC(torch.optim.Optimizer):
             model with the exact Gauss–Newton matrix B of the last batch's first
             ``factor_samples`` samples (J·Δ by forward-mode differentiation of the model;
             one replay of its forward pass on those samples, from the training pass's random
-            state, so dropout masks repeat), as ``minimize``'s K-FAC does.
+            state: dropout masks repeat when every sample is replayed, ``factor_samples`` ≥
+            the batch), as ``minimize``'s K-FAC does.
         factor_samples: the samples of each batch the factors and the quadratic model use
             (the first this many; None: all).
 
@@ -350,7 +351,7 @@ class KFAC(torch.optim.Optimizer):
         if torch.is_grad_enabled() and self._pre.enabled:
             self._inputs = (args, kwargs)
             # the random state the pass starts from: the replay draws the same dropout masks
-            self._rng = _random_states(args, kwargs)
+            self._rng = _random_states(module, args, kwargs)
 
     def _model_scale(
         self, direction: dict[int, Tensor], dots: list[tuple[Tensor, float, float]], decay
@@ -403,8 +404,8 @@ class KFAC(torch.optim.Optimizer):
         def outputs(*ps):
             return torch.func.functional_call(net, {**fixed, **dict(zip(names, ps))}, args, kwargs)
 
-        self._pre.enabled = False  # the replay is not a training pass: no hooks
         cpu_state, cuda_states = self._rng
+        self._pre.enabled = False  # the replay is not a training pass: no hooks
         try:
             # from the training pass's random state, and the caller's left as it was
             with torch.random.fork_rng(devices=list(cuda_states)):
@@ -459,11 +460,15 @@ class KFAC(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
-def _random_states(args: tuple, kwargs: dict) -> tuple[Tensor, dict[int, Tensor]]:
-    """The CPU generator's state and that of each CUDA device the inputs lie on."""
+def _random_states(
+    module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """The CPU generator's state and that of each CUDA device the inputs or the module's
+    parameters lie on."""
+    leaves = [*torch.utils._pytree.tree_leaves((args, kwargs)), *module.parameters()]
     devices = {
         t.device.index if t.device.index is not None else torch.cuda.current_device()
-        for t in torch.utils._pytree.tree_leaves((args, kwargs))
+        for t in leaves
         if isinstance(t, Tensor) and t.device.type == "cuda"
     }
     return torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in sorted(devices)}

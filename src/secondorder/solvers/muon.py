@@ -12,8 +12,10 @@ G, momentum μ and weight decay λ:
 where NS₅ is five steps of the quintic X ← a X + (b XXᵀ + c (XXᵀ)²) X with
 (a, b, c) = (3.4445, −4.7750, 2.0315), run on the wide orientation of U: it maps the
 singular values of U towards 1 (roughly U Vᵀ of U's SVD), in bfloat16 as torch.optim.Muon
-does. The other parameters take AdamW steps of length ``adamw_lr``. The tests check the
-iterates against torch.optim.Muon with torch.optim.AdamW on the biases.
+does. The other parameters take AdamW steps of length ``adamw_lr``. Every parameter with two
+or more dimensions counts as a matrix, the classifier's weight included (Muon's authors leave
+the output layer and embeddings to AdamW; here it is one rule for all weights). The tests
+check the iterates against torch.optim.Muon with torch.optim.AdamW on the biases.
 """
 
 from __future__ import annotations
@@ -69,31 +71,32 @@ class Muon(Direction):
         self.adamw_lr, self.adamw_weight_decay = adamw_lr, adamw_weight_decay
         self._adam = Adam(0.9, 0.999, 1e-8, adamw_weight_decay, True, False)
         self.buffers: dict[int, Tensor] = {}
+        self._layout: tuple | None = None
 
     @staticmethod
-    def layout(objective) -> tuple[list[tuple[slice, tuple[int, int]]], Tensor]:
-        """Where the matrices lie in θ, each with its 2-D shape, and a mask of the rest."""
-        model = getattr(objective, "model", None)
-        if model is None:
+    def layout(objective) -> tuple[list[tuple[slice, tuple[int, int]]], list[slice]]:
+        """Where the matrices lie in θ, each with its 2-D shape, and where the rest lies: from
+        the shapes θ was laid out with when the objective was built."""
+        shapes = getattr(objective, "shapes", None)
+        if getattr(objective, "model", None) is None or shapes is None:
             raise ValueError(
                 f"method='muon' needs a ModelObjective (a network and its data), got "
                 f"{type(objective).__name__}"
             )
-        mats, at, rest = [], 0, []
-        for p in model.parameters():
-            if not p.requires_grad:
-                continue
-            n = p.numel()
-            if p.ndim >= 2:
-                mats.append((slice(at, at + n), (p.shape[0], n // p.shape[0])))
+        mats, rest, at = [], [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            if len(shape) >= 2:
+                mats.append((slice(at, at + n), (shape[0], n // shape[0])))
             else:
-                rest.append(torch.arange(at, at + n))
+                rest.append(slice(at, at + n))
             at += n
-        index = torch.cat(rest) if rest else torch.zeros(0, dtype=torch.long)
-        return mats, index
+        return mats, rest
 
     def compute(self, it: Iterate) -> Tensor:
-        mats, rest = self.layout(it.objective)
+        if self._layout is None:
+            self._layout = self.layout(it.objective)
+        mats, rest = self._layout
         d = torch.zeros_like(it.g)
         mu = self.momentum
         for j, (sl, shape) in enumerate(mats):
@@ -105,15 +108,19 @@ class Muon(Direction):
             O = newton_schulz(U, self.ns_steps).to(g.dtype)
             scale = math.sqrt(max(1.0, shape[0] / shape[1]))
             d[sl] = -(scale * O + self.weight_decay * it.theta[sl].view(shape)).reshape(-1)
-        if rest.numel():
-            sub = dataclasses.replace(it, theta=it.theta[rest], g=it.g[rest])
-            # AdamW's step length relative to the loop's fixed step α = lr
-            d[rest] = self._adam.compute(sub) * (self.adamw_lr / it.lr)
+        if rest:
+            theta = torch.cat([it.theta[sl] for sl in rest])
+            sub = dataclasses.replace(it, theta=theta, g=torch.cat([it.g[sl] for sl in rest]))
+            # AdamW's step length relative to the loop's step lr (under a line search the
+            # search's α replaces lr for both parts, keeping the ratio adamw_lr : lr)
+            step = self._adam.compute(sub) * (self.adamw_lr / it.lr)
+            for sl, part in zip(rest, step.split([sl.stop - sl.start for sl in rest])):
+                d[sl] = part
         return d
 
     def reset(self) -> None:
         super().reset()
-        self.buffers = {}
+        self.buffers, self._layout = {}, None
         self._adam.reset()
 
     def state_dict(self) -> dict:
