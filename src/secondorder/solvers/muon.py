@@ -76,15 +76,10 @@ class Muon(Direction):
     @staticmethod
     def layout(objective) -> tuple[list[tuple[slice, tuple[int, int]]], list[slice]]:
         """Where the matrices lie in θ, each with its 2-D shape, and where the rest lies: from
-        the shapes θ was laid out with when the objective was built."""
-        shapes = getattr(objective, "shapes", None)
-        if getattr(objective, "model", None) is None or shapes is None:
-            raise ValueError(
-                f"method='muon' needs a ModelObjective (a network and its data), got "
-                f"{type(objective).__name__}"
-            )
+        the shapes θ was laid out with when the ModelObjective was built (``minimize``
+        refuses other objectives for this method before any work)."""
         mats, rest, at = [], [], 0
-        for shape in shapes:
+        for shape in objective.shapes:
             n = math.prod(shape)
             if len(shape) >= 2:
                 mats.append((slice(at, at + n), (shape[0], n // shape[0])))

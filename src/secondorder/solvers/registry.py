@@ -449,13 +449,23 @@ register(
 )
 
 
-def _needs_network(objective: Any, momentum: float) -> None:
-    """Muon needs the network's weight matrices: a ModelObjective."""
-    if isinstance(objective, Objective) and getattr(objective, "model", None) is None:
+def _network(objective: Any, method: str) -> Any:
+    """The network of a ModelObjective (None for an objective known by its size alone);
+    a clear error for any other objective, since ``method`` works on the network's layers."""
+    if not isinstance(objective, Objective):
+        return None
+    model = getattr(objective, "model", None)
+    if model is None:
         raise ValueError(
-            f"method='muon' needs a ModelObjective (a network and its data), got "
+            f"method={method!r} needs a ModelObjective (a network and its data), got "
             f"{type(objective).__name__}"
         )
+    return model
+
+
+def _needs_network(objective: Any, momentum: float) -> None:
+    """Muon needs the network's weight matrices: a ModelObjective."""
+    _network(objective, "muon")
 
 
 register(
@@ -487,14 +497,9 @@ register(
 
 def _needs_layers(objective: Any, kind: str) -> None:
     """K-FAC factors the Linear and Conv2d layers of a ModelObjective's network."""
-    if not isinstance(objective, Objective):
-        return
-    model = getattr(objective, "model", None)
+    model = _network(objective, "kfac")
     if model is None:
-        raise ValueError(
-            f"method='kfac' needs a ModelObjective (a network and its data), got "
-            f"{type(objective).__name__}"
-        )
+        return
     layers, _ = kfac_layers(model, purpose="method='kfac'")
     check_factors_fit(layers, objective.dtype, objective.device)
 
